@@ -1,0 +1,385 @@
+"""Socket intake: the sockets the broker holds, from systemd or bound here as root.
+
+From systemd, sockets are found by name (FileDescriptorName=, LISTEN_FDNAMES), never by
+position, and each is checked — a socket, of a family and type we serve, listening (or
+bound, for datagrams) — before anything is served. A bad fd is a startup error naming
+the fd and its name, never a silently skipped socket. The name `control` is the
+broker's own Unix control socket; every other name is grantable. Several fds may share
+one name (an IPv4 and an IPv6 socket for one port); they are granted together.
+
+Without systemd, `--bind NAME=ADDR` and `--control PATH` bind here, as root, and
+`drop_privileges` then leaves root for good before any client is read.
+
+Must never: accept() on, listen() again on, or change the flags of a grantable socket.
+Its open file description is shared with every worker it is granted to (O_NONBLOCK
+included), so the broker only holds it and passes it on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from broker.errors import IntakeError, PrivilegeError
+from broker.protocol import CONTROL_NAME, SocketInfo, valid_name
+
+BACKLOG: Final = 4096
+"""Listen backlog for sockets bound here: SOMAXCONN, as systemd's Backlog= default."""
+
+CONTROL_MODE: Final = 0o666
+"""Everyone may connect to the control socket; the policy decides (SocketMode= default)."""
+
+_FAMILIES: Final[dict[int, str]] = {
+    socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+_TYPES: Final[dict[int, str]] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
+
+_PR_SET_NO_NEW_PRIVS: Final = 38
+_CAPABILITY_FIELDS: Final = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+
+
+@dataclass(frozen=True)
+class HeldSocket:
+    """One socket the broker holds for granting.
+
+    Attributes:
+        name: Its name (FileDescriptorName=).
+        sock: The socket; owned by the broker for its whole life. Never accepted on.
+        info: Family, type and address, as told to clients.
+    """
+
+    name: str
+    sock: socket.socket
+    info: SocketInfo
+
+
+@dataclass
+class Intake:
+    """Everything the broker serves: its control socket and the grantable sockets.
+
+    Attributes:
+        control: The listening Unix stream socket clients connect to.
+        held: Name → sockets of that name, in the order systemd passed them.
+    """
+
+    control: socket.socket
+    held: dict[str, list[HeldSocket]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close every socket (at exit; systemd keeps its own copies)."""
+        self.control.close()
+        for sockets in self.held.values():
+            for held in sockets:
+                held.sock.close()
+
+
+def format_address(family: int, address: object) -> str:
+    """Return a printable local address: "[::]:80", "127.0.0.1:443", a path or @name."""
+    if family == socket.AF_INET6 and isinstance(address, tuple):
+        return f"[{address[0]}]:{address[1]}"
+    if family == socket.AF_INET and isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    if isinstance(address, bytes):  # abstract Unix socket
+        return "@" + address[1:].decode(errors="replace")
+    return str(address) or "(unnamed)"
+
+
+def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:
+    """Check that `sock` is a socket the broker can serve under `name`.
+
+    Args:
+        sock: The socket; only queried, never changed.
+        name: Its name; `control` must be a Unix stream socket.
+        what: How to name it in errors, e.g. "fd 3 (named 'http')".
+
+    Raises:
+        IntakeError: if it is not of a served family or type, or not listening
+            (stream) / not bound (datagram), or a control socket of the wrong kind.
+    """
+    family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+    type_ = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    if family not in _FAMILIES:
+        raise IntakeError(f"{what} has address family {family}; port-broker serves "
+                          "IPv4, IPv6 and Unix sockets")
+    if type_ not in _TYPES:
+        raise IntakeError(f"{what} has socket type {type_}; port-broker serves stream "
+                          "(ListenStream=) and datagram (ListenDatagram=) sockets")
+    address = format_address(family, sock.getsockname())
+    if type_ == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET,
+                                                           socket.SO_ACCEPTCONN):
+        raise IntakeError(f"{what} ({address}) is a stream socket that is not listening")
+    if type_ == socket.SOCK_DGRAM and address.endswith(":0"):
+        raise IntakeError(f"{what} is a datagram socket that is not bound to a port")
+    if name == CONTROL_NAME and (family, type_) != (socket.AF_UNIX, socket.SOCK_STREAM):
+        raise IntakeError(f"{what}: the control socket must be a Unix stream socket "
+                          "(ListenStream=/run/port-broker.sock), not "
+                          f"{_FAMILIES[family]} {_TYPES[type_]} {address}")
+    return SocketInfo(name, _FAMILIES[family], _TYPES[type_], address)
+
+
+def describe_fd(fd: int, name: str) -> tuple[socket.socket, SocketInfo]:
+    """Check an inherited fd (see `inspect`) and return it as a socket with its info.
+
+    The returned socket object owns `fd`, now close-on-exec; its blocking mode is left
+    exactly as it was. On error the caller still owns `fd`.
+
+    Raises:
+        IntakeError: naming the fd and name, if it is not a socket the broker serves.
+    """
+    what = f"fd {fd} (named '{name}')"
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        raise IntakeError(f"{what}: not an open file descriptor ({e.strerror})") from None
+    if not stat.S_ISSOCK(mode):
+        raise IntakeError(f"{what} is not a socket; check the .socket unit that names it")
+    sock = socket.socket(fileno=fd)
+    try:
+        info = inspect(sock, name, what)
+        sock.set_inheritable(False)
+    except BaseException:
+        sock.detach()
+        raise
+    return sock, info
+
+
+def intake_fds(fds: Mapping[int, str], *, control: socket.socket | None = None) -> Intake:
+    """Check and take ownership of named fds (as passed by systemd).
+
+    Args:
+        fds: fd → name, in fd order.
+        control: A control socket bound by us, if systemd passes none.
+
+    Raises:
+        IntakeError: for any fd that cannot be served, a missing or duplicate control
+            socket, or an invalid name. On error no fd has been closed.
+    """
+    held: dict[str, list[HeldSocket]] = {}
+    for fd, name in fds.items():
+        if name == "unknown" or not name:
+            raise IntakeError(f"fd {fd} has no name: set FileDescriptorName= in the .socket "
+                              "unit that passes it (e.g. FileDescriptorName=http)")
+        if not valid_name(name):
+            raise IntakeError(f"fd {fd} is named {name!r}, which is not a valid socket name "
+                              "(letters, digits, '_.@-', up to 64 characters)")
+    taken: list[socket.socket] = []
+    try:
+        for fd, name in fds.items():
+            sock, info = describe_fd(fd, name)
+            taken.append(sock)
+            if name == CONTROL_NAME:
+                if control is not None:
+                    raise IntakeError(f"fd {fd}: more than one socket is named "
+                                      f"{CONTROL_NAME!r}; only port-broker.socket may be")
+                control = sock
+            else:
+                held.setdefault(name, []).append(HeldSocket(name, sock, info))
+    except BaseException:
+        for sock in taken:
+            sock.detach()
+        raise
+    if control is None:
+        for sock in taken:
+            sock.detach()
+        raise IntakeError(f"no control socket: no fd is named {CONTROL_NAME!r}; start "
+                          "port-broker.socket (FileDescriptorName=control) with the broker, "
+                          "or pass --control PATH")
+    return Intake(control=control, held=held)
+
+
+def from_systemd() -> Intake:
+    """Take the sockets systemd passed (LISTEN_FDS / LISTEN_FDNAMES).
+
+    Raises:
+        IntakeError: if systemd passed none, or any of them cannot be served.
+    """
+    from systemd import daemon  # noqa: PLC0415  (server-only dependency)
+
+    fds: dict[int, str] = daemon.listen_fds_with_names(unset_environment=True)
+    if not fds:
+        raise IntakeError("systemd passed no sockets (LISTEN_FDS is unset or 0): start the "
+                          "broker through its .socket units (systemctl start "
+                          "port-broker.socket), or give --bind NAME=ADDR and --control PATH")
+    return intake_fds(fds)
+
+
+# --- binding without systemd ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """A socket to bind ourselves: NAME=ADDR, ADDR being [udp:]HOST:PORT, PORT or PATH."""
+
+    name: str
+    family: int
+    type: int
+    address: str | tuple[str, int]
+
+    @classmethod
+    def parse(cls, spec: str) -> BindSpec:
+        """Parse `http=[::]:80`, `http=0.0.0.0:80`, `http=80`, `quic=udp:[::]:443`.
+
+        A bare port means [::]:PORT accepting IPv4 too, as systemd's ListenStream=80.
+
+        Raises:
+            IntakeError: if `spec` is not of that form.
+        """
+        name, sep, address = spec.partition("=")
+        if not sep or not valid_name(name) or name == CONTROL_NAME:
+            raise IntakeError(f"--bind {spec!r}: expected NAME=ADDRESS with a socket name "
+                              f"other than {CONTROL_NAME!r}, e.g. http=[::]:80")
+        type_ = socket.SOCK_STREAM
+        if address.startswith("udp:"):
+            type_, address = socket.SOCK_DGRAM, address[4:]
+        elif address.startswith("tcp:"):
+            address = address[4:]
+        if address.startswith(("/", "@")):
+            unix = "\0" + address[1:] if address.startswith("@") else address
+            return cls(name, socket.AF_UNIX, type_, unix)
+        host, colon, port_text = address.rpartition(":")
+        if not colon:
+            host, port_text = "[::]", address
+        family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+        host = host.strip("[]")
+        try:
+            port = int(port_text)
+            socket.inet_pton(family, host)
+            if not 0 < port < 65536:
+                raise ValueError(port)
+        except (ValueError, OSError):
+            raise IntakeError(f"--bind {spec!r}: {address!r} is not HOST:PORT, [HOST]:PORT, "
+                              "PORT or a /path (add udp: for a datagram socket)") from None
+        return cls(name, family, type_, (host, port))
+
+    def bind(self) -> socket.socket:
+        """Create, bind and (for streams) listen, as systemd would.
+
+        Raises:
+            IntakeError: if the address cannot be bound, naming it and the likely fix.
+        """
+        sock = socket.socket(self.family, self.type)
+        try:
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(self.address)
+            if self.type == socket.SOCK_STREAM:
+                sock.listen(BACKLOG)
+        except OSError as e:
+            sock.close()
+            shown = format_address(self.family, self.address)
+            hint = ""
+            if e.errno == errno.EACCES:
+                hint = ": ports below 1024 need root; run serve as root with --user NAME"
+            elif e.errno == errno.EADDRINUSE:
+                hint = ": something else holds it (see ss -ltnp)"
+            raise IntakeError(f"--bind {self.name}={shown}: {e.strerror}{hint}") from None
+        return sock
+
+
+def bind_control(path: str) -> socket.socket:
+    """Bind and listen on the Unix control socket at `path`, mode 0666.
+
+    A stale socket file left by an earlier broker is replaced; a live one is an error.
+
+    Raises:
+        IntakeError: if another broker is listening there, or the path cannot be bound.
+    """
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise IntakeError(f"--control {path}: exists and is not a socket; refusing to "
+                              "replace it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody listens
+            else:
+                raise IntakeError(f"--control {path}: another broker is listening there")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, CONTROL_MODE)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise IntakeError(f"--control {path}: cannot bind: {e.strerror}") from None
+    return sock
+
+
+def bind_all(specs: Iterable[BindSpec], control_path: str) -> Intake:
+    """Bind every spec and the control socket; on any failure close what was bound.
+
+    Raises:
+        IntakeError: from the first socket that cannot be bound.
+    """
+    bound: list[socket.socket] = []
+    try:
+        held: dict[str, list[HeldSocket]] = {}
+        for spec in specs:
+            sock = spec.bind()
+            bound.append(sock)
+            info = inspect(sock, spec.name, f"--bind {spec.name}")
+            held.setdefault(spec.name, []).append(HeldSocket(spec.name, sock, info))
+        control = bind_control(control_path)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return Intake(control=control, held=held)
+
+
+# --- leaving root -----------------------------------------------------------------
+
+
+def capabilities() -> dict[str, int]:
+    """Return this process's capability sets from /proc/self/status (name → bitmask)."""
+    result: dict[str, int] = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in _CAPABILITY_FIELDS:
+                result[key] = int(value, 16)
+    return result
+
+
+def drop_privileges(user: str) -> pwd.struct_passwd:
+    """Become `user` for good: its uid, gid and groups, no capabilities, no new privileges.
+
+    Raises:
+        PrivilegeError: if `user` is unknown, we are not root, or any capability or the
+            way back to root is left afterwards.
+    """
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user") from None
+    if entry.pw_uid == 0:
+        raise PrivilegeError(f"--user {user}: is root; give an unprivileged user")
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"--user {user}: only root can change user; run serve as root")
+    try:
+        os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    except OSError as e:
+        raise PrivilegeError(f"--user {user}: cannot change to it: {e.strerror}") from None
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise PrivilegeError("cannot set no_new_privs: "
+                             f"{os.strerror(ctypes.get_errno())}")
+    left = {k: v for k, v in capabilities().items() if v}
+    if left:
+        raise PrivilegeError(f"capabilities remain after changing to {user}: {left}")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return entry
+    raise PrivilegeError(f"could become root again after changing to {user}")

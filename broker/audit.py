@@ -1,0 +1,94 @@
+"""The audit trail: every grant and denial, with who, what and why.
+
+Under systemd (stderr is the journal stream), each event goes to the journal with
+structured fields — `journalctl -u port-broker MESSAGE_ID=<grant id>`, or
+`journalctl -o json` to see PEER_UID, PEER_PID, PEER_UNIT, SOCKET, DECISION, REASON.
+Otherwise each event is one `key=value` line on stderr.
+
+Must never: raise into the server (a full journal must not stop grants), or log what
+a client sent verbatim beyond a bounded length.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Final, Protocol
+
+from broker.identity import Peer
+
+GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"
+"""MESSAGE_ID of grant events: `journalctl MESSAGE_ID=5c8a1f3e…a01`."""
+DENIAL_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a02"
+"""MESSAGE_ID of denial events."""
+
+_PRIORITY: Final = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3}
+
+
+class _Send(Protocol):
+    def __call__(self, message: str, **fields: object) -> None: ...
+
+
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM=dev:inode when stderr is connected to journald.
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(x) for x in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and all(c.isalnum() or c in "._-/@:[]" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class Audit:
+    """Where events go: the journal if stderr is connected to it, else stderr lines."""
+
+    def __init__(self, *, journal: bool | None = None) -> None:
+        self.journal = _stderr_is_journal() if journal is None else journal
+        self._send: _Send | None = None
+        if self.journal:
+            from systemd import journal as _journal  # noqa: PLC0415 (server-only dependency)
+
+            self._send = _journal.send
+
+    def log(self, level: str, message: str, **fields: object) -> None:
+        """Record `message` at `level` with extra structured `fields` (UPPER_CASE keys)."""
+        try:
+            if self._send is not None:
+                self._send(message, PRIORITY=_PRIORITY[level], SYSLOG_IDENTIFIER="port-broker",
+                           **fields)
+                return
+            extras = "".join(f" {k.lower()}={_quote(v)}" for k, v in fields.items()
+                             if k != "MESSAGE_ID")
+            sys.stderr.write(f"port-broker: {level}: {message}{extras}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # auditing must never take the broker down; journald shows the gap
+
+    def decision(self, allowed: bool, peer: Peer, socket: str, reason: str,
+                 code: str | None = None) -> None:
+        """Record one grant or denial of `socket` to `peer`."""
+        verb = "granted" if allowed else "denied"
+        fields: Mapping[str, object] = {
+            "MESSAGE_ID": GRANT_MESSAGE_ID if allowed else DENIAL_MESSAGE_ID,
+            "DECISION": "grant" if allowed else "deny",
+            "SOCKET": socket,
+            "PEER_UID": peer.uid,
+            "PEER_GID": peer.gid,
+            "PEER_PID": peer.pid,
+            "PEER_USER": peer.user or "",
+            "PEER_UNIT": peer.unit or "",
+            "REASON": reason[:512],
+        }
+        if code is not None:
+            fields = {**fields, "REFUSAL_CODE": code}
+        self.log("info" if allowed else "notice",
+                 f"{verb} socket {socket!r} to {peer.describe()}", **fields)

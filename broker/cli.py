@@ -1,0 +1,329 @@
+"""The `port-broker` command: serve, exec, list, status, check-config.
+
+Each subcommand imports only what it needs, so `port-broker exec` (on every worker's
+start-up path) loads the standard library and the small client, never trio or pydantic.
+
+Exit status: 0 success; 1 other failure; 2 usage; 66 unknown socket; 69 broker
+unavailable; 77 access denied; 78 invalid configuration or sockets (serve, check-config;
+systemd does not restart on it); 126/127 the command cannot be run (exec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from broker import __version__
+from broker.errors import (
+    AccessDenied,
+    BrokerError,
+    BrokerUnavailable,
+    ClientError,
+    ConfigError,
+    IntakeError,
+    UnknownSocket,
+)
+
+EXIT_FAILURE: Final = 1
+EXIT_UNKNOWN_SOCKET: Final = 66
+EXIT_UNAVAILABLE: Final = 69
+EXIT_DENIED: Final = 77
+EXIT_CONFIG: Final = 78
+EXIT_CANNOT_EXECUTE: Final = 126
+EXIT_NOT_FOUND: Final = 127
+
+_PROTO: Final = {("inet", "stream"): "tcp", ("inet6", "stream"): "tcp6",
+                 ("inet", "datagram"): "udp", ("inet6", "datagram"): "udp6"}
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    sys.stderr.write(f"port-broker {command}: {message}\n")
+    return status
+
+
+def _client_failure(command: str, error: Exception) -> int:
+    status = EXIT_FAILURE
+    if isinstance(error, AccessDenied):
+        status = EXIT_DENIED
+    elif isinstance(error, UnknownSocket):
+        status = EXIT_UNKNOWN_SOCKET
+    elif isinstance(error, BrokerUnavailable):
+        status = EXIT_UNAVAILABLE
+    message = error.message if isinstance(error, BrokerError) else str(error)
+    return _fail(command, message, status)
+
+
+def _split_names(values: Sequence[str]) -> list[str]:
+    return [name for value in values for name in value.split(",") if name]
+
+
+# --- exec -------------------------------------------------------------------------
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from broker.client import acquire_many
+    from broker.launcher import exec_with
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    names = _split_names([args.names])
+    if not command or not names:
+        return _fail("exec", "usage: port-broker exec NAME[,NAME...] -- COMMAND [ARGS...]", 2)
+    try:
+        grants = acquire_many(names, path=args.socket, timeout=args.timeout)
+    except ClientError as e:
+        return _client_failure("exec", e)
+    try:
+        exec_with(grants, command)
+    except FileNotFoundError:
+        return _fail("exec", f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    except OSError as e:
+        return _fail("exec", f"{command[0]}: cannot execute: {e.strerror}",
+                     EXIT_CANNOT_EXECUTE)
+
+
+# --- list / status ----------------------------------------------------------------
+
+
+def _proto(family: str, type_: str) -> str:
+    return _PROTO.get((family, type_), f"unix-{type_}")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from broker.client import list_sockets
+
+    try:
+        sockets = list_sockets(path=args.socket, timeout=args.timeout)
+    except ClientError as e:
+        return _client_failure("list", e)
+    if args.json:
+        print(json.dumps([s.to_json() for s in sockets], indent=2))
+    elif not sockets:
+        print("no socket may be acquired by this user")
+    else:
+        rows = [["NAME", "PROTO", "ADDRESS"]]
+        rows += [[s.name, _proto(s.family, s.type), s.address] for s in sockets]
+        print(_table(rows))
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Render a status report as the table `port-broker status` prints."""
+    conns = report.get("connections", {})
+    lines = [
+        f"port-broker {report.get('version', '?')}, pid {report.get('pid', '?')}, "
+        f"up {_duration(float(report.get('uptime', 0)))}, config {report.get('config', '?')}",
+        f"clients: {conns.get('active', 0)} connected, {conns.get('total', 0)} served "
+        f"(limit {conns.get('limit', '?')}); {report.get('grants', 0)} grants, "
+        f"{report.get('denials', 0)} denials",
+        "",
+    ]
+    rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
+    for s in report.get("sockets", []):
+        rows.append([s["name"], _proto(s["family"], s["type"]), s["address"],
+                     str(s["grants"]), str(s["denials"])])
+    lines.append(_table(rows) if len(rows) > 1 else "holding no sockets")
+    recent = report.get("recent", [])
+    if recent:
+        lines += ["", "recent:"]
+        for event in recent[-10:]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+            who = event.get("user") or "-"
+            unit = event.get("unit") or "-"
+            lines.append(f"  {when} {event['decision']:5} {event['socket']} uid {event['uid']}"
+                         f" ({who}) pid {event['pid']} unit {unit}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from broker.client import status
+
+    try:
+        report = status(path=args.socket, timeout=args.timeout)
+    except ClientError as e:
+        return _client_failure("status", e)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+# --- serve / check-config ---------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from broker import config
+
+    try:
+        loaded = config.load(args.file)
+    except ConfigError as e:
+        return _fail("check-config", e.message, EXIT_CONFIG)
+    if not loaded.exists:
+        return _fail("check-config", f"{loaded.path}: no such file", EXIT_CONFIG)
+    print(f"{loaded.path}: OK")
+    for name, rule in loaded.policy.sockets.items():
+        who = [f"uids {sorted(rule.uids)}" if rule.uids else "",
+               f"gids {sorted(rule.gids)}" if rule.gids else "",
+               f"units {list(rule.units)}" if rule.units else ""]
+        print(f"  {name}: " + ("; ".join(w for w in who if w) or "nobody (empty rule)"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Everything the server needs is imported now, before any privilege change: after
+    # it, the interpreter may no longer be able to read its own modules.
+    import trio
+
+    from broker import activation, config, server
+    from broker.audit import Audit
+
+    audit = Audit()
+    try:
+        loaded = config.load(args.config)
+        if args.bind or args.control:
+            intake = _bind_fallback(args, activation)
+        else:
+            if args.user:
+                raise IntakeError("--user only applies with --bind/--control; under systemd "
+                                  "set DynamicUser= or User= in port-broker.service")
+            intake = activation.from_systemd()
+    except (ConfigError, IntakeError) as e:
+        return _fail("serve", e.message, EXIT_CONFIG)
+    except BrokerError as e:
+        return _fail("serve", e.message, EXIT_FAILURE)
+    try:
+        missing = sorted(set(loaded.policy.sockets) - set(intake.held))
+        if missing:
+            held = ", ".join(sorted(intake.held)) or "none"
+            return _fail("serve", f"{loaded.path} has rules for {', '.join(missing)} but no "
+                                  f"such socket was passed (passed: {held}); add a .socket unit "
+                                  "with that FileDescriptorName= and Service=port-broker.service,"
+                                  " or remove the rule", EXIT_CONFIG)
+        if not loaded.exists:
+            audit.log("warning", f"{loaded.path} does not exist: every request will be denied")
+        for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
+            audit.log("warning", f"socket {name!r} has no rule in {loaded.path}: "
+                                 "nobody may acquire it")
+        if os.geteuid() == 0:
+            audit.log("warning", "serving as root: run the broker under DynamicUser= or "
+                                 "--user instead; it needs no privilege at all")
+        summary = "; ".join(f"{s.info.name} {s.info.address}"
+                            for group in intake.held.values() for s in group)
+        audit.log("info", f"serving {summary or 'no sockets'} under {loaded.path}")
+        trio.run(server.Broker(intake, loaded, audit).serve)
+    finally:
+        intake.close()
+    return 0
+
+
+def _bind_fallback(args: argparse.Namespace, activation: Any) -> Any:
+    if not args.control:
+        raise IntakeError("--bind needs --control PATH for the broker's own socket")
+    if os.geteuid() == 0 and not args.user:
+        raise IntakeError("refusing to serve as root: pass --user NAME to drop to after "
+                          "binding (e.g. --user port-broker)")
+    specs = [activation.BindSpec.parse(spec) for spec in args.bind]
+    intake = activation.bind_all(specs, args.control)
+    if args.user:
+        try:
+            activation.drop_privileges(args.user)
+        except BaseException:
+            intake.close()
+            raise
+    return intake
+
+
+# --- argument parsing -------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="port-broker",
+        description="Hand privileged listening sockets held by systemd to unprivileged "
+                    "workers: no capabilities, no setuid, no proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"port-broker {__version__}")
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    def client_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--socket", metavar="PATH",
+                         help="the broker's control socket (default: $PORT_BROKER_SOCKET, "
+                              "else /run/port-broker.sock)")
+        sub.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                         help="give up on the broker after this long (default: 5)")
+
+    run = commands.add_parser(
+        "exec", help="acquire sockets, then run a command with them at fd 3..",
+        description="Acquire the named sockets, place them at fd 3, 4, … and replace this "
+                    "process with COMMAND, setting LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID "
+                    "as systemd does. Node: server.listen({fd: 3}).",
+        epilog="example: port-broker exec http,https -- node server.js")
+    client_options(run)
+    run.add_argument("names", metavar="NAME[,NAME...]", help="socket names, e.g. http,https")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    run.set_defaults(func=cmd_exec)
+
+    lister = commands.add_parser("list", help="show the sockets you may acquire")
+    client_options(lister)
+    lister.add_argument("--json", action="store_true", help="print JSON")
+    lister.set_defaults(func=cmd_list)
+
+    stat = commands.add_parser("status", help="show what the broker holds and has granted")
+    client_options(stat)
+    stat.add_argument("--json", action="store_true", help="print the full report as JSON")
+    stat.set_defaults(func=cmd_status)
+
+    check = commands.add_parser("check-config", help="validate a configuration file",
+                                description="Validate FILE (default: $PORT_BROKER_CONFIG, "
+                                            "else /etc/port-broker/broker.toml) without "
+                                            "serving; users and groups must exist here.")
+    check.add_argument("file", nargs="?", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    serve = commands.add_parser(
+        "serve", help="run the broker",
+        description="Serve the sockets systemd passed (LISTEN_FDS, named by "
+                    "FileDescriptorName=; 'control' is the broker's own). Without systemd, "
+                    "--bind and --control bind them here as root, then --user drops to an "
+                    "unprivileged user before any client is served.")
+    serve.add_argument("--config", metavar="FILE",
+                       help="policy file (default: $PORT_BROKER_CONFIG, else "
+                            "/etc/port-broker/broker.toml)")
+    serve.add_argument("--bind", action="append", default=[], metavar="NAME=ADDRESS",
+                       help="bind a socket here: http=[::]:80, http=0.0.0.0:80, http=80, "
+                            "quic=udp:[::]:443 (repeatable)")
+    serve.add_argument("--control", metavar="PATH",
+                       help="bind the control socket here (with --bind)")
+    serve.add_argument("--user", metavar="NAME",
+                       help="after binding as root, become this user (with --bind)")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The client library: ask the broker for listening sockets.
+
+    import broker.client
+    sock = broker.client.acquire("http")        # a listening socket.socket for :80
+    conn, peer = sock.accept()
+
+Synchronous functions use only the standard library, so a worker's start-up stays
+cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`.
+The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called.
+
+The broker's socket is found at the `path` argument, else $PORT_BROKER_SOCKET, else
+/run/port-broker.sock. Every call has a deadline (`timeout`, default 5 s) covering
+connect, request and reply.
+
+Ownership: sockets returned are the caller's to close. On any error, every fd received
+is closed before the exception propagates.
+
+Raises (all subclasses of `broker.errors.ClientError`): `BrokerUnavailable` (cannot
+connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
+`RequestRefused` for other refusals, each carrying the broker's message.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from broker.errors import BrokerUnavailable, ClientError, ProtocolError, refusal
+from broker.protocol import (
+    MAX_REPLY_BYTES,
+    SCM_MAX_FD,
+    Acquire,
+    Granted,
+    LineBuffer,
+    Listing,
+    ListSockets,
+    Refusal,
+    Reply,
+    Request,
+    SocketInfo,
+    Status,
+    StatusReport,
+    encode_request,
+    parse_reply,
+)
+
+if TYPE_CHECKING:
+    import trio
+
+DEFAULT_SOCKET: Final = "/run/port-broker.sock"
+SOCKET_ENV: Final = "PORT_BROKER_SOCKET"
+DEFAULT_TIMEOUT: Final = 5.0
+"""Seconds for a whole exchange: a grant takes well under a millisecond; this only
+bounds a broker that is starting (socket activation) or stuck."""
+
+_RECV_BYTES: Final = 65536
+_ANCILLARY_BYTES: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+
+Grant = tuple[str, socket.socket]
+"""A granted socket with its name."""
+
+
+def socket_path(path: str | None = None) -> str:
+    """Return where the broker listens: `path`, else $PORT_BROKER_SOCKET, else the default."""
+    return path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class _ReplyReader:
+    """Sans-IO collector of one reply: feed it what recvmsg returned until `done`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.buffer = LineBuffer(MAX_REPLY_BYTES)
+        self.fds: list[int] = []
+        self.line: bytes | None = None
+
+    def feed(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int,
+             _address: object = None) -> None:
+        """Take one recvmsg() result.
+
+        Raises:
+            BrokerUnavailable: on end of stream, truncated fds or an oversized reply.
+        """
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise BrokerUnavailable(f"{self.path}: reply carried more fds than expected")
+        if not data:
+            raise BrokerUnavailable(f"{self.path}: the broker closed the connection "
+                                    "without answering")
+        self.buffer.feed(data)
+        try:
+            self.line = self.buffer.next_line()
+        except ProtocolError as e:
+            raise BrokerUnavailable(f"{self.path}: {e.message}") from None
+
+    @property
+    def done(self) -> bool:
+        return self.line is not None
+
+    def result(self) -> tuple[Reply, list[int]]:
+        """Return the parsed reply and its fds; the caller owns the fds.
+
+        Raises:
+            BrokerUnavailable: if the reply is not valid or its fds do not match it.
+        """
+        if self.line is None:
+            raise BrokerUnavailable(f"{self.path}: reply incomplete")
+        try:
+            reply = parse_reply(self.line)
+        except ProtocolError as e:
+            raise BrokerUnavailable(f"{self.path}: invalid reply: {e.message}") from None
+        expected = len(reply.sockets) if isinstance(reply, Granted) else 0
+        if len(self.fds) != expected:
+            raise BrokerUnavailable(f"{self.path}: reply lists {expected} sockets but "
+                                    f"carried {len(self.fds)} fds")
+        return reply, self.fds
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> BrokerUnavailable:
+    if isinstance(error, TimeoutError):
+        return BrokerUnavailable(f"{path}: the broker did not answer within {timeout:g} s")
+    hints = {
+        FileNotFoundError: "no such socket: is port-broker.socket running? (set "
+                           f"{SOCKET_ENV} if the broker listens elsewhere)",
+        ConnectionRefusedError: "nothing is listening there: is port-broker.socket running?",
+        PermissionError: "permission denied: the socket or a directory above it is not "
+                         "accessible to this user",
+    }
+    for kind, hint in hints.items():
+        if isinstance(error, kind):
+            return BrokerUnavailable(f"{path}: {hint}")
+    return BrokerUnavailable(f"{path}: {error.strerror or error}")
+
+
+def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
+    """Connect, send `request`, return the reply and any fds (the caller owns them)."""
+    path = socket_path(path)
+    deadline = time.monotonic() + timeout
+    reader = _ReplyReader(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(encode_request(request))
+            while not reader.done:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES,
+                                          socket.MSG_CMSG_CLOEXEC))
+        return reader.result()
+    except (OSError, TimeoutError) as e:
+        reader.close_fds()
+        raise _unavailable(path, e, timeout) from None
+    except BaseException:
+        reader.close_fds()
+        raise
+
+
+def _granted(reply: Reply, fds: list[int]) -> list[Grant]:
+    """Turn an acquire reply into (name, socket) pairs, or raise its refusal."""
+    if isinstance(reply, Refusal):
+        raise refusal(reply.code, reply.message)
+    if not isinstance(reply, Granted):
+        for fd in fds:
+            os.close(fd)
+        raise BrokerUnavailable(f"expected an acquire reply, got {type(reply).__name__}")
+    grants: list[Grant] = []
+    try:
+        for info, fd in zip(reply.sockets, fds, strict=True):
+            grants.append((info.name, socket.socket(fileno=fd)))
+    except BaseException:
+        for _, sock in grants:
+            sock.close()
+        for fd in fds[len(grants):]:
+            os.close(fd)
+        raise
+    return grants
+
+
+def _names(names: Iterable[str] | str) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def acquire_many(names: Iterable[str], *, path: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[Grant]:
+    """Acquire several sockets at once: all of them or none.
+
+    A name the broker holds as several sockets (IPv4 and IPv6) yields one entry each.
+
+    Args:
+        names: Socket names, e.g. ["http", "https"].
+        path: The broker's control socket (default: $PORT_BROKER_SOCKET or
+            /run/port-broker.sock).
+        timeout: Seconds for the whole exchange.
+
+    Returns:
+        (name, listening socket) pairs in request order; the caller owns the sockets.
+
+    Raises:
+        BrokerUnavailable: the broker cannot be reached or did not answer in time.
+        AccessDenied: the policy does not allow this process one of the sockets.
+        UnknownSocket: the broker holds no socket by one of the names.
+        RequestRefused: any other refusal (e.g. busy).
+    """
+    reply, fds = _exchange(Acquire(_names(names)), path, timeout)
+    return _granted(reply, fds)
+
+
+def acquire(name: str, *, path: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+    """Acquire one listening socket by name.
+
+    Returns:
+        The listening socket; the caller owns it.
+
+    Raises:
+        ClientError: if the name is held as several sockets (use `acquire_many`), and
+            everything `acquire_many` raises.
+    """
+    return _single(name, acquire_many([name], path=path, timeout=timeout))
+
+
+def _single(name: str, grants: list[Grant]) -> socket.socket:
+    if len(grants) != 1:
+        for _, sock in grants:
+            sock.close()
+        raise ClientError(f"socket {name!r} is held as {len(grants)} sockets (e.g. IPv4 and "
+                          "IPv6); use acquire_many() to receive all of them")
+    return grants[0][1]
+
+
+def list_sockets(*, path: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[SocketInfo]:
+    """Return the sockets this process may acquire.
+
+    Raises:
+        BrokerUnavailable, RequestRefused: as `acquire_many`.
+    """
+    reply, _ = _exchange(ListSockets(), path, timeout)
+    if isinstance(reply, Refusal):
+        raise refusal(reply.code, reply.message)
+    if not isinstance(reply, Listing):
+        raise BrokerUnavailable(f"expected a list reply, got {type(reply).__name__}")
+    return list(reply.sockets)
+
+
+def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """Return the broker's status report (see docs/protocol.md for its fields).
+
+    Raises:
+        AccessDenied: the caller is not allowed by the [status] rule.
+        BrokerUnavailable, RequestRefused: as `acquire_many`.
+    """
+    reply, _ = _exchange(Status(), path, timeout)
+    if isinstance(reply, Refusal):
+        raise refusal(reply.code, reply.message)
+    if not isinstance(reply, StatusReport):
+        raise BrokerUnavailable(f"expected a status reply, got {type(reply).__name__}")
+    return dict(reply.report)
+
+
+# --- trio ------------------------------------------------------------------------
+
+
+async def _exchange_trio(request: Request, path: str | None,
+                         timeout: float) -> tuple[Reply, list[int]]:
+    import trio  # noqa: PLC0415  (only trio users pay for importing trio)
+
+    path = socket_path(path)
+    reader = _ReplyReader(path)
+    try:
+        with trio.fail_after(timeout):
+            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                await sock.connect(path)
+                data = memoryview(encode_request(request))
+                while data:
+                    data = data[await sock.send(data):]
+                while not reader.done:
+                    reader.feed(*await sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES,
+                                                    socket.MSG_CMSG_CLOEXEC))
+        return reader.result()
+    except trio.TooSlowError:
+        reader.close_fds()
+        raise _unavailable(path, TimeoutError(), timeout) from None
+    except OSError as e:
+        reader.close_fds()
+        raise _unavailable(path, e, timeout) from None
+    except BaseException:
+        reader.close_fds()
+        raise
+
+
+async def acquire_many_trio(names: Sequence[str], *, path: str | None = None,
+                            timeout: float = DEFAULT_TIMEOUT
+                            ) -> list[tuple[str, trio.socket.SocketType]]:
+    """Trio version of `acquire_many`; returns trio sockets.
+
+    Note that a trio socket is non-blocking, and O_NONBLOCK is shared by every process
+    holding the same listening socket (harmless for event-loop servers).
+
+    Raises:
+        As `acquire_many`.
+    """
+    import trio  # noqa: PLC0415
+
+    reply, fds = await _exchange_trio(Acquire(_names(names)), path, timeout)
+    return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in _granted(reply, fds)]
+
+
+async def acquire_trio(name: str, *, path: str | None = None,
+                       timeout: float = DEFAULT_TIMEOUT) -> trio.socket.SocketType:
+    """Trio version of `acquire`.
+
+    Raises:
+        As `acquire`.
+    """
+    import trio  # noqa: PLC0415
+
+    reply, fds = await _exchange_trio(Acquire((name,)), path, timeout)
+    return trio.socket.from_stdlib_socket(_single(name, _granted(reply, fds)))

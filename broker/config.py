@@ -1,0 +1,269 @@
+"""The broker's configuration: a TOML file plus `PORT_BROKER_*` environment overrides.
+
+Loaded once at start (and by `port-broker check-config`); the result is a `Config`
+holding a ready `Policy` in which every user and group name is already resolved to its
+id. Anything wrong — TOML syntax, an unknown key, a bad value, a user or group the
+system does not know — is a `ConfigError` naming the file (or environment variable) and
+the key, before any socket is served.
+
+Example (docs/configuration.md has the whole reference)::
+
+    [sockets.http]
+    users = ["www-data", 1000]
+    groups = ["web"]
+    units = ["node-app.service", "machine-*.scope"]
+
+Must never: be imported on the client path (it pulls in pydantic).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from broker.errors import ConfigError
+from broker.policy import Policy, Rule
+from broker.protocol import CONTROL_NAME, valid_name
+
+DEFAULT_PATH: Final = "/etc/port-broker/broker.toml"
+PATH_ENV: Final = "PORT_BROKER_CONFIG"
+ENV_PREFIX: Final = "PORT_BROKER_"
+CLIENT_ENV: Final = frozenset({"PORT_BROKER_SOCKET", PATH_ENV})
+"""Variables with our prefix that are not settings (read elsewhere, so allowed)."""
+
+MAX_ID: Final = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
+_UNIT_PATTERN: Final = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]+\.(service|scope)")
+
+
+def _resolve_id(entry: int | str, kind: str) -> int:
+    if isinstance(entry, int) or entry.isdigit():
+        number = int(entry)
+        if not 0 <= number <= MAX_ID:
+            raise ValueError(f"{kind} id {number} is out of range 0..{MAX_ID}")
+        return number
+    try:
+        if kind == "user":
+            return pwd.getpwnam(entry).pw_uid
+        return grp.getgrnam(entry).gr_gid
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} {entry!r}: not in the {kind} database; create it, fix the "
+            f"spelling, or give a numeric id (for ids that exist only in containers)"
+        ) from None
+
+
+class RuleSettings(BaseModel):
+    """Who may have a socket (or read the status): users, groups, units. Default: nobody."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    users: list[int | str] = Field(default_factory=list, description="user names or uids")
+    groups: list[int | str] = Field(default_factory=list, description="group names or gids")
+    units: list[str] = Field(default_factory=list,
+                             description="systemd services/scopes, glob patterns allowed")
+
+    @field_validator("users")
+    @classmethod
+    def _known_users(cls, value: list[int | str]) -> list[int | str]:
+        for entry in value:
+            _resolve_id(entry, "user")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _known_groups(cls, value: list[int | str]) -> list[int | str]:
+        for entry in value:
+            _resolve_id(entry, "group")
+        return value
+
+    @field_validator("units")
+    @classmethod
+    def _unit_names(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _UNIT_PATTERN.fullmatch(entry):
+                raise ValueError(
+                    f"{entry!r} is not a service or scope name or pattern "
+                    "(examples: 'web.service', 'machine-*.scope')"
+                )
+        return value
+
+    def to_rule(self) -> Rule:
+        """Return the policy rule with every name resolved to its id."""
+        return Rule(
+            uids=frozenset(_resolve_id(u, "user") for u in self.users),
+            gids=frozenset(_resolve_id(g, "group") for g in self.groups),
+            units=tuple(self.units),
+        )
+
+
+class Settings(BaseSettings):
+    """Everything the broker reads at start. The TOML file's top level maps onto this."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    sockets: dict[str, RuleSettings] = Field(
+        default_factory=dict, description="socket name (FileDescriptorName=) → who may have it"
+    )
+    status: RuleSettings = Field(
+        default_factory=lambda: RuleSettings(users=[0]),
+        description="who may read `port-broker status` (default: root only)",
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=65536, description="concurrent control connections served"
+    )
+    client_timeout: float = Field(
+        5.0, gt=0, le=300, description="seconds a client has to send each request"
+    )
+
+    @field_validator("sockets")
+    @classmethod
+    def _socket_names(cls, value: dict[str, RuleSettings]) -> dict[str, RuleSettings]:
+        for name in value:
+            if name == CONTROL_NAME:
+                raise ValueError(
+                    f"{CONTROL_NAME!r} is the broker's own control socket and cannot be "
+                    "granted; give the socket another FileDescriptorName="
+                )
+            if not valid_name(name):
+                raise ValueError(
+                    f"{name!r} is not a valid socket name (letters, digits, '_.@-', up to "
+                    "64 characters, as in FileDescriptorName=)"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return env_settings, init_settings
+
+
+@dataclass(frozen=True)
+class Config:
+    """The loaded configuration.
+
+    Attributes:
+        path: The file it came from.
+        exists: False if `path` did not exist (the default path may be absent).
+        policy: The resolved access policy.
+        max_connections: Concurrent control connections served.
+        client_timeout: Seconds a client has to send each request.
+    """
+
+    path: str
+    exists: bool
+    policy: Policy
+    max_connections: int
+    client_timeout: float
+
+
+def resolve_path(path: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """Return the config path to use and whether it was asked for explicitly."""
+    if path:
+        return path, True
+    if environ.get(PATH_ENV):
+        return environ[PATH_ENV], True
+    return DEFAULT_PATH, False
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+        parent = _model_at(tuple(error["loc"][:-1]))
+        if parent is not None:
+            message += f"; known keys: {', '.join(parent.model_fields)}"
+    return message
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    if not loc:
+        return Settings
+    if loc[0] == "status" or (loc[0] == "sockets" and len(loc) == 2):
+        return RuleSettings
+    return None
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+            continue
+        head = variable.split("__", 1)[0]
+        if head not in known:
+            raise ConfigError(
+                f"environment variable {variable}: unknown setting; known: "
+                f"{', '.join(sorted(known | CLIENT_ENV))}"
+            )
+
+
+def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
+    """Load, validate and resolve the configuration.
+
+    Args:
+        path: The TOML file; None means $PORT_BROKER_CONFIG, else DEFAULT_PATH.
+        environ: Where `PORT_BROKER_*` overrides are read from.
+
+    Raises:
+        ConfigError: naming the file or variable and the key, for anything invalid, and
+            for a missing file that was asked for explicitly.
+    """
+    path, explicit = resolve_path(path, environ)
+    data: dict[str, Any] = {}
+    exists = True
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file (asked for with --config or "
+                              f"{PATH_ENV})") from None
+        exists = False
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    _check_environment(environ)
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = _key(tuple(first["loc"]))
+        where = path
+        variable = ENV_PREFIX + str(first["loc"][0]).upper()
+        if any(v == variable or v.startswith(variable + "__") for v in environ):
+            where = f"{path} (overridden by environment variable {variable})"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{where}: {key}: {_describe(first)}{more}") from None
+    policy = Policy(
+        sockets={name: rule.to_rule() for name, rule in settings.sockets.items()},
+        status=settings.status.to_rule(),
+        source=path,
+    )
+    return Config(path=path, exists=exists, policy=policy,
+                  max_connections=settings.max_connections,
+                  client_timeout=settings.client_timeout)

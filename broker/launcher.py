@@ -1,0 +1,60 @@
+"""`port-broker exec`: acquire sockets, hand them to a program the way systemd does.
+
+The sockets are placed at fd 3, 4, … in request order; LISTEN_FDS, LISTEN_FDNAMES and
+LISTEN_PID are set (sd_listen_fds(3)); then the program replaces this process, so the
+pid stays the same and nothing of port-broker remains running. Node serves with
+`server.listen({fd: 3})`, gunicorn with `--bind fd://3`, uvicorn with `--fd 3`.
+
+Standard library only, and quick: this runs before every worker starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from broker.client import Grant
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+
+
+def place_fds(fds: Sequence[int]) -> None:
+    """Move `fds` to 3, 4, … (in order), inheritable; the originals are closed.
+
+    Whatever was at those numbers before is replaced, as systemd does. Safe whatever
+    numbers the fds have now, including ones inside the target range.
+    """
+    target_end = LISTEN_FDS_START + len(fds)
+    # First move every fd out of the target range, so no dup2 clobbers a source.
+    moved = []
+    for fd in fds:
+        moved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, target_end))
+        os.close(fd)
+    for index, fd in enumerate(moved):
+        os.dup2(fd, LISTEN_FDS_START + index, inheritable=True)
+        os.close(fd)
+
+
+def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[str, str]:
+    """Return `base` plus LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID for this process."""
+    env = dict(base)
+    env["LISTEN_FDS"] = str(len(names))
+    env["LISTEN_FDNAMES"] = ":".join(names)
+    env["LISTEN_PID"] = str(os.getpid())
+    return env
+
+
+def exec_with(grants: Sequence[Grant], argv: Sequence[str],
+              environ: Mapping[str, str] | None = None) -> NoReturn:
+    """Place the granted sockets at fd 3.. and replace this process with `argv`.
+
+    Raises:
+        OSError: if `argv[0]` cannot be executed (FileNotFoundError, PermissionError…);
+            the sockets are closed by then only when this process exits.
+    """
+    names = [name for name, _ in grants]
+    place_fds([sock.detach() for _, sock in grants])
+    env = listen_environment(names, os.environ if environ is None else environ)
+    os.execvpe(argv[0], list(argv), env)

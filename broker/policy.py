@@ -1,0 +1,99 @@
+"""The access policy: a peer's kernel identity and a socket name in, a decision out.
+
+Pure: no I/O, no clock, no globals; the server asks, this module answers. Deny by
+default: a socket with no rule, or a rule the peer matches in no way, is refused, and
+root is no exception. Rules are built (names resolved to ids) by `broker.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from broker.identity import Peer
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who may have one thing: any listed uid, any member of a listed gid, or any
+    process in a unit matching a listed name or glob pattern (`machine-*.scope`).
+
+    Attributes:
+        uids: Allowed uids.
+        gids: Allowed gids (matched against the peer's gid and user-database groups).
+        units: Allowed systemd units, exact names or fnmatch patterns.
+    """
+
+    uids: frozenset[int] = field(default_factory=frozenset)
+    gids: frozenset[int] = field(default_factory=frozenset)
+    units: tuple[str, ...] = ()
+
+    def match(self, peer: Peer) -> str | None:
+        """Return which entry allows `peer` ("users", "groups (gid 33)", …) or None."""
+        if peer.uid in self.uids:
+            return f"uid {peer.uid} is in users"
+        common = self.gids & peer.groups
+        if common:
+            return f"gid {min(common)} is in groups"
+        if peer.unit is not None:
+            for pattern in self.units:
+                if fnmatchcase(peer.unit, pattern):
+                    return f"unit {peer.unit} matches {pattern!r} in units"
+        return None
+
+    @property
+    def empty(self) -> bool:
+        """True if the rule allows nobody."""
+        return not (self.uids or self.gids or self.units)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one question, with a reason fit for the audit log and the peer."""
+
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rules per socket name, plus the rule for `status`.
+
+    Attributes:
+        sockets: Socket name → rule. A held socket with no entry is granted to nobody.
+        status: Who may ask for the broker's status report.
+        source: Where the policy lives, for messages ("/etc/port-broker/broker.toml").
+    """
+
+    sockets: Mapping[str, Rule] = field(default_factory=dict)
+    status: Rule = field(default_factory=Rule)
+    source: str = "(no configuration)"
+
+    def check_acquire(self, name: str, peer: Peer) -> Decision:
+        """Decide whether `peer` may have the socket called `name`."""
+        rule = self.sockets.get(name)
+        if rule is None:
+            return Decision(False, f"{peer.describe()} may not acquire socket {name!r}: "
+                                   f"{self.source} has no [sockets.{name}] rule, so nobody "
+                                   "may; add one with users, groups or units")
+        why = rule.match(peer)
+        if why is None:
+            return Decision(False, f"{peer.describe()} may not acquire socket {name!r}: "
+                                   f"not in users, groups or units of [sockets.{name}] in "
+                                   f"{self.source}")
+        return Decision(True, why)
+
+    def check_status(self, peer: Peer) -> Decision:
+        """Decide whether `peer` may read the status report."""
+        why = self.status.match(peer)
+        if why is None:
+            return Decision(False, f"{peer.describe()} may not read the broker's status: "
+                                   f"not in users, groups or units of [status] in "
+                                   f"{self.source}")
+        return Decision(True, why)
+
+    def may_acquire(self, name: str, peer: Peer) -> bool:
+        """Return whether `peer` may have `name` (for `list`)."""
+        rule = self.sockets.get(name)
+        return rule is not None and rule.match(peer) is not None

@@ -1,0 +1,349 @@
+"""The control-socket wire protocol, sans-IO: bytes in, messages out.
+
+Nothing here touches a socket, a file descriptor or the clock; the server and the
+client do the I/O and call in here to frame, encode and parse. The format is documented
+in docs/protocol.md. In short: each message is one line of compact UTF-8 JSON ending in
+"\\n", always carrying `"v": 1`. The fds of an `acquire` reply travel as one SCM_RIGHTS
+message attached to the reply's first byte, one fd per entry of its `sockets` list, in
+that order.
+
+Invariant (tested with hypothesis, whole and byte by byte): every input either parses
+or raises `ProtocolError`, nothing else.
+
+Standard library only: the client imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from broker.errors import Code, ProtocolError
+
+PROTOCOL_VERSION: Final = 1
+
+MAX_REQUEST_BYTES: Final = 4096
+"""Largest request line, newline included. The biggest legitimate request (MAX_NAMES
+names of NAME_MAX_LENGTH characters) is about 2.2 KiB; for comparison h11 allows 16 KiB
+of HTTP headers and s6-fdholderd 4 KiB per request."""
+
+MAX_REPLY_BYTES: Final = 1 << 20
+"""Largest reply line a client accepts: a status report of a thousand sockets fits."""
+
+MAX_NAMES: Final = 32
+"""Most socket names in one acquire; one worker rarely needs more than http+https."""
+
+SCM_MAX_FD: Final = 253
+"""The kernel's limit on fds in one SCM_RIGHTS message (include/net/scm.h)."""
+
+NAME_MAX_LENGTH: Final = 64
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+"""Socket names (systemd's FileDescriptorName=). Stricter than systemd's own rule so a
+name is safe in a comma-separated list, a journal field, a TOML key and a message."""
+
+CONTROL_NAME: Final = "control"
+"""The name of the broker's own Unix control socket; never grantable."""
+
+FAMILIES: Final = ("inet", "inet6", "unix")
+TYPES: Final = ("stream", "datagram")
+
+
+def valid_name(name: str) -> bool:
+    """Return whether `name` is acceptable as a socket name."""
+    return NAME_PATTERN.fullmatch(name) is not None
+
+
+# --- messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Ask for the listening sockets called `names`: all of them, in this order, or none."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ListSockets:
+    """Ask which sockets the caller may acquire."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """Ask for the broker's state: what it holds, grants and denials (admin only)."""
+
+
+Request = Acquire | ListSockets | Status
+
+
+@dataclass(frozen=True)
+class SocketInfo:
+    """What a client learns about one held socket.
+
+    Attributes:
+        name: The socket's name (FileDescriptorName=).
+        family: "inet", "inet6" or "unix".
+        type: "stream" or "datagram".
+        address: Printable local address: "[::]:80", "127.0.0.1:443" or a path.
+    """
+
+    name: str
+    family: str
+    type: str
+    address: str
+
+    def to_json(self) -> dict[str, str]:
+        """Return the wire form."""
+        return {"name": self.name, "family": self.family, "type": self.type,
+                "address": self.address}
+
+
+@dataclass(frozen=True)
+class Granted:
+    """Reply to `Acquire`: one entry per fd attached, in order."""
+
+    sockets: tuple[SocketInfo, ...]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Reply to `ListSockets`: the sockets the caller may acquire."""
+
+    sockets: tuple[SocketInfo, ...]
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Reply to `Status`: a JSON object whose shape docs/protocol.md describes."""
+
+    report: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Reply to anything the broker will not or cannot do."""
+
+    code: Code
+    message: str
+
+
+Reply = Granted | Listing | StatusReport | Refusal
+
+_OPS: Final = {Acquire: "acquire", ListSockets: "list", Status: "status"}
+
+
+# --- framing ----------------------------------------------------------------------
+
+
+class LineBuffer:
+    """Collect bytes from a stream and cut them into newline-terminated messages.
+
+    Raises `ProtocolError(TOO_LARGE)` as soon as more than `limit` bytes are pending
+    without a newline, so a peer can never make us buffer more than `limit` bytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the peer."""
+        self._buffer += data
+
+    def next_line(self) -> bytes | None:
+        """Return the next complete message without its newline, or None if incomplete.
+
+        Raises:
+            ProtocolError: TOO_LARGE if the pending message exceeds the limit.
+        """
+        end = self._buffer.find(b"\n", 0, self._limit)
+        if end < 0:
+            if len(self._buffer) >= self._limit:
+                raise ProtocolError(
+                    Code.TOO_LARGE, f"message exceeds {self._limit} bytes without ending"
+                )
+            return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return line
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buffer)
+
+
+# --- encoding ---------------------------------------------------------------------
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+
+def encode_request(request: Request) -> bytes:
+    """Return the wire form of a request, newline included."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": _OPS[type(request)]}
+    if isinstance(request, Acquire):
+        body["names"] = list(request.names)
+    return _dump(body)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Return the wire form of a reply, newline included."""
+    if isinstance(reply, Refusal):
+        return _dump({"v": PROTOCOL_VERSION, "ok": False, "code": str(reply.code),
+                      "message": reply.message})
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": True}
+    if isinstance(reply, Granted):
+        body["op"] = "acquire"
+        body["sockets"] = [s.to_json() for s in reply.sockets]
+    elif isinstance(reply, Listing):
+        body["op"] = "list"
+        body["sockets"] = [s.to_json() for s in reply.sockets]
+    else:
+        body["op"] = "status"
+        body["status"] = dict(reply.report)
+    return _dump(body)
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+def _malformed(message: str) -> ProtocolError:
+    return ProtocolError(Code.MALFORMED, message)
+
+
+def _reject_constant(token: str) -> None:
+    raise _malformed(f"{token} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _malformed(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _load_object(line: bytes) -> dict[str, Any]:
+    try:
+        text = line.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise _malformed("message is not UTF-8") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise _malformed(f"message is not JSON: {e}") from None
+    except RecursionError:
+        raise _malformed("message is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _malformed("message is not a JSON object")
+    version = obj.get("v")
+    if type(version) is not int:
+        raise _malformed('message has no integer "v" (protocol version)')
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            Code.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this side speaks "
+            f"version {PROTOCOL_VERSION}",
+        )
+    return obj
+
+
+def _expect_keys(obj: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise _malformed(f"{what} has unknown key(s): {', '.join(extra)}")
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line (without its newline).
+
+    Strict: unknown keys, duplicate keys, bad names and wrong types are all refused, so
+    that a request means exactly one thing.
+
+    Raises:
+        ProtocolError: for any input that is not a valid request.
+    """
+    obj = _load_object(line)
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise _malformed('request has no string "op"')
+    if op == "acquire":
+        _expect_keys(obj, {"v", "op", "names"}, "acquire request")
+        names = obj.get("names")
+        if not isinstance(names, list) or not names:
+            raise _malformed('acquire needs "names": a non-empty list of socket names')
+        if len(names) > MAX_NAMES:
+            raise _malformed(f"acquire names {len(names)} sockets; at most {MAX_NAMES}")
+        for name in names:
+            if not isinstance(name, str) or not valid_name(name):
+                raise _malformed(f"{name!r} is not a valid socket name")
+        if len(set(names)) != len(names):
+            raise _malformed("acquire names a socket twice")
+        return Acquire(tuple(names))
+    if op == "list":
+        _expect_keys(obj, {"v", "op"}, "list request")
+        return ListSockets()
+    if op == "status":
+        _expect_keys(obj, {"v", "op"}, "status request")
+        return Status()
+    raise ProtocolError(Code.UNKNOWN_OPERATION,
+                        f"unknown operation {op[:64]!r}; known: acquire, list, status")
+
+
+def _parse_info(item: Any) -> SocketInfo:
+    if not isinstance(item, dict):
+        raise _malformed("socket entry is not an object")
+    name, family, type_, address = (item.get(k) for k in ("name", "family", "type", "address"))
+    if not (isinstance(name, str) and isinstance(family, str) and isinstance(type_, str)
+            and isinstance(address, str)):
+        raise _malformed("socket entry lacks name, family, type or address")
+    if not valid_name(name) or family not in FAMILIES or type_ not in TYPES:
+        raise _malformed(f"socket entry {item!r:.200} has an invalid value")
+    return SocketInfo(name, family, type_, address)
+
+
+def _parse_infos(obj: Mapping[str, Any]) -> tuple[SocketInfo, ...]:
+    items = obj.get("sockets")
+    if not isinstance(items, list):
+        raise _malformed('reply has no "sockets" list')
+    return tuple(_parse_info(item) for item in items)
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Parse one reply line (without its newline).
+
+    Lenient where the protocol allows growth: unknown keys in a reply are ignored, so a
+    broker may add fields within a protocol version.
+
+    Raises:
+        ProtocolError: for any input that is not a valid reply.
+    """
+    obj = _load_object(line)
+    ok = obj.get("ok")
+    if ok is False:
+        code, message = obj.get("code"), obj.get("message")
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise _malformed('refusal lacks string "code" and "message"')
+        try:
+            return Refusal(Code(code), message)
+        except ValueError:
+            # A code from a newer broker: keep its words, classify it as internal.
+            return Refusal(Code.INTERNAL, f"{message} ({code})")
+    if ok is not True:
+        raise _malformed('reply has no boolean "ok"')
+    op = obj.get("op")
+    if op == "acquire":
+        return Granted(_parse_infos(obj))
+    if op == "list":
+        return Listing(_parse_infos(obj))
+    if op == "status":
+        report = obj.get("status")
+        if not isinstance(report, dict):
+            raise _malformed('status reply has no "status" object')
+        return StatusReport(report)
+    raise _malformed(f"reply has unknown op {op!r:.64}")

@@ -1,0 +1,364 @@
+"""The broker's trio loops: accept control connections, answer requests, pass fds.
+
+Each connection is served by its own task: identify the peer from the kernel, read
+newline-framed requests under a deadline, answer each (an `acquire` reply carries the
+granted fds as one SCM_RIGHTS message). A slow, silent, malformed or vanishing client
+costs one task and one fd until its deadline, never anyone else's time. Everything is
+bounded: connections (`max_connections`), request size (protocol.MAX_REQUEST_BYTES),
+time per request (`client_timeout`) and the shutdown grace.
+
+Ownership: the server owns each accepted connection and closes it when its task ends,
+on every path. It never owns, accepts on or changes a granted socket: those belong to
+the `Intake`, and the kernel duplicates them into each reply.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import signal
+import socket
+import time
+import traceback
+from collections import Counter, deque
+from contextlib import suppress
+from typing import Any, Final
+
+import trio
+
+from broker import __version__
+from broker.activation import Intake
+from broker.audit import Audit
+from broker.config import Config
+from broker.errors import Code, ProtocolError
+from broker.identity import Peer, UserDatabase, identify
+from broker.protocol import (
+    MAX_REQUEST_BYTES,
+    SCM_MAX_FD,
+    Acquire,
+    Granted,
+    LineBuffer,
+    Listing,
+    Refusal,
+    Reply,
+    Request,
+    Status,
+    StatusReport,
+    encode_reply,
+    parse_request,
+)
+
+ACCEPT_BACKOFF: Final = 0.1
+"""Seconds to pause accepting when out of fds or memory (EMFILE, ENOMEM…), as trio does:
+retrying at once would spin; the pause lets finishing clients free resources."""
+
+_BACKOFF_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_IGNORED_ACCEPT_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+SHUTDOWN_GRACE: Final = 1.0
+"""Seconds clients in the middle of a request get after SIGTERM: far more than a grant
+takes, and well inside systemd's TimeoutStopSec."""
+
+REFUSAL_SEND_TIMEOUT: Final = 0.5
+"""Seconds we try to tell a client why it is dropped (busy, timeout) before giving up:
+such a client gets no more of our time than that."""
+
+STATUS_INTERVAL: Final = 1.0
+"""Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
+rare enough to cost nothing under a storm of grants."""
+
+RECENT_EVENTS: Final = 32
+"""Grants and denials kept for `port-broker status`; the journal keeps them all."""
+
+RECV_CHUNK: Final = MAX_REQUEST_BYTES
+
+
+def _notify(state: str) -> None:
+    if os.environ.get("NOTIFY_SOCKET"):
+        from systemd import daemon  # noqa: PLC0415 (imported once, then cached)
+
+        daemon.notify(state)
+
+
+class Broker:
+    """Serves one `Intake` under one `Config`.
+
+    Args:
+        intake: The control socket and the held sockets; the broker serves them but
+            the caller keeps ownership (closes them after `serve` returns).
+        config: Policy and limits.
+        audit: Where grants and denials are recorded.
+    """
+
+    def __init__(self, intake: Intake, config: Config, audit: Audit) -> None:
+        self.intake = intake
+        self.config = config
+        self.policy = config.policy
+        self.audit = audit
+        self.users = UserDatabase()
+        self.active = 0
+        self.connections = 0
+        self.grants: Counter[str] = Counter()
+        self.denials: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.started = time.monotonic()
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish.
+
+        Tells systemd READY=1 once accepting, STATUS= as counts change, STOPPING=1 at the
+        end; pings the watchdog if WatchdogSec= is set.
+        """
+        listener = trio.socket.from_stdlib_socket(self.intake.control)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as clients:
+                async with trio.open_nursery() as main:
+                    main.start_soon(self._accept_loop, listener, clients)
+                    main.start_soon(self._status_loop)
+                    main.start_soon(self._watchdog_loop)
+                    _notify(f"READY=1\nSTATUS={self.status_line()}")
+                    task_status.started()
+                    async for signum in signals:
+                        self.audit.log("info", f"stopping on {signal.Signals(signum).name}")
+                        break
+                    main.cancel_scope.cancel()
+                _notify("STOPPING=1")
+                clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+
+    async def _accept_loop(self, listener: trio.socket.SocketType,
+                           clients: trio.Nursery) -> None:
+        while True:
+            try:
+                conn, _ = await listener.accept()
+            except OSError as e:
+                if e.errno in _BACKOFF_ERRNOS:
+                    self.audit.log("warning", f"accept: {e.strerror}; pausing {ACCEPT_BACKOFF}s")
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if e.errno in _IGNORED_ACCEPT_ERRNOS:
+                    continue
+                raise
+            self.connections += 1
+            if self.active >= self.config.max_connections:
+                clients.start_soon(self._refuse, conn, Refusal(
+                    Code.BUSY, f"the broker is serving its limit of "
+                               f"{self.config.max_connections} connections; retry shortly"))
+                continue
+            self.active += 1
+            clients.start_soon(self._handle, conn)
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            line = self.status_line()
+            if line != last:
+                _notify(f"STATUS={line}")
+                last = line
+
+    async def _watchdog_loop(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+        if not usec.isdigit() or pid != str(os.getpid()):
+            return
+        while True:
+            _notify("WATCHDOG=1")
+            await trio.sleep(int(usec) / 2e6)
+
+    # --- one connection ----------------------------------------------------------
+
+    async def _refuse(self, conn: trio.socket.SocketType, refusal: Refusal) -> None:
+        with conn:
+            self.refusals[refusal.code] += 1
+            with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
+                await _send(conn, encode_reply(refusal), [])
+
+    async def _handle(self, conn: trio.socket.SocketType) -> None:
+        try:
+            with conn:
+                try:
+                    peer = identify(conn.fileno(), self.users)
+                except OSError:
+                    return  # gone before we could ask the kernel who it was
+                await self._converse(conn, peer)
+        except Exception as e:  # one client's trouble must never stop the others
+            self.refusals[Code.INTERNAL] += 1
+            self.audit.log("error", f"internal error serving a client: {e!r}",
+                           EXCEPTION=traceback.format_exc(limit=20))
+        finally:
+            self.active -= 1
+
+    async def _converse(self, conn: trio.socket.SocketType, peer: Peer) -> None:
+        buffer = LineBuffer(MAX_REQUEST_BYTES)
+        timeout = self.config.client_timeout
+        while True:
+            try:
+                with trio.fail_after(timeout):
+                    line = await _read_line(conn, buffer)
+                if line is None:
+                    return
+                request = parse_request(line)
+            except trio.TooSlowError:
+                await self._protocol_error(conn, peer, ProtocolError(
+                    Code.TIMEOUT, f"no complete request within {timeout:g} seconds"))
+                return
+            except ProtocolError as e:
+                await self._protocol_error(conn, peer, e)
+                return
+            with trio.move_on_after(timeout) as answering:
+                try:
+                    await self._answer(conn, peer, request)
+                except OSError as e:
+                    self.audit.log("notice", f"dropped {peer.describe()}: {e.strerror}")
+                    return
+            if answering.cancelled_caught:
+                return  # the peer stopped reading its replies
+
+    async def _protocol_error(self, conn: trio.socket.SocketType, peer: Peer,
+                              error: ProtocolError) -> None:
+        self.refusals[error.code] += 1
+        self.audit.log("notice", f"refused {peer.describe()}: {error.message}",
+                       REFUSAL_CODE=str(error.code), PEER_UID=peer.uid, PEER_PID=peer.pid)
+        with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
+            await _send(conn, encode_reply(Refusal(error.code, error.message)), [])
+
+    async def _answer(self, conn: trio.socket.SocketType, peer: Peer, request: Request) -> None:
+        """Answer one request.
+
+        Raises:
+            OSError: if the reply cannot be sent; the connection should be dropped.
+        """
+        if not isinstance(request, Acquire):
+            await _send(conn, encode_reply(self._inquire(request, peer)), [])
+            return
+        reply, fds, reasons = self._decide(request, peer)
+        await _send(conn, encode_reply(reply), fds)
+        for name, reason in reasons:
+            self.grants[name] += 1
+            self._record(True, peer, name, reason)
+
+    # --- decisions (synchronous: no awaits between check and use) ---------------
+
+    def _decide(self, request: Acquire, peer: Peer
+                ) -> tuple[Reply, list[int], list[tuple[str, str]]]:
+        """Return the reply, the fds to attach and (name, reason) per grant: all or none."""
+        fds: list[int] = []
+        infos = []
+        reasons = []
+        for name in request.names:
+            sockets = self.intake.held.get(name)
+            if not sockets:
+                self.refusals[Code.UNKNOWN_SOCKET] += 1
+                held = ", ".join(sorted(self.intake.held)) or "none"
+                message = f"no socket named {name!r} (the broker holds: {held})"
+                self._record(False, peer, name, message, Code.UNKNOWN_SOCKET)
+                return Refusal(Code.UNKNOWN_SOCKET, message), [], []
+            decision = self.policy.check_acquire(name, peer)
+            if not decision.allowed:
+                self.denials[name] += 1
+                self.refusals[Code.DENIED] += 1
+                self._record(False, peer, name, decision.reason, Code.DENIED)
+                return Refusal(Code.DENIED, decision.reason), [], []
+            reasons.append((name, decision.reason))
+            for held_socket in sockets:
+                fds.append(held_socket.sock.fileno())
+                infos.append(held_socket.info)
+        if len(fds) > SCM_MAX_FD:
+            message = f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request"
+            return Refusal(Code.MALFORMED, message), [], []
+        return Granted(tuple(infos)), fds, reasons
+
+    def _inquire(self, request: Request, peer: Peer) -> Reply:
+        if isinstance(request, Status):
+            decision = self.policy.check_status(peer)
+            if not decision.allowed:
+                self.refusals[Code.DENIED] += 1
+                return Refusal(Code.DENIED, decision.reason)
+            return StatusReport(self.report())
+        return Listing(tuple(
+            held.info
+            for name, sockets in self.intake.held.items()
+            if self.policy.may_acquire(name, peer)
+            for held in sockets
+        ))
+
+    def _record(self, allowed: bool, peer: Peer, name: str, reason: str,
+                code: Code | None = None) -> None:
+        self.audit.decision(allowed, peer, name, reason, None if code is None else str(code))
+        self.recent.append({
+            "time": time.time(), "decision": "grant" if allowed else "deny", "socket": name,
+            "uid": peer.uid, "user": peer.user, "pid": peer.pid, "unit": peer.unit,
+            "reason": reason,
+        })
+
+    # --- reporting ---------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what is held, granted, denied, connected."""
+        names = ", ".join(self.intake.held) or "nothing"
+        return (f"Holding {names}; {sum(self.grants.values())} grants, "
+                f"{sum(self.denials.values())} denials, {self.active} clients")
+
+    def report(self) -> dict[str, Any]:
+        """The status report (its shape is documented in docs/protocol.md)."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "config": self.config.path,
+            "connections": {"active": self.active, "total": self.connections,
+                            "limit": self.config.max_connections},
+            "sockets": [
+                {**held.info.to_json(), "grants": self.grants[name],
+                 "denials": self.denials[name]}
+                for name, sockets in self.intake.held.items() for held in sockets
+            ],
+            "grants": sum(self.grants.values()),
+            "denials": sum(self.denials.values()),
+            "refusals": dict(self.refusals),
+            "recent": list(self.recent),
+        }
+
+
+# --- I/O helpers ------------------------------------------------------------------
+
+
+def _peer_gone() -> suppress:
+    """Swallow the errors of writing to a client that has gone away."""
+    return suppress(BrokenPipeError, ConnectionResetError)
+
+
+async def _read_line(conn: trio.socket.SocketType, buffer: LineBuffer) -> bytes | None:
+    """Return the next request line, or None at end of stream.
+
+    Raises:
+        ProtocolError: TOO_LARGE if the request exceeds its limit.
+    """
+    while True:
+        line = buffer.next_line()
+        if line is not None:
+            return line
+        try:
+            data = await conn.recv(RECV_CHUNK)
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        if not data:
+            return None  # a half-sent request at EOF is dropped: nobody to answer
+        buffer.feed(data)
+
+
+async def _send(conn: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
+    """Send all of `data`; `fds`, if any, ride on its first byte as one SCM_RIGHTS."""
+    view = memoryview(data)
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = await conn.sendmsg([view], ancillary)
+        view = view[sent:]
+    while view:
+        sent = await conn.send(view)
+        view = view[sent:]
