@@ -1,0 +1,318 @@
+"""Shared helpers for tests that run real processes as real users.
+
+- `enter_private_network()` moves the test session into a network namespace of its own
+  (loopback only), so tests can use ports 80 and 443 without touching the host's.
+- `build_runtime()` lays out a world-readable copy of the working tree's `broker`
+  package and its runtime dependencies with a `bin/port-broker` that runs on Debian's
+  /usr/bin/python3: unprivileged workers and brokers cannot read a checkout or venv
+  under /root, and the interpreter first on PATH may be private too.
+- `as_user()` prefixes a command so it runs as a given uid with no capabilities.
+- `BrokerProcess` is a broker started by the real `systemd-socket-activate`.
+
+Must never: signal a process the tests did not start, or send traffic anywhere but the
+session's own loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import importlib.metadata
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+from packaging.requirements import Requirement
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+SYSTEM_PYTHON: Final = "/usr/bin/python3"
+"""The interpreter every unprivileged process uses: reachable by all users."""
+
+NOBODY: Final = 65534
+BROKER_UID: Final = 61234
+"""The broker runs as a uid with no user-database entry, as under DynamicUser=."""
+OUTSIDER: Final = "www-data"
+"""A named user in no test policy (Debian's uid 33)."""
+
+START_TIMEOUT: Final = 20.0
+"""Seconds for a broker or worker to come up: they take ~0.3 s; a loaded CI machine may
+be many times slower, and a hang should fail the test rather than stall the run."""
+EXIT_TIMEOUT: Final = 20.0
+"""Seconds a process gets to exit after SIGTERM before it is killed."""
+REQUEST_TIMEOUT: Final = 10.0
+"""Seconds for one HTTP request to a worker on loopback."""
+
+_CLONE_NEWNET: Final = 0x40000000
+
+
+def enter_private_network() -> None:
+    """Move this process (and every child it starts) into a new network namespace.
+
+    Raises:
+        RuntimeError: if other threads exist (they would stay behind) or unshare fails.
+    """
+    if threading.active_count() != 1:
+        raise RuntimeError("cannot move a multi-threaded process into a network namespace")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        raise RuntimeError(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+# --- the world-readable runtime ---------------------------------------------------
+
+_LAUNCHER: Final = """\
+#!/usr/bin/python3 -I
+import os, sys
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+                             "site")]
+from broker.cli import main
+sys.exit(main())
+"""
+
+
+def _runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """port-broker's runtime dependencies, transitively (not port-broker itself)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = [Requirement(r) for r in importlib.metadata.requires("port-broker") or []]
+    while todo:
+        requirement = todo.pop()
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        key = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if key in found:
+            continue
+        dist = importlib.metadata.distribution(requirement.name)
+        found[key] = dist
+        todo += [Requirement(r) for r in dist.requires or []]
+    return list(found.values())
+
+
+def build_runtime(dest: Path) -> Path:
+    """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker."""
+    site = dest / "site"
+    shutil.copytree(ROOT / "broker", site / "broker",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for dist in _runtime_distributions():
+        for file in dist.files or []:
+            if file.parts[0] == ".." or "__pycache__" in file.parts:
+                continue
+            target = site / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(str(dist.locate_file(file))), target)
+    launcher = dest / "bin" / "port-broker"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(_LAUNCHER)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or path == launcher else 0o644)
+    return launcher
+
+
+def make_public_dir(parent: Path, name: str) -> Path:
+    """Create a directory every user can enter and read."""
+    path = parent / name
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return path
+
+
+# --- processes --------------------------------------------------------------------
+
+
+def as_user(user: int | str, *, groups: Sequence[int] = ()) -> list[str]:
+    """Return a command prefix that runs as `user` with no capabilities at all.
+
+    A name gets its user-database groups; a bare uid gets gid = uid and `groups`.
+    """
+    if isinstance(user, str):
+        ids = ["--reuid", user, "--regid", user, "--init-groups"]
+    else:
+        ids = ["--reuid", str(user), "--regid", str(user)]
+        ids += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    return ["setpriv", *ids, "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """Return /proc/PID/status as a dict."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def fd_count(pid: int) -> int:
+    """Return how many fds `pid` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_fd_count(pid: int, readings: int = 10) -> int:
+    """Return `pid`'s fd count once it has stayed the same for `readings` polls 20 ms apart
+    (a client that just disconnected is closed by the broker a moment later)."""
+    counts: list[int] = []
+    deadline = time.monotonic() + START_TIMEOUT
+    while len(counts) < readings or len(set(counts[-readings:])) != 1:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fd count of {pid} never settled: {counts[-readings:]}")
+        counts.append(fd_count(pid))
+        time.sleep(0.02)
+    return counts[-1]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll `predicate` until it holds.
+
+    Raises:
+        AssertionError: naming `what`, after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def http_get(host: str, port: int = 80, path: str = "/") -> str:
+    """GET http://host:port/path and return the body; raise on a non-200 status."""
+    connection = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read().decode()
+        if response.status != 200:
+            raise AssertionError(f"GET {host}:{port}{path}: {response.status} {body}")
+        return body
+    finally:
+        connection.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM a process we started (by its pid), then SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(EXIT_TIMEOUT)
+
+
+@dataclass
+class Processes:
+    """Every process a test starts, stopped (by pid) when the test ends."""
+
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start(self, argv: Sequence[str], *, log: IO[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            list(argv), stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT if log
+            else subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            stop_process(proc)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@dataclass
+class BrokerProcess:
+    """A broker started by systemd-socket-activate, as systemd would start it.
+
+    Attributes:
+        proc: systemd-socket-activate, which becomes the broker (same pid) on exec.
+        control: The control socket's path.
+        log: The broker's stdout and stderr.
+    """
+
+    proc: subprocess.Popen[str]
+    control: Path
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM the broker and return its exit status."""
+        stop_process(self.proc)
+        return self.proc.returncode
+
+
+def start_broker(
+    processes: Processes,
+    launcher: Path,
+    workdir: Path,
+    config: str,
+    sockets: Sequence[tuple[str, str]] = (("http", "80"),),
+    *,
+    user: int | str = BROKER_UID,
+    extra: Sequence[str] = (),
+) -> BrokerProcess:
+    """Start a broker under systemd-socket-activate and wait until it serves.
+
+    Args:
+        processes: Where the process is tracked for clean-up.
+        launcher: bin/port-broker of the runtime.
+        workdir: A world-readable directory for the config, control socket and log.
+        config: TOML policy text.
+        sockets: (name, systemd-socket-activate listen address) per socket.
+        user: Who the broker runs as (after systemd-socket-activate bound as root).
+        extra: More arguments for `port-broker serve`.
+    """
+    config_path = workdir / "broker.toml"
+    config_path.write_text(config)
+    config_path.chmod(0o644)
+    control = workdir / "control.sock"
+    log_path = workdir / "broker.log"
+    argv = ["systemd-socket-activate"]
+    for _, address in sockets:
+        argv += ["-l", address]
+    argv += ["-l", str(control), "--fdname=" + ":".join([n for n, _ in sockets] + ["control"])]
+    argv += [*as_user(user), str(launcher), "serve", "--config", str(config_path), *extra]
+    with log_path.open("w") as log:
+        proc = processes.start(argv, log=log)
+    wait_for(control.exists, f"{control} to appear")
+    control.chmod(0o666)  # as SocketMode=0666 in port-broker.socket
+    broker = BrokerProcess(proc, control, log_path)
+    # systemd-socket-activate starts the broker on the first connection: make it.
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(START_TIMEOUT)
+        try:
+            probe.connect(str(control))
+            probe.sendall(b'{"v":1,"op":"list"}\n')
+            reply = probe.recv(4096)
+        except OSError:  # timed out, or the broker exited at start
+            reply = b""
+    if not reply:
+        raise AssertionError(f"broker did not answer; its log:\n{broker.output()}")
+    return broker
+
+
+@contextlib.contextmanager
+def listening(address: tuple[str, int], family: int = socket.AF_INET) -> Iterator[socket.socket]:
+    """A TCP socket listening on `address`, closed afterwards."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(16)
+        yield sock
+    finally:
+        sock.close()
