@@ -37,7 +37,10 @@ CONTROL_MODE: Final = 0o666
 """Everyone may connect to the control socket; the policy decides (SocketMode= default)."""
 
 _FAMILIES: Final[dict[int, str]] = {
-    socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+    socket.AF_INET: "inet",
+    socket.AF_INET6: "inet6",
+    socket.AF_UNIX: "unix",
+}
 _TYPES: Final[dict[int, str]] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
 
 _PR_SET_NO_NEW_PRIVS: Final = 38
@@ -105,21 +108,25 @@ def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:
     family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
     type_ = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
     if family not in _FAMILIES:
-        raise IntakeError(f"{what} has address family {family}; port-broker serves "
-                          "IPv4, IPv6 and Unix sockets")
+        raise IntakeError(
+            f"{what} has address family {family}; port-broker serves IPv4, IPv6 and Unix sockets"
+        )
     if type_ not in _TYPES:
-        raise IntakeError(f"{what} has socket type {type_}; port-broker serves stream "
-                          "(ListenStream=) and datagram (ListenDatagram=) sockets")
+        raise IntakeError(
+            f"{what} has socket type {type_}; port-broker serves stream "
+            "(ListenStream=) and datagram (ListenDatagram=) sockets"
+        )
     address = format_address(family, sock.getsockname())
-    if type_ == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET,
-                                                           socket.SO_ACCEPTCONN):
+    if type_ == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise IntakeError(f"{what} ({address}) is a stream socket that is not listening")
     if type_ == socket.SOCK_DGRAM and address.endswith(":0"):
         raise IntakeError(f"{what} is a datagram socket that is not bound to a port")
     if name == CONTROL_NAME and (family, type_) != (socket.AF_UNIX, socket.SOCK_STREAM):
-        raise IntakeError(f"{what}: the control socket must be a Unix stream socket "
-                          "(ListenStream=/run/port-broker.sock), not "
-                          f"{_FAMILIES[family]} {_TYPES[type_]} {address}")
+        raise IntakeError(
+            f"{what}: the control socket must be a Unix stream socket "
+            "(ListenStream=/run/port-broker.sock), not "
+            f"{_FAMILIES[family]} {_TYPES[type_]} {address}"
+        )
     return SocketInfo(name, _FAMILIES[family], _TYPES[type_], address)
 
 
@@ -163,11 +170,15 @@ def intake_fds(fds: Mapping[int, str], *, control: socket.socket | None = None) 
     held: dict[str, list[HeldSocket]] = {}
     for fd, name in fds.items():
         if name == "unknown" or not name:
-            raise IntakeError(f"fd {fd} has no name: set FileDescriptorName= in the .socket "
-                              "unit that passes it (e.g. FileDescriptorName=http)")
+            raise IntakeError(
+                f"fd {fd} has no name: set FileDescriptorName= in the .socket "
+                "unit that passes it (e.g. FileDescriptorName=http)"
+            )
         if not valid_name(name):
-            raise IntakeError(f"fd {fd} is named {name!r}, which is not a valid socket name "
-                              "(letters, digits, '_.@-', up to 64 characters)")
+            raise IntakeError(
+                f"fd {fd} is named {name!r}, which is not a valid socket name "
+                "(letters, digits, '_.@-', up to 64 characters)"
+            )
     taken: list[socket.socket] = []
     try:
         for fd, name in fds.items():
@@ -175,8 +186,10 @@ def intake_fds(fds: Mapping[int, str], *, control: socket.socket | None = None) 
             taken.append(sock)
             if name == CONTROL_NAME:
                 if control is not None:
-                    raise IntakeError(f"fd {fd}: more than one socket is named "
-                                      f"{CONTROL_NAME!r}; only port-broker.socket may be")
+                    raise IntakeError(
+                        f"fd {fd}: more than one socket is named "
+                        f"{CONTROL_NAME!r}; only port-broker.socket may be"
+                    )
                 control = sock
             else:
                 held.setdefault(name, []).append(HeldSocket(name, sock, info))
@@ -187,9 +200,11 @@ def intake_fds(fds: Mapping[int, str], *, control: socket.socket | None = None) 
     if control is None:
         for sock in taken:
             sock.detach()
-        raise IntakeError(f"no control socket: no fd is named {CONTROL_NAME!r}; start "
-                          "port-broker.socket (FileDescriptorName=control) with the broker, "
-                          "or pass --control PATH")
+        raise IntakeError(
+            f"no control socket: no fd is named {CONTROL_NAME!r}; start "
+            "port-broker.socket (FileDescriptorName=control) with the broker, "
+            "or pass --control PATH"
+        )
     return Intake(control=control, held=held)
 
 
@@ -203,9 +218,11 @@ def from_systemd() -> Intake:
 
     fds: dict[int, str] = daemon.listen_fds_with_names(unset_environment=True)
     if not fds:
-        raise IntakeError("systemd passed no sockets (LISTEN_FDS is unset or 0): start the "
-                          "broker through its .socket units (systemctl start "
-                          "port-broker.socket), or give --bind NAME=ADDR and --control PATH")
+        raise IntakeError(
+            "systemd passed no sockets (LISTEN_FDS is unset or 0): start the "
+            "broker through its .socket units (systemctl start "
+            "port-broker.socket), or give --bind NAME=ADDR and --control PATH"
+        )
     return intake_fds(fds)
 
 
@@ -232,8 +249,10 @@ class BindSpec:
         """
         name, sep, address = spec.partition("=")
         if not sep or not valid_name(name) or name == CONTROL_NAME:
-            raise IntakeError(f"--bind {spec!r}: expected NAME=ADDRESS with a socket name "
-                              f"other than {CONTROL_NAME!r}, e.g. http=[::]:80")
+            raise IntakeError(
+                f"--bind {spec!r}: expected NAME=ADDRESS with a socket name "
+                f"other than {CONTROL_NAME!r}, e.g. http=[::]:80"
+            )
         type_ = socket.SOCK_STREAM
         if address.startswith("udp:"):
             type_, address = socket.SOCK_DGRAM, address[4:]
@@ -253,8 +272,10 @@ class BindSpec:
             if not 0 < port < 65536:
                 raise ValueError(port)
         except (ValueError, OSError):
-            raise IntakeError(f"--bind {spec!r}: {address!r} is not HOST:PORT, [HOST]:PORT, "
-                              "PORT or a /path (add udp: for a datagram socket)") from None
+            raise IntakeError(
+                f"--bind {spec!r}: {address!r} is not HOST:PORT, [HOST]:PORT, "
+                "PORT or a /path (add udp: for a datagram socket)"
+            ) from None
         return cls(name, family, type_, (host, port))
 
     def bind(self) -> socket.socket:
@@ -294,8 +315,9 @@ def bind_control(path: str) -> socket.socket:
     """
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise IntakeError(f"--control {path}: exists and is not a socket; refusing to "
-                              "replace it")
+            raise IntakeError(
+                f"--control {path}: exists and is not a socket; refusing to replace it"
+            )
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
                 probe.connect(path)
@@ -373,8 +395,7 @@ def drop_privileges(user: str) -> pwd.struct_passwd:
         raise PrivilegeError(f"--user {user}: cannot change to it: {e.strerror}") from None
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise PrivilegeError("cannot set no_new_privs: "
-                             f"{os.strerror(ctypes.get_errno())}")
+        raise PrivilegeError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
     left = {k: v for k, v in capabilities().items() if v}
     if left:
         raise PrivilegeError(f"capabilities remain after changing to {user}: {left}")

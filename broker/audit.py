@@ -63,18 +63,21 @@ class Audit:
         """Record `message` at `level` with extra structured `fields` (UPPER_CASE keys)."""
         try:
             if self._send is not None:
-                self._send(message, PRIORITY=_PRIORITY[level], SYSLOG_IDENTIFIER="port-broker",
-                           **fields)
+                self._send(
+                    message, PRIORITY=_PRIORITY[level], SYSLOG_IDENTIFIER="port-broker", **fields
+                )
                 return
-            extras = "".join(f" {k.lower()}={_quote(v)}" for k, v in fields.items()
-                             if k != "MESSAGE_ID")
+            extras = "".join(
+                f" {k.lower()}={_quote(v)}" for k, v in fields.items() if k != "MESSAGE_ID"
+            )
             sys.stderr.write(f"port-broker: {level}: {message}{extras}\n")
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # auditing must never take the broker down; journald shows the gap
 
-    def decision(self, allowed: bool, peer: Peer, socket: str, reason: str,
-                 code: str | None = None) -> None:
+    def decision(
+        self, allowed: bool, peer: Peer, socket: str, reason: str, code: str | None = None
+    ) -> None:
         """Record one grant or denial of `socket` to `peer`."""
         verb = "granted" if allowed else "denied"
         fields: Mapping[str, object] = {
@@ -90,5 +93,8 @@ class Audit:
         }
         if code is not None:
             fields = {**fields, "REFUSAL_CODE": code}
-        self.log("info" if allowed else "notice",
-                 f"{verb} socket {socket!r} to {peer.describe()}", **fields)
+        self.log(
+            "info" if allowed else "notice",
+            f"{verb} socket {socket!r} to {peer.describe()}",
+            **fields,
+        )

@@ -37,8 +37,12 @@ EXIT_CONFIG: Final = 78
 EXIT_CANNOT_EXECUTE: Final = 126
 EXIT_NOT_FOUND: Final = 127
 
-_PROTO: Final = {("inet", "stream"): "tcp", ("inet6", "stream"): "tcp6",
-                 ("inet", "datagram"): "udp", ("inet6", "datagram"): "udp6"}
+_PROTO: Final = {
+    ("inet", "stream"): "tcp",
+    ("inet6", "stream"): "tcp6",
+    ("inet", "datagram"): "udp",
+    ("inet6", "datagram"): "udp6",
+}
 
 
 def _fail(command: str, message: str, status: int) -> int:
@@ -84,8 +88,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         return _fail("exec", f"{command[0]}: command not found", EXIT_NOT_FOUND)
     except OSError as e:
-        return _fail("exec", f"{command[0]}: cannot execute: {e.strerror}",
-                     EXIT_CANNOT_EXECUTE)
+        return _fail("exec", f"{command[0]}: cannot execute: {e.strerror}", EXIT_CANNOT_EXECUTE)
 
 
 # --- list / status ----------------------------------------------------------------
@@ -97,8 +100,10 @@ def _proto(family: str, type_: str) -> str:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -140,8 +145,15 @@ def format_status(report: dict[str, Any]) -> str:
     ]
     rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
     for s in report.get("sockets", []):
-        rows.append([s["name"], _proto(s["family"], s["type"]), s["address"],
-                     str(s["grants"]), str(s["denials"])])
+        rows.append(
+            [
+                s["name"],
+                _proto(s["family"], s["type"]),
+                s["address"],
+                str(s["grants"]),
+                str(s["denials"]),
+            ]
+        )
     lines.append(_table(rows) if len(rows) > 1 else "holding no sockets")
     recent = report.get("recent", [])
     if recent:
@@ -150,8 +162,10 @@ def format_status(report: dict[str, Any]) -> str:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
             who = event.get("user") or "-"
             unit = event.get("unit") or "-"
-            lines.append(f"  {when} {event['decision']:5} {event['socket']} uid {event['uid']}"
-                         f" ({who}) pid {event['pid']} unit {unit}")
+            lines.append(
+                f"  {when} {event['decision']:5} {event['socket']} uid {event['uid']}"
+                f" ({who}) pid {event['pid']} unit {unit}"
+            )
     return "\n".join(lines)
 
 
@@ -180,9 +194,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _fail("check-config", f"{loaded.path}: no such file", EXIT_CONFIG)
     print(f"{loaded.path}: OK")
     for name, rule in loaded.policy.sockets.items():
-        who = [f"uids {sorted(rule.uids)}" if rule.uids else "",
-               f"gids {sorted(rule.gids)}" if rule.gids else "",
-               f"units {list(rule.units)}" if rule.units else ""]
+        who = [
+            f"uids {sorted(rule.uids)}" if rule.uids else "",
+            f"gids {sorted(rule.gids)}" if rule.gids else "",
+            f"units {list(rule.units)}" if rule.units else "",
+        ]
         print(f"  {name}: " + ("; ".join(w for w in who if w) or "nobody (empty rule)"))
     return 0
 
@@ -202,8 +218,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             intake = _bind_fallback(args, activation)
         else:
             if args.user:
-                raise IntakeError("--user only applies with --bind/--control; under systemd "
-                                  "set DynamicUser= or User= in port-broker.service")
+                raise IntakeError(
+                    "--user only applies with --bind/--control; under systemd "
+                    "set DynamicUser= or User= in port-broker.service"
+                )
             intake = activation.from_systemd()
     except (ConfigError, IntakeError) as e:
         return _fail("serve", e.message, EXIT_CONFIG)
@@ -213,20 +231,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         missing = sorted(set(loaded.policy.sockets) - set(intake.held))
         if missing:
             held = ", ".join(sorted(intake.held)) or "none"
-            return _fail("serve", f"{loaded.path} has rules for {', '.join(missing)} but no "
-                                  f"such socket was passed (passed: {held}); add a .socket unit "
-                                  "with that FileDescriptorName= and Service=port-broker.service,"
-                                  " or remove the rule", EXIT_CONFIG)
+            return _fail(
+                "serve",
+                f"{loaded.path} has rules for {', '.join(missing)} but no "
+                f"such socket was passed (passed: {held}); add a .socket unit "
+                "with that FileDescriptorName= and Service=port-broker.service,"
+                " or remove the rule",
+                EXIT_CONFIG,
+            )
         if not loaded.exists:
             audit.log("warning", f"{loaded.path} does not exist: every request will be denied")
         for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
-            audit.log("warning", f"socket {name!r} has no rule in {loaded.path}: "
-                                 "nobody may acquire it")
+            audit.log(
+                "warning", f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it"
+            )
         if os.geteuid() == 0:
-            audit.log("warning", "serving as root: run the broker under DynamicUser= or "
-                                 "--user instead; it needs no privilege at all")
-        summary = "; ".join(f"{s.info.name} {s.info.address}"
-                            for group in intake.held.values() for s in group)
+            audit.log(
+                "warning",
+                "serving as root: run the broker under DynamicUser= or "
+                "--user instead; it needs no privilege at all",
+            )
+        summary = "; ".join(
+            f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
+        )
         audit.log("info", f"serving {summary or 'no sockets'} under {loaded.path}")
         trio.run(server.Broker(intake, loaded, audit).serve)
     finally:
@@ -238,8 +265,10 @@ def _bind_fallback(args: argparse.Namespace, activation: Any) -> Any:
     if not args.control:
         raise IntakeError("--bind needs --control PATH for the broker's own socket")
     if os.geteuid() == 0 and not args.user:
-        raise IntakeError("refusing to serve as root: pass --user NAME to drop to after "
-                          "binding (e.g. --user port-broker)")
+        raise IntakeError(
+            "refusing to serve as root: pass --user NAME to drop to after "
+            "binding (e.g. --user port-broker)"
+        )
     specs = [activation.BindSpec.parse(spec) for spec in args.bind]
     intake = activation.bind_all(specs, args.control)
     if args.user:
@@ -258,24 +287,34 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="port-broker",
         description="Hand privileged listening sockets held by systemd to unprivileged "
-                    "workers: no capabilities, no setuid, no proxy.",
+        "workers: no capabilities, no setuid, no proxy.",
     )
     parser.add_argument("--version", action="version", version=f"port-broker {__version__}")
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
     def client_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--socket", metavar="PATH",
-                         help="the broker's control socket (default: $PORT_BROKER_SOCKET, "
-                              "else /run/port-broker.sock)")
-        sub.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                         help="give up on the broker after this long (default: 5)")
+        sub.add_argument(
+            "--socket",
+            metavar="PATH",
+            help="the broker's control socket (default: $PORT_BROKER_SOCKET, "
+            "else /run/port-broker.sock)",
+        )
+        sub.add_argument(
+            "--timeout",
+            type=float,
+            default=5.0,
+            metavar="SECONDS",
+            help="give up on the broker after this long (default: 5)",
+        )
 
     run = commands.add_parser(
-        "exec", help="acquire sockets, then run a command with them at fd 3..",
+        "exec",
+        help="acquire sockets, then run a command with them at fd 3..",
         description="Acquire the named sockets, place them at fd 3, 4, … and replace this "
-                    "process with COMMAND, setting LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID "
-                    "as systemd does. Node: server.listen({fd: 3}).",
-        epilog="example: port-broker exec http,https -- node server.js")
+        "process with COMMAND, setting LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID "
+        "as systemd does. Node: server.listen({fd: 3}).",
+        epilog="example: port-broker exec http,https -- node server.js",
+    )
     client_options(run)
     run.add_argument("names", metavar="NAME[,NAME...]", help="socket names, e.g. http,https")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
@@ -291,29 +330,43 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="print the full report as JSON")
     stat.set_defaults(func=cmd_status)
 
-    check = commands.add_parser("check-config", help="validate a configuration file",
-                                description="Validate FILE (default: $PORT_BROKER_CONFIG, "
-                                            "else /etc/port-broker/broker.toml) without "
-                                            "serving; users and groups must exist here.")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate FILE (default: $PORT_BROKER_CONFIG, "
+        "else /etc/port-broker/broker.toml) without "
+        "serving; users and groups must exist here.",
+    )
     check.add_argument("file", nargs="?", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
 
     serve = commands.add_parser(
-        "serve", help="run the broker",
+        "serve",
+        help="run the broker",
         description="Serve the sockets systemd passed (LISTEN_FDS, named by "
-                    "FileDescriptorName=; 'control' is the broker's own). Without systemd, "
-                    "--bind and --control bind them here as root, then --user drops to an "
-                    "unprivileged user before any client is served.")
-    serve.add_argument("--config", metavar="FILE",
-                       help="policy file (default: $PORT_BROKER_CONFIG, else "
-                            "/etc/port-broker/broker.toml)")
-    serve.add_argument("--bind", action="append", default=[], metavar="NAME=ADDRESS",
-                       help="bind a socket here: http=[::]:80, http=0.0.0.0:80, http=80, "
-                            "quic=udp:[::]:443 (repeatable)")
-    serve.add_argument("--control", metavar="PATH",
-                       help="bind the control socket here (with --bind)")
-    serve.add_argument("--user", metavar="NAME",
-                       help="after binding as root, become this user (with --bind)")
+        "FileDescriptorName=; 'control' is the broker's own). Without systemd, "
+        "--bind and --control bind them here as root, then --user drops to an "
+        "unprivileged user before any client is served.",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="policy file (default: $PORT_BROKER_CONFIG, else /etc/port-broker/broker.toml)",
+    )
+    serve.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="bind a socket here: http=[::]:80, http=0.0.0.0:80, http=80, "
+        "quic=udp:[::]:443 (repeatable)",
+    )
+    serve.add_argument(
+        "--control", metavar="PATH", help="bind the control socket here (with --bind)"
+    )
+    serve.add_argument(
+        "--user", metavar="NAME", help="after binding as root, become this user (with --bind)"
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 

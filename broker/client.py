@@ -78,8 +78,13 @@ class _ReplyReader:
         self.fds: list[int] = []
         self.line: bytes | None = None
 
-    def feed(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int,
-             _address: object = None) -> None:
+    def feed(
+        self,
+        data: bytes,
+        ancdata: list[tuple[int, int, bytes]],
+        flags: int,
+        _address: object = None,
+    ) -> None:
         """Take one recvmsg() result.
 
         Raises:
@@ -93,8 +98,9 @@ class _ReplyReader:
         if flags & socket.MSG_CTRUNC:
             raise BrokerUnavailable(f"{self.path}: reply carried more fds than expected")
         if not data:
-            raise BrokerUnavailable(f"{self.path}: the broker closed the connection "
-                                    "without answering")
+            raise BrokerUnavailable(
+                f"{self.path}: the broker closed the connection without answering"
+            )
         self.buffer.feed(data)
         try:
             self.line = self.buffer.next_line()
@@ -119,8 +125,9 @@ class _ReplyReader:
             raise BrokerUnavailable(f"{self.path}: invalid reply: {e.message}") from None
         expected = len(reply.sockets) if isinstance(reply, Granted) else 0
         if len(self.fds) != expected:
-            raise BrokerUnavailable(f"{self.path}: reply lists {expected} sockets but "
-                                    f"carried {len(self.fds)} fds")
+            raise BrokerUnavailable(
+                f"{self.path}: reply lists {expected} sockets but carried {len(self.fds)} fds"
+            )
         return reply, self.fds
 
     def close_fds(self) -> None:
@@ -134,10 +141,10 @@ def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Br
         return BrokerUnavailable(f"{path}: the broker did not answer within {timeout:g} s")
     hints = {
         FileNotFoundError: "no such socket: is port-broker.socket running? (set "
-                           f"{SOCKET_ENV} if the broker listens elsewhere)",
+        f"{SOCKET_ENV} if the broker listens elsewhere)",
         ConnectionRefusedError: "nothing is listening there: is port-broker.socket running?",
         PermissionError: "permission denied: the socket or a directory above it is not "
-                         "accessible to this user",
+        "accessible to this user",
     }
     for kind, hint in hints.items():
         if isinstance(error, kind):
@@ -157,8 +164,7 @@ def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply
             sock.sendall(encode_request(request))
             while not reader.done:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES,
-                                          socket.MSG_CMSG_CLOEXEC))
+                reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
         return reader.result()
     except (OSError, TimeoutError) as e:
         reader.close_fds()
@@ -183,7 +189,7 @@ def _granted(reply: Reply, fds: list[int]) -> list[Grant]:
     except BaseException:
         for _, sock in grants:
             sock.close()
-        for fd in fds[len(grants):]:
+        for fd in fds[len(grants) :]:
             os.close(fd)
         raise
     return grants
@@ -193,8 +199,9 @@ def _names(names: Iterable[str] | str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def acquire_many(names: Iterable[str], *, path: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> list[Grant]:
+def acquire_many(
+    names: Iterable[str], *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> list[Grant]:
     """Acquire several sockets at once: all of them or none.
 
     A name the broker holds as several sockets (IPv4 and IPv6) yields one entry each.
@@ -218,8 +225,9 @@ def acquire_many(names: Iterable[str], *, path: str | None = None,
     return _granted(reply, fds)
 
 
-def acquire(name: str, *, path: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+def acquire(
+    name: str, *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> socket.socket:
     """Acquire one listening socket by name.
 
     Returns:
@@ -236,13 +244,14 @@ def _single(name: str, grants: list[Grant]) -> socket.socket:
     if len(grants) != 1:
         for _, sock in grants:
             sock.close()
-        raise ClientError(f"socket {name!r} is held as {len(grants)} sockets (e.g. IPv4 and "
-                          "IPv6); use acquire_many() to receive all of them")
+        raise ClientError(
+            f"socket {name!r} is held as {len(grants)} sockets (e.g. IPv4 and "
+            "IPv6); use acquire_many() to receive all of them"
+        )
     return grants[0][1]
 
 
-def list_sockets(*, path: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> list[SocketInfo]:
+def list_sockets(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[SocketInfo]:
     """Return the sockets this process may acquire.
 
     Raises:
@@ -274,8 +283,9 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
 # --- trio ------------------------------------------------------------------------
 
 
-async def _exchange_trio(request: Request, path: str | None,
-                         timeout: float) -> tuple[Reply, list[int]]:
+async def _exchange_trio(
+    request: Request, path: str | None, timeout: float
+) -> tuple[Reply, list[int]]:
     import trio  # noqa: PLC0415  (only trio users pay for importing trio)
 
     path = socket_path(path)
@@ -286,10 +296,11 @@ async def _exchange_trio(request: Request, path: str | None,
                 await sock.connect(path)
                 data = memoryview(encode_request(request))
                 while data:
-                    data = data[await sock.send(data):]
+                    data = data[await sock.send(data) :]
                 while not reader.done:
-                    reader.feed(*await sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES,
-                                                    socket.MSG_CMSG_CLOEXEC))
+                    reader.feed(
+                        *await sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+                    )
         return reader.result()
     except trio.TooSlowError:
         reader.close_fds()
@@ -302,9 +313,9 @@ async def _exchange_trio(request: Request, path: str | None,
         raise
 
 
-async def acquire_many_trio(names: Sequence[str], *, path: str | None = None,
-                            timeout: float = DEFAULT_TIMEOUT
-                            ) -> list[tuple[str, trio.socket.SocketType]]:
+async def acquire_many_trio(
+    names: Sequence[str], *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> list[tuple[str, trio.socket.SocketType]]:
     """Trio version of `acquire_many`; returns trio sockets.
 
     Note that a trio socket is non-blocking, and O_NONBLOCK is shared by every process
@@ -319,8 +330,9 @@ async def acquire_many_trio(names: Sequence[str], *, path: str | None = None,
     return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in _granted(reply, fds)]
 
 
-async def acquire_trio(name: str, *, path: str | None = None,
-                       timeout: float = DEFAULT_TIMEOUT) -> trio.socket.SocketType:
+async def acquire_trio(
+    name: str, *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> trio.socket.SocketType:
     """Trio version of `acquire`.
 
     Raises:

@@ -68,8 +68,9 @@ class RuleSettings(BaseModel):
 
     users: list[int | str] = Field(default_factory=list, description="user names or uids")
     groups: list[int | str] = Field(default_factory=list, description="group names or gids")
-    units: list[str] = Field(default_factory=list,
-                             description="systemd services/scopes, glob patterns allowed")
+    units: list[str] = Field(
+        default_factory=list, description="systemd services/scopes, glob patterns allowed"
+    )
 
     @field_validator("users")
     @classmethod
@@ -240,8 +241,9 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
             data = tomllib.load(f)
     except FileNotFoundError:
         if explicit:
-            raise ConfigError(f"{path}: no such file (asked for with --config or "
-                              f"{PATH_ENV})") from None
+            raise ConfigError(
+                f"{path}: no such file (asked for with --config or {PATH_ENV})"
+            ) from None
         exists = False
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
@@ -264,6 +266,10 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         status=settings.status.to_rule(),
         source=path,
     )
-    return Config(path=path, exists=exists, policy=policy,
-                  max_connections=settings.max_connections,
-                  client_timeout=settings.client_timeout)
+    return Config(
+        path=path,
+        exists=exists,
+        policy=policy,
+        max_connections=settings.max_connections,
+        client_timeout=settings.client_timeout,
+    )

@@ -177,5 +177,6 @@ def identify(fd: int, users: UserDatabase) -> Peer:
     finally:
         sock.detach()
     name, groups = users.lookup(uid)
-    return Peer(pid=pid, uid=uid, gid=gid, user=name, groups=groups | {gid}, unit=unit,
-                cgroup=cgroup)
+    return Peer(
+        pid=pid, uid=uid, gid=gid, user=name, groups=groups | {gid}, unit=unit, cgroup=cgroup
+    )

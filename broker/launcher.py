@@ -46,8 +46,9 @@ def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[st
     return env
 
 
-def exec_with(grants: Sequence[Grant], argv: Sequence[str],
-              environ: Mapping[str, str] | None = None) -> NoReturn:
+def exec_with(
+    grants: Sequence[Grant], argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> NoReturn:
     """Place the granted sockets at fd 3.. and replace this process with `argv`.
 
     Raises:

@@ -74,23 +74,32 @@ class Policy:
         """Decide whether `peer` may have the socket called `name`."""
         rule = self.sockets.get(name)
         if rule is None:
-            return Decision(False, f"{peer.describe()} may not acquire socket {name!r}: "
-                                   f"{self.source} has no [sockets.{name}] rule, so nobody "
-                                   "may; add one with users, groups or units")
+            return Decision(
+                False,
+                f"{peer.describe()} may not acquire socket {name!r}: "
+                f"{self.source} has no [sockets.{name}] rule, so nobody "
+                "may; add one with users, groups or units",
+            )
         why = rule.match(peer)
         if why is None:
-            return Decision(False, f"{peer.describe()} may not acquire socket {name!r}: "
-                                   f"not in users, groups or units of [sockets.{name}] in "
-                                   f"{self.source}")
+            return Decision(
+                False,
+                f"{peer.describe()} may not acquire socket {name!r}: "
+                f"not in users, groups or units of [sockets.{name}] in "
+                f"{self.source}",
+            )
         return Decision(True, why)
 
     def check_status(self, peer: Peer) -> Decision:
         """Decide whether `peer` may read the status report."""
         why = self.status.match(peer)
         if why is None:
-            return Decision(False, f"{peer.describe()} may not read the broker's status: "
-                                   f"not in users, groups or units of [status] in "
-                                   f"{self.source}")
+            return Decision(
+                False,
+                f"{peer.describe()} may not read the broker's status: "
+                f"not in users, groups or units of [status] in "
+                f"{self.source}",
+            )
         return Decision(True, why)
 
     def may_acquire(self, name: str, peer: Peer) -> bool:

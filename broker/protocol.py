@@ -97,8 +97,12 @@ class SocketInfo:
 
     def to_json(self) -> dict[str, str]:
         """Return the wire form."""
-        return {"name": self.name, "family": self.family, "type": self.type,
-                "address": self.address}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "type": self.type,
+            "address": self.address,
+        }
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,9 @@ def encode_request(request: Request) -> bytes:
 def encode_reply(reply: Reply) -> bytes:
     """Return the wire form of a reply, newline included."""
     if isinstance(reply, Refusal):
-        return _dump({"v": PROTOCOL_VERSION, "ok": False, "code": str(reply.code),
-                      "message": reply.message})
+        return _dump(
+            {"v": PROTOCOL_VERSION, "ok": False, "code": str(reply.code), "message": reply.message}
+        )
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": True}
     if isinstance(reply, Granted):
         body["op"] = "acquire"
@@ -291,16 +296,21 @@ def parse_request(line: bytes) -> Request:
     if op == "status":
         _expect_keys(obj, {"v", "op"}, "status request")
         return Status()
-    raise ProtocolError(Code.UNKNOWN_OPERATION,
-                        f"unknown operation {op[:64]!r}; known: acquire, list, status")
+    raise ProtocolError(
+        Code.UNKNOWN_OPERATION, f"unknown operation {op[:64]!r}; known: acquire, list, status"
+    )
 
 
 def _parse_info(item: Any) -> SocketInfo:
     if not isinstance(item, dict):
         raise _malformed("socket entry is not an object")
     name, family, type_, address = (item.get(k) for k in ("name", "family", "type", "address"))
-    if not (isinstance(name, str) and isinstance(family, str) and isinstance(type_, str)
-            and isinstance(address, str)):
+    if not (
+        isinstance(name, str)
+        and isinstance(family, str)
+        and isinstance(type_, str)
+        and isinstance(address, str)
+    ):
         raise _malformed("socket entry lacks name, family, type or address")
     if not valid_name(name) or family not in FAMILIES or type_ not in TYPES:
         raise _malformed(f"socket entry {item!r:.200} has an invalid value")

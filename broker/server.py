@@ -107,8 +107,7 @@ class Broker:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish.
 
         Tells systemd READY=1 once accepting, STATUS= as counts change, STOPPING=1 at the
@@ -130,8 +129,7 @@ class Broker:
                 _notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 
-    async def _accept_loop(self, listener: trio.socket.SocketType,
-                           clients: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: trio.socket.SocketType, clients: trio.Nursery) -> None:
         while True:
             try:
                 conn, _ = await listener.accept()
@@ -145,9 +143,15 @@ class Broker:
                 raise
             self.connections += 1
             if self.active >= self.config.max_connections:
-                clients.start_soon(self._refuse, conn, Refusal(
-                    Code.BUSY, f"the broker is serving its limit of "
-                               f"{self.config.max_connections} connections; retry shortly"))
+                clients.start_soon(
+                    self._refuse,
+                    conn,
+                    Refusal(
+                        Code.BUSY,
+                        f"the broker is serving its limit of "
+                        f"{self.config.max_connections} connections; retry shortly",
+                    ),
+                )
                 continue
             self.active += 1
             clients.start_soon(self._handle, conn)
@@ -188,8 +192,11 @@ class Broker:
                 await self._converse(conn, peer)
         except Exception as e:  # one client's trouble must never stop the others
             self.refusals[Code.INTERNAL] += 1
-            self.audit.log("error", f"internal error serving a client: {e!r}",
-                           EXCEPTION=traceback.format_exc(limit=20))
+            self.audit.log(
+                "error",
+                f"internal error serving a client: {e!r}",
+                EXCEPTION=traceback.format_exc(limit=20),
+            )
         finally:
             self.active -= 1
 
@@ -204,8 +211,11 @@ class Broker:
                     return
                 request = parse_request(line)
             except trio.TooSlowError:
-                await self._protocol_error(conn, peer, ProtocolError(
-                    Code.TIMEOUT, f"no complete request within {timeout:g} seconds"))
+                await self._protocol_error(
+                    conn,
+                    peer,
+                    ProtocolError(Code.TIMEOUT, f"no complete request within {timeout:g} seconds"),
+                )
                 return
             except ProtocolError as e:
                 await self._protocol_error(conn, peer, e)
@@ -219,11 +229,17 @@ class Broker:
             if answering.cancelled_caught:
                 return  # the peer stopped reading its replies
 
-    async def _protocol_error(self, conn: trio.socket.SocketType, peer: Peer,
-                              error: ProtocolError) -> None:
+    async def _protocol_error(
+        self, conn: trio.socket.SocketType, peer: Peer, error: ProtocolError
+    ) -> None:
         self.refusals[error.code] += 1
-        self.audit.log("notice", f"refused {peer.describe()}: {error.message}",
-                       REFUSAL_CODE=str(error.code), PEER_UID=peer.uid, PEER_PID=peer.pid)
+        self.audit.log(
+            "notice",
+            f"refused {peer.describe()}: {error.message}",
+            REFUSAL_CODE=str(error.code),
+            PEER_UID=peer.uid,
+            PEER_PID=peer.pid,
+        )
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
             await _send(conn, encode_reply(Refusal(error.code, error.message)), [])
 
@@ -244,8 +260,9 @@ class Broker:
 
     # --- decisions (synchronous: no awaits between check and use) ---------------
 
-    def _decide(self, request: Acquire, peer: Peer
-                ) -> tuple[Reply, list[int], list[tuple[str, str]]]:
+    def _decide(
+        self, request: Acquire, peer: Peer
+    ) -> tuple[Reply, list[int], list[tuple[str, str]]]:
         """Return the reply, the fds to attach and (name, reason) per grant: all or none."""
         fds: list[int] = []
         infos = []
@@ -280,29 +297,41 @@ class Broker:
                 self.refusals[Code.DENIED] += 1
                 return Refusal(Code.DENIED, decision.reason)
             return StatusReport(self.report())
-        return Listing(tuple(
-            held.info
-            for name, sockets in self.intake.held.items()
-            if self.policy.may_acquire(name, peer)
-            for held in sockets
-        ))
+        return Listing(
+            tuple(
+                held.info
+                for name, sockets in self.intake.held.items()
+                if self.policy.may_acquire(name, peer)
+                for held in sockets
+            )
+        )
 
-    def _record(self, allowed: bool, peer: Peer, name: str, reason: str,
-                code: Code | None = None) -> None:
+    def _record(
+        self, allowed: bool, peer: Peer, name: str, reason: str, code: Code | None = None
+    ) -> None:
         self.audit.decision(allowed, peer, name, reason, None if code is None else str(code))
-        self.recent.append({
-            "time": time.time(), "decision": "grant" if allowed else "deny", "socket": name,
-            "uid": peer.uid, "user": peer.user, "pid": peer.pid, "unit": peer.unit,
-            "reason": reason,
-        })
+        self.recent.append(
+            {
+                "time": time.time(),
+                "decision": "grant" if allowed else "deny",
+                "socket": name,
+                "uid": peer.uid,
+                "user": peer.user,
+                "pid": peer.pid,
+                "unit": peer.unit,
+                "reason": reason,
+            }
+        )
 
     # --- reporting ---------------------------------------------------------------
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what is held, granted, denied, connected."""
         names = ", ".join(self.intake.held) or "nothing"
-        return (f"Holding {names}; {sum(self.grants.values())} grants, "
-                f"{sum(self.denials.values())} denials, {self.active} clients")
+        return (
+            f"Holding {names}; {sum(self.grants.values())} grants, "
+            f"{sum(self.denials.values())} denials, {self.active} clients"
+        )
 
     def report(self) -> dict[str, Any]:
         """The status report (its shape is documented in docs/protocol.md)."""
@@ -311,12 +340,15 @@ class Broker:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "config": self.config.path,
-            "connections": {"active": self.active, "total": self.connections,
-                            "limit": self.config.max_connections},
+            "connections": {
+                "active": self.active,
+                "total": self.connections,
+                "limit": self.config.max_connections,
+            },
             "sockets": [
-                {**held.info.to_json(), "grants": self.grants[name],
-                 "denials": self.denials[name]}
-                for name, sockets in self.intake.held.items() for held in sockets
+                {**held.info.to_json(), "grants": self.grants[name], "denials": self.denials[name]}
+                for name, sockets in self.intake.held.items()
+                for held in sockets
             ],
             "grants": sum(self.grants.values()),
             "denials": sum(self.denials.values()),

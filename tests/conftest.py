@@ -20,7 +20,8 @@ IS_ROOT = os.geteuid() == 0
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "needs_root: runs processes as other users and binds ports below 1024")
+        "markers", "needs_root: runs processes as other users and binds ports below 1024"
+    )
     if IS_ROOT:
         # Ports 80/443 and every request in the suite stay inside this namespace.
         enter_private_network()

@@ -101,8 +101,7 @@ def _runtime_distributions() -> list[importlib.metadata.Distribution]:
 def build_runtime(dest: Path) -> Path:
     """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker."""
     site = dest / "site"
-    shutil.copytree(ROOT / "broker", site / "broker",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "broker", site / "broker", ignore=shutil.ignore_patterns("__pycache__"))
     for dist in _runtime_distributions():
         for file in dist.files or []:
             if file.parts[0] == ".." or "__pycache__" in file.parts:
@@ -212,11 +211,17 @@ class Processes:
 
     started: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start(self, argv: Sequence[str], *, log: IO[str] | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, argv: Sequence[str], *, log: IO[str] | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            list(argv), stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT if log
-            else subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+            list(argv),
+            stdout=log or subprocess.PIPE,
+            stderr=subprocess.STDOUT if log else subprocess.PIPE,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         self.started.append(proc)
         return proc
 

@@ -27,12 +27,14 @@ from support import (
     BrokerProcess,
     Processes,
     as_user,
-    settled_fd_count,
     http_get,
     proc_status,
+    settled_fd_count,
     start_broker,
     wait_for,
 )
+
+from broker import client
 
 pytestmark = pytest.mark.needs_root
 
@@ -53,15 +55,39 @@ def broker(processes: Processes, launcher: Path, workdir: Path) -> BrokerProcess
     return start_broker(processes, launcher, workdir, NOBODY_MAY_HAVE_HTTP)
 
 
-def run_as(user: int | str, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*as_user(user), *argv], capture_output=True, text=True,
-                          timeout=START_TIMEOUT, check=False, **kwargs)  # type: ignore[call-overload]
+def run_as(
+    user: int | str, argv: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*as_user(user), *argv],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+        env=env,
+    )
 
 
-def start_node_worker(processes: Processes, launcher: Path, broker: BrokerProcess,
-                      hello: Path, user: int | str = NOBODY) -> subprocess.Popen[str]:
-    worker = processes.start([*as_user(user), str(launcher), "exec", "--socket",
-                              str(broker.control), "http", "--", "node", str(hello)])
+def start_node_worker(
+    processes: Processes,
+    launcher: Path,
+    broker: BrokerProcess,
+    hello: Path,
+    user: int | str = NOBODY,
+) -> subprocess.Popen[str]:
+    worker = processes.start(
+        [
+            *as_user(user),
+            str(launcher),
+            "exec",
+            "--socket",
+            str(broker.control),
+            "http",
+            "--",
+            "node",
+            str(hello),
+        ]
+    )
     assert worker.stdout is not None
     line = worker.stdout.readline()  # "listening on fd 3 (http)" once it serves
     assert "listening on fd 3 (http)" in line, line + (worker.stdout.read() or "")
@@ -70,8 +96,9 @@ def start_node_worker(processes: Processes, launcher: Path, broker: BrokerProces
 
 def test_an_unprivileged_uid_cannot_bind_port_80_itself() -> None:
     # The control experiment: without the broker, nobody has no way onto port 80 here.
-    done = run_as(NOBODY, [SYSTEM_PYTHON, "-c",
-                           "import socket; socket.socket().bind(('127.0.0.1', 80))"])
+    done = run_as(
+        NOBODY, [SYSTEM_PYTHON, "-c", "import socket; socket.socket().bind(('127.0.0.1', 80))"]
+    )
     assert done.returncode != 0
     assert "PermissionError" in done.stderr
 
@@ -123,8 +150,19 @@ def test_a_user_outside_the_policy_is_refused_and_gets_no_fd(
     launcher: Path, broker: BrokerProcess, workdir: Path
 ) -> None:
     marker = workdir / "ran"
-    done = run_as(OUTSIDER, [str(launcher), "exec", "--socket", str(broker.control), "http",
-                             "--", "touch", str(marker)])
+    done = run_as(
+        OUTSIDER,
+        [
+            str(launcher),
+            "exec",
+            "--socket",
+            str(broker.control),
+            "http",
+            "--",
+            "touch",
+            str(marker),
+        ],
+    )
     assert done.returncode == 77
     assert not marker.exists()  # the command never started
     message = done.stderr.strip()
@@ -154,45 +192,68 @@ def test_a_user_outside_the_policy_is_refused_and_gets_no_fd(
 
 
 def test_unknown_socket_names_what_the_broker_holds(launcher: Path, broker: BrokerProcess) -> None:
-    done = run_as(NOBODY, [str(launcher), "exec", "--socket", str(broker.control), "https",
-                           "--", "true"])
+    done = run_as(
+        NOBODY, [str(launcher), "exec", "--socket", str(broker.control), "https", "--", "true"]
+    )
     assert done.returncode == 66
-    assert done.stderr == ("port-broker exec: no socket named 'https' (the broker holds: "
-                           "http)\n")
+    assert done.stderr == ("port-broker exec: no socket named 'https' (the broker holds: http)\n")
 
 
 def test_exec_without_a_broker_says_where_it_looked(launcher: Path, workdir: Path) -> None:
     missing = workdir / "no-broker.sock"
-    done = run_as(NOBODY, [str(launcher), "exec", "http", "--", "true"],
-                  env={"PORT_BROKER_SOCKET": str(missing), "PATH": os.environ["PATH"]})
+    done = run_as(
+        NOBODY,
+        [str(launcher), "exec", "http", "--", "true"],
+        env={"PORT_BROKER_SOCKET": str(missing), "PATH": os.environ["PATH"]},
+    )
     assert done.returncode == 69
     assert done.stderr.startswith(f"port-broker exec: {missing}: no such socket")
 
 
-def test_list_and_status(launcher: Path, broker: BrokerProcess, processes: Processes,
-                         hello: Path) -> None:
+def test_list_and_status(
+    launcher: Path, broker: BrokerProcess, processes: Processes, hello: Path
+) -> None:
     start_node_worker(processes, launcher, broker, hello)
     listed = run_as(NOBODY, [str(launcher), "list", "--json", "--socket", str(broker.control)])
     assert json.loads(listed.stdout) == [
-        {"name": "http", "family": "inet6", "type": "stream", "address": "[::]:80"}]
-    assert run_as(OUTSIDER, [str(launcher), "list", "--socket", str(broker.control)]
-                  ).stdout == "no socket may be acquired by this user\n"
+        {"name": "http", "family": "inet6", "type": "stream", "address": "[::]:80"}
+    ]
+    assert (
+        run_as(OUTSIDER, [str(launcher), "list", "--socket", str(broker.control)]).stdout
+        == "no socket may be acquired by this user\n"
+    )
 
     denied = run_as(NOBODY, [str(launcher), "status", "--socket", str(broker.control)])
     assert denied.returncode == 77
     assert "may not read the broker's status" in denied.stderr
 
     # root is the default [status] reader
-    shown = subprocess.run([str(launcher), "status", "--json", "--socket",
-                            str(broker.control)], capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        [str(launcher), "status", "--json", "--socket", str(broker.control)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(shown.stdout)
     assert report["pid"] == broker.pid
     assert report["grants"] == 1
-    assert report["sockets"] == [{"name": "http", "family": "inet6", "type": "stream",
-                                  "address": "[::]:80", "grants": 1, "denials": 0}]
+    assert report["sockets"] == [
+        {
+            "name": "http",
+            "family": "inet6",
+            "type": "stream",
+            "address": "[::]:80",
+            "grants": 1,
+            "denials": 0,
+        }
+    ]
     assert report["recent"][-1]["uid"] == NOBODY
-    table = subprocess.run([str(launcher), "status", "--socket", str(broker.control)],
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [str(launcher), "status", "--socket", str(broker.control)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "http  tcp6   [::]:80  1       0" in table
 
 
@@ -208,8 +269,9 @@ def test_broker_runs_unprivileged_and_stops_cleanly_on_sigterm(broker: BrokerPro
 def test_robust_against_bad_clients_and_leaks_no_fd(
     processes: Processes, launcher: Path, workdir: Path
 ) -> None:
-    broker = start_broker(processes, launcher, workdir,
-                          '[sockets.http]\nusers = ["root"]\n', extra=())
+    broker = start_broker(
+        processes, launcher, workdir, '[sockets.http]\nusers = ["root"]\n', extra=()
+    )
     path = str(broker.control)
     baseline = settled_fd_count(broker.pid)
 
@@ -219,18 +281,16 @@ def test_robust_against_bad_clients_and_leaks_no_fd(
         sock.connect(path)
         return sock
 
-    idle = connect()                          # says nothing at all
+    idle = connect()  # says nothing at all
     half = connect()
-    half.sendall(b'{"v":1,"op":"acq')         # stops mid-request
+    half.sendall(b'{"v":1,"op":"acq')  # stops mid-request
     garbage = connect()
     garbage.sendall(b"\x00\xff garbage\n")
     oversized = connect()
     oversized.sendall(b"x" * 5000)
     vanished = connect()
     vanished.sendall(b'{"v":1,"op":"acquire","names":["http"]}\n')
-    vanished.close()                          # gone before the reply
-
-    import broker.client as client  # noqa: PLC0415 (the client under test, in-process)
+    vanished.close()  # gone before the reply
 
     granted = client.acquire("http", path=path)
     assert granted.getsockname()[1] == 80
@@ -255,9 +315,21 @@ def test_fallback_binds_as_root_and_drops_to_the_user(
     config.write_text(NOBODY_MAY_HAVE_HTTP)
     control = workdir / "control.sock"
     with (workdir / "broker.log").open("w") as log:
-        proc = processes.start([str(launcher), "serve", "--config", str(config),
-                                "--bind", "http=127.0.0.1:80", "--control", str(control),
-                                "--user", OUTSIDER], log=log)
+        proc = processes.start(
+            [
+                str(launcher),
+                "serve",
+                "--config",
+                str(config),
+                "--bind",
+                "http=127.0.0.1:80",
+                "--control",
+                str(control),
+                "--user",
+                OUTSIDER,
+            ],
+            log=log,
+        )
     wait_for(control.exists, "the control socket")
     broker = BrokerProcess(proc, control, workdir / "broker.log")
 
@@ -274,9 +346,20 @@ def test_fallback_binds_as_root_and_drops_to_the_user(
 
 
 def test_fallback_refuses_to_serve_as_root(launcher: Path, workdir: Path) -> None:
-    done = subprocess.run([str(launcher), "serve", "--bind", "http=127.0.0.1:80",
-                           "--control", str(workdir / "c.sock")],
-                          capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+    done = subprocess.run(
+        [
+            str(launcher),
+            "serve",
+            "--bind",
+            "http=127.0.0.1:80",
+            "--control",
+            str(workdir / "c.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
     assert done.returncode == 78
     assert "refusing to serve as root: pass --user NAME" in done.stderr
     assert not (workdir / "c.sock").exists()
@@ -289,6 +372,8 @@ def test_config_naming_a_socket_systemd_did_not_pass_stops_the_start(
     with pytest.raises(AssertionError, match="did not answer"):
         start_broker(processes, launcher, workdir, config)
     log = (workdir / "broker.log").read_text()
-    assert ("has rules for https but no such socket was passed (passed: http); add a "
-            ".socket unit with that FileDescriptorName=") in log
+    assert (
+        "has rules for https but no such socket was passed (passed: http); add a "
+        ".socket unit with that FileDescriptorName="
+    ) in log
     assert processes.started[-1].wait(START_TIMEOUT) == 78

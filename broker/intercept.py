@@ -1,0 +1,1036 @@
+"""Give an unmodified program a held listening socket when it calls bind() itself.
+
+`run_intercepted` forks; the child turns on no_new_privs, installs a seccomp filter that
+turns every bind() and listen() into a *user notification* for us, and execs the program.
+We (the supervisor, unprivileged like the program) read each bind()'s address from the
+program's memory. If it names a port we hold a socket for, on the wildcard address or on
+the held socket's own address, with a socket of the same family, type and protocol, we
+put the held socket at the program's own fd number (SECCOMP_IOCTL_NOTIF_ADDFD with
+SECCOMP_ADDFD_FLAG_SETFD) and answer "bind() returned 0". A listen() on a held socket is
+answered "0" without running: a second listen() would silently shrink the backlog the
+holder set (Node asks for 511 where systemd set 4096). Everything else continues to the
+kernel unchanged (SECCOMP_USER_NOTIF_FLAG_CONTINUE). This serves programs that cannot
+take LISTEN_FDS: statically linked binaries, process managers, code we cannot change.
+
+What this module must never do:
+- inject a socket of another family, type or protocol than the program's own: an AF_INET
+  program given a dual-stack AF_INET6 socket misreads every peer address (CPython fails
+  to decode them). With no held socket of the program's family for a mapped port, that
+  bind() fails with EAFNOSUPPORT and one line on stderr saying what to hold instead;
+- widen what the program asked for: a bind() to 127.0.0.1:80 never gets a socket held
+  on 0.0.0.0:80 (it continues to the kernel and fails there, with a note on stderr);
+- block in the notification loop: every bind()/listen() of the program and of all its
+  descendants waits for us, so a stalled supervisor stalls them all;
+- leak: the held sockets, the listener fd and our socketpair never reach the program as
+  extra fds; the program gets a held socket only at the fd number it bound;
+- pretend to be a sandbox: the filter is a convenience, not a security boundary.
+  "Continue" lets the kernel re-read the address, which another thread of the program
+  may have changed since we read it; that is harmless here because the program runs
+  without privileges and can only get what the kernel would give it anyway.
+
+Known limits (see also the docstring of `run_intercepted`):
+- Socket options the program set before bind() (SO_REUSEPORT, SO_RCVBUF, TCP_NODELAY,
+  IPV6_V6ONLY, ...) stay on its own socket, which the injected one replaces: they are
+  lost. Options it sets after bind() apply to the held socket (shared with the holder).
+- O_NONBLOCK belongs to the open file description, which the holder, we and every
+  process given the same held socket share. We set it to what the program's own socket
+  had just before injecting; two programs wanting different settings on one held socket
+  cannot both be satisfied (the last bind() wins, and we say so on stderr).
+- io_uring's IORING_OP_BIND / IORING_OP_LISTEN (Linux 6.11+) do not pass through
+  seccomp: such binds are not intercepted and fail as they would without us.
+- Only x86_64 tasks are intercepted. x32 syscalls (nr | 0x40000000; same bind/listen
+  numbers and argument layout) are intercepted too. i386 tasks (int 0x80, socketcall)
+  are let through unchanged: their bind() to a privileged port fails as without us.
+- If the supervisor dies (SIGKILL, OOM), every later bind()/listen() of the program
+  fails with ENOSYS; sockets it already has keep working.
+- A task already under a seccomp user-notification filter cannot get another one
+  (EBUSY): interception does not nest (e.g. inside LXD/sysbox-style supervisors).
+- Reading the program's memory and duplicating its socket need ptrace access to it
+  (same uid and dumpable, or CAP_SYS_PTRACE; with Yama ptrace_scope=1, a descendant:
+  hence we are a child subreaper, so orphans stay our descendants). A program that makes
+  itself non-dumpable gets its binds passed to the kernel, with a note on stderr.
+- A signal sent to both us and the program (systemd's KillMode=control-group sends
+  SIGTERM to every process of the unit) reaches the program twice: use KillMode=mixed.
+  Signals a terminal sends to our process group (^C) are not forwarded a second time.
+
+Standard library only (ctypes for the syscalls Python lacks; no trio, no pydantic): this
+runs on a worker's start-up path, like `broker.client`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import select
+import signal
+import socket
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple, NoReturn
+
+__all__ = [
+    "InterceptError",
+    "InterceptUnsupported",
+    "check_supported",
+    "run_intercepted",
+]
+
+# --------------------------------------------------------------------------------------
+# Kernel ABI. Every number below is x86_64's; `check_supported` refuses anything else
+# rather than guess. Sources: arch/x86/entry/syscalls/syscall_64.tbl,
+# include/uapi/linux/seccomp.h, include/uapi/linux/filter.h, seccomp_unotify(2).
+
+_MIN_KERNEL = (5, 9)
+"""5.9 added SECCOMP_IOCTL_NOTIF_ADDFD (with SETFD); CONTINUE is 5.5, pidfd_getfd 5.6."""
+
+_SYS_SECCOMP = 317
+_SYS_SIGNALFD4 = 289
+_SYS_PIDFD_GETFD = 438
+_NR_BIND = 49
+_NR_LISTEN = 50
+_X32_SYSCALL_BIT = 0x40000000
+"""x32 ABI syscalls carry this bit in seccomp_data.nr; bind/listen keep their numbers."""
+_AUDIT_ARCH_X86_64 = 0xC000003E
+"""EM_X86_64 (62) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE: seccomp_data.arch of x86_64."""
+
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_GET_ACTION_AVAIL = 2
+_SECCOMP_GET_NOTIF_SIZES = 3
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+"""seccomp() returns a listener fd that receives the filter's user notifications."""
+_SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+"""5.19+: once we have received a notification, only a fatal signal interrupts the wait,
+so an ordinary signal cannot restart a bind() whose fd we have already replaced."""
+_SECCOMP_RET_USER_NOTIF = 0x7FC00000
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+"""Response flag: run the syscall in the kernel as if there were no filter."""
+_SECCOMP_ADDFD_FLAG_SETFD = 1
+"""ADDFD flag: install at exactly `newfd` (replacing what is there), like dup2()."""
+
+_NOTIF = struct.Struct("=QII iIQ6Q")
+"""struct seccomp_notif: id, pid, flags, then struct seccomp_data: nr, arch, ip, args."""
+_NOTIF_RESP = struct.Struct("=QqiI")
+"""struct seccomp_notif_resp: id, val, error (negative errno), flags."""
+_NOTIF_ADDFD = struct.Struct("=QIIII")
+"""struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags (O_CLOEXEC only)."""
+_SECCOMP_DATA_SIZE = 64
+"""sizeof(struct seccomp_data). `check_supported` compares all three sizes with the
+kernel's (SECCOMP_GET_NOTIF_SIZES): a kernel with other layouts is refused, not misread."""
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    """Compute an ioctl request number as the kernel's _IOC() macro does (type '!')."""
+    return (direction << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+_IOC_WRITE, _IOC_READ = 1, 2
+_IOCTL_NOTIF_RECV = _ioc(_IOC_READ | _IOC_WRITE, 0, _NOTIF.size)  # 0xC0502100
+_IOCTL_NOTIF_SEND = _ioc(_IOC_READ | _IOC_WRITE, 1, _NOTIF_RESP.size)  # 0xC0182101
+_IOCTL_NOTIF_ID_VALID = _ioc(_IOC_WRITE, 2, 8)  # 0x40082102
+_IOCTL_NOTIF_ADDFD = _ioc(_IOC_WRITE, 3, _NOTIF_ADDFD.size)  # 0x40182103
+
+# Classic BPF over struct seccomp_data (nr at offset 0, arch at offset 4).
+_BPF_LD_W_ABS = 0x20
+_BPF_ALU_AND_K = 0x54
+_BPF_JMP_JEQ_K = 0x15
+_BPF_RET_K = 0x06
+_SOCK_FILTER = struct.Struct("=HBBI")
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+_PR_SET_NO_NEW_PRIVS = 38
+_PIDFD_THREAD = os.O_EXCL
+"""6.9+: pidfd_open() flag for a pidfd naming one thread (notifications name threads)."""
+_SIGNALFD_SIGINFO = struct.Struct("=IiiI")
+"""The first fields of struct signalfd_siginfo: signo, errno, code, pid (128 bytes)."""
+_SIGNALFD_SIGINFO_SIZE = 128
+_SI_KERNEL = 0x80
+"""si_code of signals the kernel sends to a whole process group (tty ^C, hangup)."""
+
+# --------------------------------------------------------------------------------------
+# Limits, each with its reason.
+
+_SOCKADDR_MAX = 128
+"""sizeof(struct sockaddr_storage): nothing we match on is longer."""
+_SETUP_TIMEOUT = 60.0
+"""Seconds the child may take to install the filter and exec; generous for slow disks."""
+_FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""Signals sent to us go to the program, as a process manager expects."""
+_CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+"""Python ignores these; a program started by a shell has them at default (subprocess's
+restore_signals does the same)."""
+_MESSAGE_PREFIX = "port-broker: "
+
+
+class InterceptError(Exception):
+    """Setting up interception failed; the message says why and what to do."""
+
+
+class InterceptUnsupported(InterceptError):
+    """This kernel, architecture or process cannot intercept bind() with seccomp."""
+
+
+# --------------------------------------------------------------------------------------
+# The kernel, via ctypes.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+
+def _check(result: int) -> int:
+    """Return a libc result, or raise the OSError that errno describes."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _seccomp(op: int, flags: int, arg: ctypes.c_void_p) -> int:
+    args = (ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(op), ctypes.c_uint(flags), arg)
+    return _check(int(_libc.syscall(*args)))
+
+
+def _prctl(option: int, arg: int | ctypes.c_void_p = 0) -> int:
+    # Variadic unsigned longs: pass full-width zeros, PR_SET_NO_NEW_PRIVS insists on them.
+    value = ctypes.c_ulong(arg) if isinstance(arg, int) else arg
+    zero = ctypes.c_ulong(0)
+    return _check(int(_libc.prctl(ctypes.c_int(option), value, zero, zero, zero)))
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    """Duplicate fd number `fd` of the task behind `pidfd` into our process (CLOEXEC)."""
+    args = (
+        ctypes.c_long(_SYS_PIDFD_GETFD),
+        ctypes.c_int(pidfd),
+        ctypes.c_int(fd),
+        ctypes.c_uint(0),
+    )
+    return _check(int(_libc.syscall(*args)))
+
+
+def _signalfd(signals: Iterable[int]) -> int:
+    mask = ctypes.c_uint64(sum(1 << (int(sig) - 1) for sig in signals))
+    flags = os.O_CLOEXEC | os.O_NONBLOCK  # SFD_CLOEXEC, SFD_NONBLOCK
+    size = ctypes.c_size_t(ctypes.sizeof(mask))
+    args = (
+        ctypes.c_long(_SYS_SIGNALFD4),
+        ctypes.c_int(-1),
+        ctypes.byref(mask),
+        size,
+        ctypes.c_int(flags),
+    )
+    return _check(int(_libc.syscall(*args)))
+
+
+def _kernel_version(release: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _check_platform(release: str, machine: str, pointer_size: int) -> None:
+    """Refuse platforms whose constants we do not know (pure: tested directly)."""
+    if machine != "x86_64" or pointer_size != 8:
+        raise InterceptUnsupported(
+            f"bind() interception knows only x86_64 system calls, and this is {machine} "
+            f"({pointer_size * 8}-bit Python); pass sockets with LISTEN_FDS instead "
+            "(port-broker exec without interception)"
+        )
+    version = _kernel_version(release)
+    if version is None or version < _MIN_KERNEL:
+        need = ".".join(map(str, _MIN_KERNEL))
+        raise InterceptUnsupported(
+            f"bind() interception needs Linux {need} or later "
+            f"(seccomp SECCOMP_IOCTL_NOTIF_ADDFD), and this kernel is {release}; "
+            "upgrade the kernel or pass sockets with LISTEN_FDS instead"
+        )
+
+
+def check_supported() -> None:
+    """Check that this machine can run `run_intercepted`, without starting anything.
+
+    Checks the architecture and kernel version, that the kernel offers seccomp user
+    notifications, and that its notification structures have the layout this module
+    was written for.
+
+    Raises:
+        InterceptUnsupported: The kernel, architecture or seccomp support is missing or
+            different; the message says which and what to do.
+    """
+    uname = os.uname()
+    _check_platform(uname.release, uname.machine, ctypes.sizeof(ctypes.c_void_p))
+    action = ctypes.c_uint32(_SECCOMP_RET_USER_NOTIF)
+    sizes = (ctypes.c_uint16 * 3)()
+    try:
+        _seccomp(_SECCOMP_GET_ACTION_AVAIL, 0, ctypes.cast(ctypes.byref(action), ctypes.c_void_p))
+        _seccomp(_SECCOMP_GET_NOTIF_SIZES, 0, ctypes.cast(sizes, ctypes.c_void_p))
+    except OSError as exc:
+        raise InterceptUnsupported(
+            f"this kernel offers no seccomp user notifications ({exc.strerror}); "
+            "it needs CONFIG_SECCOMP_FILTER, or pass sockets with LISTEN_FDS instead"
+        ) from exc
+    expected = (_NOTIF.size, _NOTIF_RESP.size, _SECCOMP_DATA_SIZE)
+    if tuple(sizes) != expected:
+        raise InterceptUnsupported(
+            f"this kernel's seccomp notification layout {tuple(sizes)} differs from the "
+            f"one this module speaks {expected}; pass sockets with LISTEN_FDS instead"
+        )
+
+
+def _filter_program() -> bytes:
+    """The BPF program: bind/listen of x86_64 and x32 tasks notify us, all else runs."""
+    ins = _SOCK_FILTER.pack
+    return b"".join(
+        (
+            ins(_BPF_LD_W_ABS, 0, 0, 4),  # 0: A = arch
+            ins(_BPF_JMP_JEQ_K, 0, 5, _AUDIT_ARCH_X86_64),  # 1: not x86_64 -> 7 (allow)
+            ins(_BPF_LD_W_ABS, 0, 0, 0),  # 2: A = nr
+            ins(_BPF_ALU_AND_K, 0, 0, ~_X32_SYSCALL_BIT & 0xFFFFFFFF),  # 3: x32 -> native
+            ins(_BPF_JMP_JEQ_K, 3, 0, _NR_BIND),  # 4: bind -> 8 (notify)
+            ins(_BPF_JMP_JEQ_K, 2, 0, _NR_LISTEN),  # 5: listen -> 8 (notify)
+            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # 6
+            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # 7
+            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_USER_NOTIF),  # 8
+        )
+    )
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def _install_filter(program: ctypes.Array[ctypes.c_char]) -> int:
+    """Install the filter on the calling task; return the listener fd (CLOEXEC)."""
+    prog = _SockFprog(len(program) // _SOCK_FILTER.size, ctypes.addressof(program))
+    arg = ctypes.cast(ctypes.byref(prog), ctypes.c_void_p)
+    flags = _SECCOMP_FILTER_FLAG_NEW_LISTENER | _SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    try:
+        return _seccomp(_SECCOMP_SET_MODE_FILTER, flags, arg)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a 5.9-5.18 kernel without WAIT_KILLABLE_RECV
+            raise
+    return _seccomp(_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_NEW_LISTENER, arg)
+
+
+# --------------------------------------------------------------------------------------
+# Matching a bind() against the held sockets: pure, no I/O (tested directly).
+
+
+class _Endpoint(NamedTuple):
+    """What matters about a socket (or a bind() request) for matching."""
+
+    family: int
+    type: int
+    proto: int
+    ip: bytes
+    """The packed address: 4 bytes for AF_INET, 16 for AF_INET6."""
+    port: int
+
+
+class _Inject(NamedTuple):
+    choice: int
+    """Which candidate to inject."""
+
+
+class _Refuse(NamedTuple):
+    error: int
+    message: str
+
+
+class _Pass(NamedTuple):
+    note: str | None
+    """Said on stderr when the program probably expected to get a held socket."""
+
+
+_Decision = _Inject | _Refuse | _Pass
+_WILDCARD: dict[int, bytes] = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
+_FAMILY_NAME: dict[int, str] = {
+    socket.AF_INET: "IPv4 (AF_INET)",
+    socket.AF_INET6: "IPv6 (AF_INET6)",
+}
+
+
+def _parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
+    """Return (family, packed ip, port) of an AF_INET/AF_INET6 sockaddr, else None.
+
+    None also for anything the kernel itself would reject as too short: such a bind()
+    continues to the kernel, which returns its own error.
+    """
+    if len(raw) < 2:
+        return None
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET and len(raw) >= 16:  # sizeof(struct sockaddr_in)
+        return family, raw[4:8], int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET6 and len(raw) >= 24:  # SIN6_LEN_RFC2133
+        return family, raw[8:24], int.from_bytes(raw[2:4], "big")
+    return None
+
+
+def _format_address(family: int, ip: bytes, port: int) -> str:
+    text = socket.inet_ntop(family, ip)
+    return f"[{text}]:{port}" if family == socket.AF_INET6 else f"{text}:{port}"
+
+
+def _decide(candidates: Sequence[_Endpoint], want: _Endpoint, who: str) -> _Decision:
+    """Decide what to do with a bind() of `want` given the sockets held for its port.
+
+    Args:
+        candidates: The held sockets mapped to `want.port`, in preference order.
+        want: The program's socket (family, type, protocol) and the address it binds.
+        who: The program, for messages ("pid 42 (node)").
+
+    Returns:
+        Inject the first candidate of the same family, type and protocol whose address
+        is `want`'s, else (if `want` is the wildcard address) the first of them at all;
+        refuse with EAFNOSUPPORT if only other families are held for this type; else
+        pass the bind() to the kernel, with a note when the address was the obstacle.
+    """
+    asked = _format_address(want.family, want.ip, want.port)
+    same_type = [c for c in candidates if (c.type, c.proto) == (want.type, want.proto)]
+    if not same_type:
+        return _Pass(None)
+    usable = [
+        i
+        for i, c in enumerate(candidates)
+        if (c.type, c.proto, c.family) == (want.type, want.proto, want.family)
+    ]
+    if not usable:
+        held = ", ".join(_format_address(c.family, c.ip, c.port) for c in same_type)
+        other = "IPv4" if want.family == socket.AF_INET else "IPv6"
+        return _Refuse(
+            errno.EAFNOSUPPORT,
+            f"refused bind() of an {_FAMILY_NAME.get(want.family, str(want.family))} "
+            f"socket to {asked} by {who}: the sockets held for port {want.port} are "
+            f"{held}, another family. Hold an {other} socket for port {want.port} too "
+            "(for systemd, a ListenStream= line for it), or make the program bind an "
+            "address of the held family.",
+        )
+    for i in usable:
+        if candidates[i].ip == want.ip:
+            return _Inject(i)
+    if want.ip == _WILDCARD.get(want.family):
+        return _Inject(usable[0])
+    held = ", ".join(
+        _format_address(candidates[i].family, candidates[i].ip, candidates[i].port) for i in usable
+    )
+    return _Pass(
+        f"bind() to {asked} by {who} passed to the kernel: the sockets held for port "
+        f"{want.port} are on {held}, and a bind() to one address never gets a socket "
+        "listening on another. Bind the wildcard address or the held one, or hold a "
+        "socket on this address."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The held sockets.
+
+
+class _Held(NamedTuple):
+    sock: socket.socket
+    endpoint: _Endpoint
+    v6only: bool
+    inode: tuple[int, int]
+
+
+def _describe_held(sock: socket.socket) -> _Held:
+    family, kind = sock.family, sock.type
+    where = f"held socket fd {sock.fileno()}"
+    if family not in _WILDCARD:
+        raise InterceptError(f"{where} is {family!r}; only AF_INET and AF_INET6 can be held")
+    ip, port = sock.getsockname()[:2]
+    if port == 0:
+        raise InterceptError(f"{where} is not bound to a port; the holder must bind it")
+    if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise InterceptError(
+            f"{where} ({_format_address(family, socket.inet_pton(family, ip), port)}) "
+            "is not listening; the holder must call listen() on it"
+        )
+    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    v6only = family == socket.AF_INET6 and bool(
+        sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    )
+    st = os.fstat(sock.fileno())
+    endpoint = _Endpoint(family, kind, proto, socket.inet_pton(family, ip), port)
+    return _Held(sock, endpoint, v6only, (st.st_dev, st.st_ino))
+
+
+def _build_map(
+    held: Sequence[socket.socket], port_map: Mapping[int, Sequence[socket.socket]] | None
+) -> tuple[list[_Held], dict[int, list[_Held]]]:
+    everything = list(held)
+    if port_map is not None:
+        everything += [s for socks in port_map.values() for s in socks]
+    described: dict[int, _Held] = {}
+    for sock in everything:
+        if sock.fileno() not in described:
+            described[sock.fileno()] = _describe_held(sock)
+    mapping: dict[int, list[_Held]] = {}
+    if port_map is None:
+        for h in described.values():
+            mapping.setdefault(h.endpoint.port, []).append(h)
+    else:
+        for port, socks in port_map.items():
+            if not 0 < port < 65536:
+                raise ValueError(f"port_map key {port!r} is not a port number")
+            mapping[port] = [described[s.fileno()] for s in socks]
+    return list(described.values()), mapping
+
+
+# --------------------------------------------------------------------------------------
+# The supervisor: serve notifications, forward signals, reap.
+
+
+class _Notif(NamedTuple):
+    id: int
+    pid: int
+    nr: int
+    args: tuple[int, ...]
+
+
+def _say(message: str) -> None:
+    """One line on stderr; never raises, never blocks the loop for long."""
+    with contextlib.suppress(OSError):
+        os.write(2, (_MESSAGE_PREFIX + message + "\n").encode(errors="replace"))
+
+
+def _as_fd(arg: int) -> int:
+    """A syscall's int argument: the low 32 bits, signed."""
+    low = arg & 0xFFFFFFFF
+    return low - (1 << 32) if low >= 1 << 31 else low
+
+
+def _task_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f"pid {pid} ({f.read().strip().decode(errors='replace')})"
+    except OSError:
+        return f"pid {pid}"
+
+
+class _Supervisor:
+    """Owns the listener fd and the signalfd (closes neither: the caller does)."""
+
+    def __init__(
+        self,
+        listener: int,
+        sigfd: int,
+        child: int,
+        held: list[_Held],
+        mapping: dict[int, list[_Held]],
+    ) -> None:
+        self.listener = listener
+        self.sigfd = sigfd
+        self.child = child
+        self.mapping = mapping
+        self.held_inodes = {h.inode for h in held}
+        self.listening_inodes = {h.inode for h in held if h.endpoint.type != socket.SOCK_DGRAM}
+        self.nonblock_given: dict[tuple[int, int], bool] = {}
+        self.child_status: int | None = None
+        self.thread_pidfds = True
+
+    # -- the loop -------------------------------------------------------------------
+    def serve(self) -> int:
+        """Serve until the child and every task under the filter are gone."""
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(self.sigfd, select.POLLIN)
+        filter_in_use, stop = True, False
+        while not stop and (filter_in_use or self.child_status is None):
+            for fd, events in poller.poll():
+                if fd == self.sigfd:
+                    stop = self._on_signals()
+                elif events & select.POLLIN:
+                    self._on_notification()
+                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    # No task uses the filter any more, and none ever will again.
+                    poller.unregister(self.listener)
+                    filter_in_use = False
+        if self.child_status is None:  # pragma: no cover - the loop only ends once it is set
+            raise RuntimeError("supervisor stopped before the program was reaped")
+        code = os.waitstatus_to_exitcode(self.child_status)
+        return 128 - code if code < 0 else code
+
+    def _on_signals(self) -> bool:
+        """Reap and forward; return True when told to stop after the program exited."""
+        stop = False
+        while True:
+            try:
+                data = os.read(self.sigfd, _SIGNALFD_SIGINFO_SIZE * 16)
+            except BlockingIOError:
+                return stop
+            for off in range(0, len(data) - _SIGNALFD_SIGINFO_SIZE + 1, _SIGNALFD_SIGINFO_SIZE):
+                signo, _err, code, _pid = _SIGNALFD_SIGINFO.unpack_from(data, off)
+                if signo == signal.SIGCHLD:
+                    self._reap()
+                elif self.child_status is not None:
+                    stop = True  # the program is gone: nobody to forward to; stop serving
+                elif code == _SI_KERNEL and self._shares_our_process_group():
+                    pass  # ^C, ^\ or hangup: the kernel sent it to the program too
+                else:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.child, signo)
+
+    def _shares_our_process_group(self) -> bool:
+        try:
+            return os.getpgid(self.child) == os.getpgrp()
+        except ProcessLookupError:
+            return False
+
+    def _reap(self) -> None:
+        """Reap the program and any orphaned descendant (we are their subreaper)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.child_status = status
+
+    # -- notifications --------------------------------------------------------------
+    def _on_notification(self) -> None:
+        buf = bytearray(_NOTIF.size)
+        try:
+            fcntl.ioctl(self.listener, _IOCTL_NOTIF_RECV, buf, True)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EINTR):  # ENOENT: the task died
+                _say(f"cannot receive a bind()/listen() notification: {exc.strerror}")
+            return
+        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        n = _Notif(nid, pid, nr & ~_X32_SYSCALL_BIT, tuple(args))
+        try:
+            if n.nr == _NR_BIND:
+                self._on_bind(n)
+            elif n.nr == _NR_LISTEN:
+                self._on_listen(n)
+            else:
+                self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        except Exception as exc:  # a crashed loop would stall every bind()
+            _say(f"internal error on a notification from pid {pid}: {exc!r}; passing it on")
+            self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    def _reply(self, nid: int, val: int = 0, error: int = 0, flags: int = 0) -> None:
+        resp = bytearray(_NOTIF_RESP.pack(nid, val, -error, flags))
+        try:
+            fcntl.ioctl(self.listener, _IOCTL_NOTIF_SEND, resp, True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the task died or was interrupted
+                _say(f"cannot answer a notification: {exc.strerror}")
+
+    def _valid(self, nid: int) -> bool:
+        """Whether the task still waits in this syscall: check after opening its files
+        by pid, so that they are known to be the task's and not a reused pid's."""
+        try:
+            fcntl.ioctl(
+                self.listener, _IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True
+            )
+        except OSError:
+            return False
+        return True
+
+    def _pass(self, n: _Notif) -> None:
+        self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    def _pidfd_open(self, tid: int) -> int:
+        if self.thread_pidfds:
+            try:
+                return os.pidfd_open(tid, _PIDFD_THREAD)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.thread_pidfds = False  # before 6.9: only thread-group leaders
+        with open(f"/proc/{tid}/status", "rb") as f:
+            tgid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
+        return os.pidfd_open(tgid)
+
+    def _target_fd(self, n: _Notif, fd: int, *, fd_flags: bool) -> tuple[int, int] | None:
+        """Duplicate the program's fd `fd` into ours (ours to close), with its fd flags.
+
+        Returns None if the notification is gone. The flags (O_NONBLOCK, and O_CLOEXEC
+        from /proc/PID/fdinfo, which pidfd_getfd does not carry over) only if asked.
+        """
+        pidfd = fdinfo = -1
+        try:
+            pidfd = self._pidfd_open(n.pid)
+            if fd_flags:
+                fdinfo = os.open(f"/proc/{n.pid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            if not self._valid(n.id):
+                return None
+            info = os.read(fdinfo, 4096) if fd_flags else b"flags: 0"
+            flags = next(
+                int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
+            )
+            dup = _pidfd_getfd(pidfd, fd)
+            if not self._valid(n.id):  # what we read may predate an exit: drop it
+                os.close(dup)
+                return None
+            return dup, flags
+        finally:
+            for opened in (pidfd, fdinfo):
+                if opened >= 0:
+                    os.close(opened)
+
+    def _read_sockaddr(self, n: _Notif) -> bytes | None:
+        addr, length = n.args[1], n.args[2] & 0xFFFFFFFF
+        if addr >= 1 << 63:
+            return b""  # a kernel address: not the program's to pass (the kernel: EFAULT)
+        mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if not self._valid(n.id):  # the fd is known to be this task's memory
+                return None
+            raw = os.pread(mem, min(length, _SOCKADDR_MAX), addr)
+            # Re-check after reading (seccomp_unotify(2)): a task that exited or was
+            # interrupted meanwhile has no syscall left to answer.
+            return raw if self._valid(n.id) else None
+        finally:
+            os.close(mem)
+
+    def _on_bind(self, n: _Notif) -> None:
+        fd = _as_fd(n.args[0])
+        try:
+            raw = self._read_sockaddr(n)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                _say(
+                    f"cannot read the memory of {_task_name(n.pid)} ({exc.strerror}): "
+                    "its bind() goes to the kernel"
+                )
+            raw = b""  # EFAULT, EIO: a bad pointer, for the kernel to report
+        if raw is None:
+            return
+        parsed = _parse_sockaddr(raw)
+        if fd < 0 or parsed is None or parsed[2] not in self.mapping:
+            self._pass(n)
+            return
+        try:
+            target = self._target_fd(n, fd, fd_flags=True)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                _say(
+                    f"cannot inspect fd {fd} of {_task_name(n.pid)} ({exc.strerror}): "
+                    "its bind() goes to the kernel"
+                )
+            self._pass(n)  # EBADF, ESRCH: the kernel answers those itself
+            return
+        if target is None:
+            return
+        dup, fd_flags = target
+        fd_flags |= fcntl.fcntl(dup, fcntl.F_GETFL)  # the file's flags, O_NONBLOCK among them
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            self._pass(n)  # ENOTSOCK: the kernel's answer
+            return
+        with sock:
+            # socket() may have set O_NONBLOCK if someone set a default timeout: undo it
+            fcntl.fcntl(dup, fcntl.F_SETFL, fd_flags & ~os.O_CLOEXEC)
+            self._bind_mapped(n, sock, fd=fd, fd_flags=fd_flags, address=parsed)
+
+    def _bind_mapped(
+        self,
+        n: _Notif,
+        sock: socket.socket,
+        *,
+        fd: int,
+        fd_flags: int,
+        address: tuple[int, bytes, int],
+    ) -> None:
+        """Answer a bind() of the program's `sock` (its fd `fd`) to a mapped port."""
+        family, ip, port = address
+        st = os.fstat(sock.fileno())
+        if (st.st_dev, st.st_ino) in self.held_inodes:
+            # Already a held socket: a bind() restarted by a signal after we injected.
+            self._reply(n.id)
+            return
+        if sock.family != family or sock.getsockname()[1] != 0:
+            self._pass(n)  # the kernel's EINVAL: family mismatch, or already bound
+            return
+        proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        want = _Endpoint(family, sock.type, proto, ip, port)
+        candidates = self.mapping[port]
+        who = _task_name(n.pid)
+        decision = _decide([h.endpoint for h in candidates], want, who)
+        if isinstance(decision, _Pass):
+            if decision.note:
+                _say(decision.note)
+            self._pass(n)
+            return
+        if isinstance(decision, _Refuse):
+            _say(decision.message)
+            self._reply(n.id, error=decision.error)
+            return
+        held = candidates[decision.choice]
+        self._warn_v6only(sock, held, who)
+        self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
+        addfd = _NOTIF_ADDFD.pack(
+            n.id, _SECCOMP_ADDFD_FLAG_SETFD, held.sock.fileno(), fd, fd_flags & os.O_CLOEXEC
+        )
+        try:
+            fcntl.ioctl(self.listener, _IOCTL_NOTIF_ADDFD, bytearray(addfd), True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                _say(
+                    f"cannot give the held socket to {who} ({exc.strerror}): "
+                    "its bind() goes to the kernel"
+                )
+                self._pass(n)
+            return
+        self._reply(n.id)
+
+    def _warn_v6only(self, sock: socket.socket, held: _Held, who: str) -> None:
+        if held.endpoint.family != socket.AF_INET6:
+            return
+        wanted = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        if wanted == held.v6only:
+            return
+        where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+        if held.v6only:
+            _say(
+                f"{who} wants a dual-stack socket but the one held on {where} is "
+                "IPv6-only: it gets no IPv4 connections"
+            )
+        else:
+            _say(
+                f"{who} set IPV6_V6ONLY but the socket held on {where} is dual-stack: "
+                "it also gets IPv4 connections"
+            )
+
+    def _match_nonblocking(self, wanted: bool, held: _Held, who: str) -> None:
+        """Give the shared open file description the program's own O_NONBLOCK."""
+        before = self.nonblock_given.setdefault(held.inode, wanted)
+        if before != wanted:
+            where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+            _say(
+                f"{who} wants the socket held on {where} {'non-' if wanted else ''}blocking, "
+                "but an earlier bind() got it the other way; they share one O_NONBLOCK "
+                "flag, and the last one wins"
+            )
+            self.nonblock_given[held.inode] = wanted
+        os.set_blocking(held.sock.fileno(), not wanted)
+
+    def _on_listen(self, n: _Notif) -> None:
+        fd = _as_fd(n.args[0])
+        target = None
+        if fd >= 0:
+            try:
+                target = self._target_fd(n, fd, fd_flags=False)
+            except OSError:
+                pass  # no such fd, not a task we may inspect: the kernel's to answer
+            else:
+                if target is None:
+                    return
+        if target is None:
+            self._pass(n)
+            return
+        dup, _ = target
+        try:
+            st = os.fstat(dup)
+        finally:
+            os.close(dup)
+        if (st.st_dev, st.st_ino) in self.listening_inodes:
+            self._reply(n.id)  # a held socket: the holder's backlog stands
+        else:
+            self._pass(n)
+
+
+# --------------------------------------------------------------------------------------
+# Starting the program.
+
+
+def _child(
+    chan: socket.socket,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    held_fds: Iterable[int],
+    program: ctypes.Array[ctypes.c_char],
+    old_mask: Iterable[int],
+) -> NoReturn:
+    """In the forked child: install the filter, hand the listener over, exec. Never returns."""
+    stage = "setup"
+    try:
+        for fd in held_fds:
+            os.set_inheritable(fd, False)  # held sockets reach the program only via bind()
+        for sig in _CHILD_DEFAULT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in _FORWARDED_SIGNALS:
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)  # as exec would; ignored ones stay so
+        stage = "no_new_privs"
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        stage = "seccomp"
+        listener = _install_filter(program)
+        try:
+            socket.send_fds(chan, [b"L"], [listener])
+        finally:
+            os.close(listener)
+        if chan.recv(1) != b"G":
+            os._exit(127)
+        stage = "exec"
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if env is None:
+            os.execvp(argv[0], list(argv))
+        os.execvpe(argv[0], list(argv), dict(env))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            chan.send(f"E:{stage}:{exc.errno or 0}".encode())
+    finally:
+        os._exit(127)
+
+
+def _setup_error(stage: str, err: int, argv0: str) -> Exception:
+    reason = os.strerror(err)
+    if stage == "exec":
+        return OSError(err, reason, argv0)
+    if stage == "seccomp" and err == errno.EBUSY:
+        return InterceptUnsupported(
+            "cannot install the bind() filter: this process already runs under a "
+            "seccomp user-notification filter (EBUSY), and they do not nest; run "
+            "port-broker outside the other supervisor, or pass sockets with LISTEN_FDS"
+        )
+    if stage == "seccomp" and err in (errno.EINVAL, errno.ENOSYS, errno.EACCES):
+        return InterceptUnsupported(
+            f"cannot install the bind() filter ({reason}); pass sockets with LISTEN_FDS instead"
+        )
+    return InterceptError(f"cannot start {argv0!r}: {stage} failed: {reason}")
+
+
+def _handshake(chan: socket.socket, argv0: str) -> int:
+    """Receive the listener from the child, let it exec, and wait until it has.
+
+    Returns the listener fd (ours to close). Raises what the child reported.
+    """
+    chan.settimeout(_SETUP_TIMEOUT)
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(chan, 64, 1)
+        if msg != b"L" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise _report(msg, argv0)
+        listener = fds[0]
+        try:
+            chan.sendall(b"G")
+            msg = chan.recv(64)  # b"" once exec succeeded: the child's end is close-on-exec
+            if msg:
+                raise _report(msg, argv0)
+        except BaseException:
+            os.close(listener)
+            raise
+    except TimeoutError as exc:
+        raise InterceptError(f"{argv0!r} did not start within {_SETUP_TIMEOUT:.0f} s") from exc
+    return listener
+
+
+def _report(msg: bytes, argv0: str) -> Exception:
+    parts = msg.decode(errors="replace").split(":")
+    if len(parts) == 3 and parts[0] == "E" and parts[2].isdigit():
+        return _setup_error(parts[1], int(parts[2]), argv0)
+    return InterceptError(f"{argv0!r} exited before it could be started")
+
+
+def run_intercepted(
+    argv: Sequence[str],
+    held: Sequence[socket.socket],
+    port_map: Mapping[int, Sequence[socket.socket]] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Run a program whose bind() to a held port gets the held socket; return its status.
+
+    Forks; the child sets no_new_privs, installs a seccomp filter that sends bind() and
+    listen() to us as user notifications, and execs `argv` (searched on PATH). We serve
+    notifications for the program, its threads and all its descendants until all of
+    them are gone, forwarding SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to
+    the program meanwhile (except ^C, ^\\ and hangups from a terminal the program shares
+    our process group with: it has them already).
+
+    This takes over the calling process while it runs, which must be single-threaded
+    and called from the main thread: it blocks those signals and SIGCHLD, becomes a
+    child subreaper (so that orphaned descendants stay ours to inspect and reap) and
+    reaps every child. All of that is restored on return. After the program has exited,
+    a forwarded signal makes us return at once, even if descendants remain (their later
+    bind() and listen() then fail with ENOSYS).
+
+    Ownership: `held` stays the caller's (we never close it), but the program shares
+    each socket it is given, and we set its O_NONBLOCK to what the program asked for.
+
+    Args:
+        argv: The program and its arguments.
+        held: Bound sockets (listening, if SOCK_STREAM) of AF_INET or AF_INET6.
+        port_map: Which held sockets a bind() to each port may get, in preference order.
+            Default: each held socket for its own port.
+        env: The program's environment; default ours.
+
+    Returns:
+        The program's exit status, or 128 + the signal number that killed it.
+
+    Raises:
+        InterceptUnsupported: This machine cannot intercept bind() (see
+            `check_supported`), or the process already runs under another supervisor.
+        InterceptError: A held socket is unusable, or the program could not be started.
+        OSError: exec failed (FileNotFoundError, PermissionError, ...).
+        ValueError: `argv` is empty, a `port_map` key is not a port, or we are not on
+            the main thread.
+    """
+    if not argv:
+        raise ValueError("argv is empty: nothing to run")
+    check_supported()
+    described, mapping = _build_map(held, port_map)
+    code = _filter_program()
+    program = ctypes.create_string_buffer(code, len(code))
+    watched = {*_FORWARDED_SIGNALS, signal.SIGCHLD}
+
+    old_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # ValueError off main thread
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    subreaper = ctypes.c_int(0)
+    sigfd = listener = -1
+    pid = 0
+    try:
+        _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.byref(subreaper), ctypes.c_void_p))
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        sigfd = _signalfd(watched)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child execs or exits
+                ours.close()
+                _child(
+                    theirs,
+                    argv,
+                    env=env,
+                    held_fds=[h.sock.fileno() for h in described],
+                    program=program,
+                    old_mask=old_mask,
+                )
+            theirs.close()
+            listener = _handshake(ours, argv[0])
+        supervisor = _Supervisor(listener, sigfd, pid, described, mapping)
+        status = supervisor.serve()
+        pid = 0  # reaped by serve()
+        return status
+    finally:
+        if pid > 0:  # setup failed, or serving raised: do not leave the program unserved
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (listener, sigfd):
+            if fd >= 0:
+                os.close(fd)
+        _prctl(_PR_SET_CHILD_SUBREAPER, subreaper.value)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if old_sigchld is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGCHLD, old_sigchld)
