@@ -50,8 +50,20 @@ SYSTEMD = "/usr/lib/systemd/systemd"
 #: Programs the harness runs on the host or in the box; all from systemd / util-linux /
 #: iproute2 / coreutils / tar, which a Debian system with systemd has.
 REQUIRED_PROGRAMS = (
-    "nsenter", "unshare", "setpriv", "pivot_root", "mount", "umount", "mknod", "stat",
-    "ip", "systemctl", "systemd-run", "journalctl", "runuser", "tar",
+    "nsenter",
+    "unshare",
+    "setpriv",
+    "pivot_root",
+    "mount",
+    "umount",
+    "mknod",
+    "stat",
+    "ip",
+    "systemctl",
+    "systemd-run",
+    "journalctl",
+    "runuser",
+    "tar",
 )
 #: PATH for everything the harness starts: never the caller's (pyenv, venvs, ~/bin).
 BOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -498,8 +510,9 @@ class Box:
         _require_absolute(path)
         return self._helper(["cat", "--", path], what=f"reading {path}").decode(errors="replace")
 
-    def copy_in(self, host_path: str | os.PathLike[str], box_path: str,
-                *, exclude: Sequence[str] = ()) -> None:
+    def copy_in(
+        self, host_path: str | os.PathLike[str], box_path: str, *, exclude: Sequence[str] = ()
+    ) -> None:
         """Copy a host file or directory tree into the box, as a snapshot.
 
         A directory's *contents* land in `box_path` (created if needed), with owners
@@ -606,12 +619,29 @@ class Box:
         )
         argv = [
             *pdeathsig,
-            "sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "box-launcher",
+            "sh",
+            "-c",
+            'echo $$ > "$1" && shift && exec "$@"',
+            "box-launcher",
             str(self._cgroup / "payload" / "cgroup.procs"),
-            "unshare", "--pid", "--mount", "--uts", "--ipc", "--net", "--cgroup",
-            "--fork", "--kill-child", "--propagation=private", "--",
+            "unshare",
+            "--pid",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--cgroup",
+            "--fork",
+            "--kill-child",
+            "--propagation=private",
+            "--",
             # PID 1 of the new namespaces: $0 is the systemd it finally execs.
-            "sh", "-c", _INIT_SCRIPT, SYSTEMD, str(self._staging), uuid.uuid4().hex,
+            "sh",
+            "-c",
+            _INIT_SCRIPT,
+            SYSTEMD,
+            str(self._staging),
+            uuid.uuid4().hex,
         ]
         with (self._staging / "console.log").open("wb") as console:
             self._launcher = subprocess.Popen(
@@ -664,8 +694,7 @@ class Box:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BoxError(
-                    f"box did not finish booting in time (last state: {state})\n"
-                    + self.diagnose()
+                    f"box did not finish booting in time (last state: {state})\n" + self.diagnose()
                 )
             if self._launcher is not None and self._launcher.poll() is not None:
                 raise BoxError(
@@ -675,7 +704,9 @@ class Box:
             try:
                 result = self._communicate(
                     self._enter_argv(["systemctl", "is-system-running", "--wait"]),
-                    None, remaining, what="systemctl is-system-running --wait",
+                    None,
+                    remaining,
+                    what="systemctl is-system-running --wait",
                 )
             except BoxError:
                 continue  # timed out: the loop reports it with diagnostics
@@ -695,11 +726,23 @@ class Box:
     def _enter_argv(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> list[str]:
         if self._pid is None:
             raise BoxError("the box has no PID 1 yet: call start() first")
-        variables = {"PATH": BOX_PATH, "LANG": "C.UTF-8", "HOME": "/root",
-                     "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", **(env or {})}
+        variables = {
+            "PATH": BOX_PATH,
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+            "SYSTEMD_PAGER": "",
+            "SYSTEMD_COLORS": "0",
+            **(env or {}),
+        }
         return [
-            "nsenter", f"--target={self._pid}", "--all", "--",
-            "env", "-i", *(f"{k}={v}" for k, v in variables.items()), *cmd,
+            "nsenter",
+            f"--target={self._pid}",
+            "--all",
+            "--",
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in variables.items()),
+            *cmd,
         ]
 
     def _communicate(
@@ -742,8 +785,7 @@ class Box:
         what: str,
     ) -> bytes:
         """Run a short harness command in the box (outside any scope); raise on failure."""
-        result = self._communicate(self._enter_argv(cmd, env=env), input, HELPER_TIMEOUT,
-                                   what=what)
+        result = self._communicate(self._enter_argv(cmd, env=env), input, HELPER_TIMEOUT, what=what)
         if result.returncode != 0:
             raise BoxError(
                 f"{what} failed in the box (status {result.returncode}): "
@@ -753,8 +795,9 @@ class Box:
 
     def _try_helper(self, cmd: Sequence[str]) -> str:
         try:
-            result = self._communicate(self._enter_argv(cmd), None, HELPER_TIMEOUT,
-                                       what=shlex.join(cmd))
+            result = self._communicate(
+                self._enter_argv(cmd), None, HELPER_TIMEOUT, what=shlex.join(cmd)
+            )
         except BoxError as exc:
             return f"({exc})"
         return (result.stdout + result.stderr).decode(errors="replace")
@@ -763,12 +806,16 @@ class Box:
         excludes = [f"--exclude={pattern}" for pattern in exclude]
         with subprocess.Popen(
             ["tar", "-C", str(source), *excludes, "-cf", "-", "."],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         ) as pack:
             try:
                 unpack = subprocess.run(
                     self._enter_argv(["sh", "-c", _UNPACK_SCRIPT, "copy-in", box_path]),
-                    stdin=pack.stdout, capture_output=True, timeout=HELPER_TIMEOUT, check=False,
+                    stdin=pack.stdout,
+                    capture_output=True,
+                    timeout=HELPER_TIMEOUT,
+                    check=False,
                 )
             except subprocess.TimeoutExpired:
                 pack.kill()
@@ -844,7 +891,8 @@ class Box:
             problems += _remove_staging(self._staging)
         if problems:
             raise BoxError(
-                "the box left things behind:\n  " + "\n  ".join(problems)
+                "the box left things behind:\n  "
+                + "\n  ".join(problems)
                 + (f"\n--- console ---\n{console}" if console else "")
             )
 
@@ -937,8 +985,9 @@ def _remove_cgroup(cgroup: Path) -> list[str]:
             _kill_in_cgroup(pid, cgroup)
     deadline = time.monotonic() + KILL_TIMEOUT
     while True:
-        dirs = sorted((p for p in cgroup.rglob("*") if p.is_dir()),
-                      key=lambda p: len(p.parts), reverse=True)
+        dirs = sorted(
+            (p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        )
         try:
             for directory in [*dirs, cgroup]:
                 directory.rmdir()
@@ -980,8 +1029,11 @@ def _sweep_stale() -> None:
                 if _cgroup_pids(cgroup):
                     continue
                 with contextlib.suppress(OSError):
-                    for directory in sorted((p for p in cgroup.rglob("*") if p.is_dir()),
-                                            key=lambda p: len(p.parts), reverse=True):
+                    for directory in sorted(
+                        (p for p in cgroup.rglob("*") if p.is_dir()),
+                        key=lambda p: len(p.parts),
+                        reverse=True,
+                    ):
                         directory.rmdir()
                     cgroup.rmdir()
         _remove_staging(staging)  # on problems, leave it: it is reported on next use

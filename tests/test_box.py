@@ -116,9 +116,14 @@ def test_is_a_separate_machine(box: Box) -> None:
     links = box.run(["ip", "-o", "link", "show"]).stdout.splitlines()
     assert [line.split(":")[1].strip() for line in links] == ["lo"]
     assert "127.0.0.1/8" in box.run(["ip", "-o", "addr", "show", "dev", "lo"]).stdout
-    for path, fstype in [("/", "overlayfs"), ("/run", "tmpfs"), ("/tmp", "tmpfs"),
-                         ("/var/tmp", "tmpfs"), ("/var/log", "tmpfs"),
-                         ("/sys/fs/cgroup", "cgroup2fs")]:
+    for path, fstype in [
+        ("/", "overlayfs"),
+        ("/run", "tmpfs"),
+        ("/tmp", "tmpfs"),
+        ("/var/tmp", "tmpfs"),
+        ("/var/log", "tmpfs"),
+        ("/sys/fs/cgroup", "cgroup2fs"),
+    ]:
         assert box.run(["stat", "-f", "-c", "%T", path]).stdout.strip() == fstype, path
     # Commands run in a scope unit of the box's systemd, so they have a cgroup in it.
     cgroup = box.run(["cat", "/proc/self/cgroup"]).stdout
