@@ -116,10 +116,12 @@ def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:
             f"{what} has socket type {type_}; port-broker serves stream "
             "(ListenStream=) and datagram (ListenDatagram=) sockets"
         )
-    address = format_address(family, sock.getsockname())
+    raw = sock.getsockname()
+    address = format_address(family, raw)
     if type_ == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise IntakeError(f"{what} ({address}) is a stream socket that is not listening")
-    if type_ == socket.SOCK_DGRAM and address.endswith(":0"):
+    # Unbound: port 0 (inet), or no address at all (unix); a path may well end in ":0".
+    if type_ == socket.SOCK_DGRAM and (raw[1] == 0 if isinstance(raw, tuple) else not raw):
         raise IntakeError(f"{what} is a datagram socket that is not bound to a port")
     if name == CONTROL_NAME and (family, type_) != (socket.AF_UNIX, socket.SOCK_STREAM):
         raise IntakeError(
@@ -212,11 +214,19 @@ def from_systemd() -> Intake:
     """Take the sockets systemd passed (LISTEN_FDS / LISTEN_FDNAMES).
 
     Raises:
-        IntakeError: if systemd passed none, or any of them cannot be served.
+        IntakeError: if systemd passed none, passed them malformed, or any of them
+            cannot be served.
     """
     from systemd import daemon  # noqa: PLC0415  (server-only dependency)
 
-    fds: dict[int, str] = daemon.listen_fds_with_names(unset_environment=True)
+    try:
+        fds: dict[int, str] = daemon.listen_fds_with_names(unset_environment=True)
+    except OSError as e:  # EINVAL: LISTEN_FDS not a positive number, or names miscounted
+        raise IntakeError(
+            f"systemd passed LISTEN_FDS={os.environ.get('LISTEN_FDS')!r} and "
+            f"LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES')!r}, which are not valid "
+            f"({e.strerror}): start the broker through its .socket units"
+        ) from None
     if not fds:
         raise IntakeError(
             "systemd passed no sockets (LISTEN_FDS is unset or 0): start the "
@@ -381,7 +391,7 @@ def drop_privileges(user: str) -> pwd.struct_passwd:
     """
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: int("²"), or a NUL in the name
         raise PrivilegeError(f"--user {user}: no such user") from None
     if entry.pw_uid == 0:
         raise PrivilegeError(f"--user {user}: is root; give an unprivileged user")

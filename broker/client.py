@@ -23,6 +23,7 @@ connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import time
@@ -149,6 +150,13 @@ def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Br
     for kind, hint in hints.items():
         if isinstance(error, kind):
             return BrokerUnavailable(f"{path}: {hint}")
+    if error.errno in (errno.EAGAIN, errno.ENOTCONN):
+        # connect() to a Unix socket whose queue is full fails with EAGAIN; trio takes
+        # that for "in progress", and the first send then fails with ENOTCONN.
+        return BrokerUnavailable(
+            f"{path}: the broker's connection queue is full: it is overloaded or stuck; "
+            "retry shortly"
+        )
     return BrokerUnavailable(f"{path}: {error.strerror or error}")
 
 
@@ -174,18 +182,34 @@ def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply
         raise
 
 
-def _granted(reply: Reply, fds: list[int]) -> list[Grant]:
-    """Turn an acquire reply into (name, socket) pairs, or raise its refusal."""
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _granted(reply: Reply, fds: list[int], path: str) -> list[Grant]:
+    """Turn an acquire reply from `path` into (name, socket) pairs, or raise its refusal.
+
+    Raises:
+        BrokerUnavailable: if the reply is not a grant, or carried an fd that is not a
+            socket (every fd is closed then).
+        RequestRefused: the broker's refusal.
+    """
     if isinstance(reply, Refusal):
         raise refusal(reply.code, reply.message)
     if not isinstance(reply, Granted):
-        for fd in fds:
-            os.close(fd)
-        raise BrokerUnavailable(f"expected an acquire reply, got {type(reply).__name__}")
+        _close_all(fds)
+        raise BrokerUnavailable(f"{path}: expected an acquire reply, got {type(reply).__name__}")
     grants: list[Grant] = []
     try:
         for info, fd in zip(reply.sockets, fds, strict=True):
-            grants.append((info.name, socket.socket(fileno=fd)))
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as e:
+                raise BrokerUnavailable(
+                    f"{path}: the reply carried an fd that is not a socket ({e.strerror})"
+                ) from None
+            grants.append((info.name, sock))
     except BaseException:
         for _, sock in grants:
             sock.close()
@@ -222,7 +246,7 @@ def acquire_many(
         RequestRefused: any other refusal (e.g. busy).
     """
     reply, fds = _exchange(Acquire(_names(names)), path, timeout)
-    return _granted(reply, fds)
+    return _granted(reply, fds, socket_path(path))
 
 
 def acquire(
@@ -257,11 +281,14 @@ def list_sockets(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -
     Raises:
         BrokerUnavailable, RequestRefused: as `acquire_many`.
     """
-    reply, _ = _exchange(ListSockets(), path, timeout)
+    reply, fds = _exchange(ListSockets(), path, timeout)
+    _close_all(fds)  # only a (wrong) acquire reply carries any
     if isinstance(reply, Refusal):
         raise refusal(reply.code, reply.message)
     if not isinstance(reply, Listing):
-        raise BrokerUnavailable(f"expected a list reply, got {type(reply).__name__}")
+        raise BrokerUnavailable(
+            f"{socket_path(path)}: expected a list reply, got {type(reply).__name__}"
+        )
     return list(reply.sockets)
 
 
@@ -272,11 +299,14 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
         AccessDenied: the caller is not allowed by the [status] rule.
         BrokerUnavailable, RequestRefused: as `acquire_many`.
     """
-    reply, _ = _exchange(Status(), path, timeout)
+    reply, fds = _exchange(Status(), path, timeout)
+    _close_all(fds)  # only a (wrong) acquire reply carries any
     if isinstance(reply, Refusal):
         raise refusal(reply.code, reply.message)
     if not isinstance(reply, StatusReport):
-        raise BrokerUnavailable(f"expected a status reply, got {type(reply).__name__}")
+        raise BrokerUnavailable(
+            f"{socket_path(path)}: expected a status reply, got {type(reply).__name__}"
+        )
     return dict(reply.report)
 
 
@@ -327,7 +357,8 @@ async def acquire_many_trio(
     import trio  # noqa: PLC0415
 
     reply, fds = await _exchange_trio(Acquire(_names(names)), path, timeout)
-    return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in _granted(reply, fds)]
+    grants = _granted(reply, fds, socket_path(path))
+    return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in grants]
 
 
 async def acquire_trio(
@@ -341,4 +372,4 @@ async def acquire_trio(
     import trio  # noqa: PLC0415
 
     reply, fds = await _exchange_trio(Acquire((name,)), path, timeout)
-    return trio.socket.from_stdlib_socket(_single(name, _granted(reply, fds)))
+    return trio.socket.from_stdlib_socket(_single(name, _granted(reply, fds, socket_path(path))))

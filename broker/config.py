@@ -19,16 +19,23 @@ Must never: be imported on the client path (it pulls in pydantic).
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from broker.errors import ConfigError
 from broker.policy import Policy, Rule
@@ -45,7 +52,7 @@ _UNIT_PATTERN: Final = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]+\.(service|scope)")
 
 
 def _resolve_id(entry: int | str, kind: str) -> int:
-    if isinstance(entry, int) or entry.isdigit():
+    if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
         number = int(entry)
         if not 0 <= number <= MAX_ID:
             raise ValueError(f"{kind} id {number} is out of range 0..{MAX_ID}")
@@ -66,8 +73,9 @@ class RuleSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    users: list[int | str] = Field(default_factory=list, description="user names or uids")
-    groups: list[int | str] = Field(default_factory=list, description="group names or gids")
+    # StrictInt: a TOML `true` or `1.0` is a mistake, not uid 1.
+    users: list[StrictInt | str] = Field(default_factory=list, description="user names or uids")
+    groups: list[StrictInt | str] = Field(default_factory=list, description="group names or gids")
     units: list[str] = Field(
         default_factory=list, description="systemd services/scopes, glob patterns allowed"
     )
@@ -104,6 +112,18 @@ class RuleSettings(BaseModel):
             gids=frozenset(_resolve_id(g, "group") for g in self.groups),
             units=tuple(self.units),
         )
+
+
+_ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("_ENVIRON")
+"""The `environ` of the `load()` in progress: what `_EnvironSource` reads."""
+
+
+class _EnvironSource(EnvSettingsSource):
+    """Overrides from `load()`'s `environ` argument (pydantic-settings reads os.environ)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # What pydantic-settings does with os.environ (keys folded: not case-sensitive).
+        return {key.lower(): value for key, value in _ENVIRON.get(os.environ).items()}
 
 
 class Settings(BaseSettings):
@@ -153,7 +173,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's contents arrive as init arguments; the environment overrides them.
-        return env_settings, init_settings
+        return _EnvironSource(settings_cls), init_settings
 
 
 @dataclass(frozen=True)
@@ -209,6 +229,10 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return None
 
 
+_JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"})
+"""Variables (and their `__` children) whose values are tables or lists, so JSON."""
+
+
 def _check_environment(environ: Mapping[str, str]) -> None:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     for variable in environ:
@@ -220,6 +244,27 @@ def _check_environment(environ: Mapping[str, str]) -> None:
                 f"environment variable {variable}: unknown setting; known: "
                 f"{', '.join(sorted(known | CLIENT_ENV))}"
             )
+        if head in _JSON_SETTINGS:  # else pydantic-settings raises, naming no variable
+            try:
+                json.loads(environ[variable])
+            except ValueError:
+                raise ConfigError(
+                    f"environment variable {variable}: not JSON; tables and lists are "
+                    f"given as JSON, e.g. {ENV_PREFIX}SOCKETS__HTTP__USERS='[\"nobody\"]'"
+                ) from None
+
+
+def _source_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """Return the `PORT_BROKER_*` variable in `environ` that set the key at `loc`, if any."""
+    key = [str(part).lower() for part in loc]
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+            continue
+        parts = variable.removeprefix(ENV_PREFIX).lower().split("__")
+        shorter = min(len(parts), len(key))  # one names the other's table, or the same key
+        if key and parts[:shorter] == key[:shorter]:
+            return variable
+    return None
 
 
 def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
@@ -247,20 +292,25 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         exists = False
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes before parsing; TOML is UTF-8
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     _check_environment(environ)
+    token = _ENVIRON.set(environ)
     try:
         settings = Settings(**data)
     except ValidationError as e:
         first = e.errors()[0]
         key = _key(tuple(first["loc"]))
         where = path
-        variable = ENV_PREFIX + str(first["loc"][0]).upper()
-        if any(v == variable or v.startswith(variable + "__") for v in environ):
+        variable = _source_variable(tuple(first["loc"]), environ)
+        if variable is not None:
             where = f"{path} (overridden by environment variable {variable})"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise ConfigError(f"{where}: {key}: {_describe(first)}{more}") from None
+    finally:
+        _ENVIRON.reset(token)
     policy = Policy(
         sockets={name: rule.to_rule() for name, rule in settings.sockets.items()},
         status=settings.status.to_rule(),

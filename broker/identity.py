@@ -24,7 +24,9 @@ from typing import Final
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)
 """Linux 6.5+: a pidfd for the process that connect()ed (asm-generic/socket.h)."""
 
-_UCRED: Final = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_UCRED: Final = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_NO_ID: Final = 2**32 - 1
+"""(uid_t)-1: what SO_PEERCRED reports for a socket with no peer credentials."""
 
 USER_CACHE_SECONDS: Final = 5.0
 """How long a uid's name and groups are reused: a group change reaches the policy within
@@ -173,6 +175,8 @@ def identify(fd: int, users: UserDatabase) -> Peer:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         pid, uid, gid = _UCRED.unpack(raw)
+        if uid == _NO_ID:  # unconnected, or not a Unix socket: no credentials to read
+            raise OSError(errno.ENOTCONN, "no peer credentials: not a connected Unix socket")
         unit, cgroup = _unit_and_cgroup(sock, pid)
     finally:
         sock.detach()

@@ -983,13 +983,20 @@ def run_intercepted(
             `check_supported`), or the process already runs under another supervisor.
         InterceptError: A held socket is unusable, or the program could not be started.
         OSError: exec failed (FileNotFoundError, PermissionError, ...).
-        ValueError: `argv` is empty, a `port_map` key is not a port, or we are not on
-            the main thread.
+        ValueError: `argv` is empty, a `port_map` key is not a port, or other threads
+            run in this process.
     """
     if not argv:
         raise ValueError("argv is empty: nothing to run")
     check_supported()
     described, mapping = _build_map(held, port_map)
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        # Another thread with SIGCHLD unblocked would take the signals our signalfd
+        # waits for, and the supervisor would wait for ever.
+        raise ValueError(
+            f"run_intercepted needs a single-threaded process; {threads} threads are running"
+        )
     code = _filter_program()
     program = ctypes.create_string_buffer(code, len(code))
     watched = {*_FORWARDED_SIGNALS, signal.SIGCHLD}

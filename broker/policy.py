@@ -30,10 +30,10 @@ class Rule:
     units: tuple[str, ...] = ()
 
     def match(self, peer: Peer) -> str | None:
-        """Return which entry allows `peer` ("users", "groups (gid 33)", …) or None."""
+        """Return which entry allows `peer` ("uid 33 is in users", …) or None."""
         if peer.uid in self.uids:
             return f"uid {peer.uid} is in users"
-        common = self.gids & peer.groups
+        common = self.gids & (peer.groups | {peer.gid})
         if common:
             return f"gid {min(common)} is in groups"
         if peer.unit is not None:

@@ -249,10 +249,20 @@ class Broker:
         Raises:
             OSError: if the reply cannot be sent; the connection should be dropped.
         """
-        if not isinstance(request, Acquire):
-            await _send(conn, encode_reply(self._inquire(request, peer)), [])
-            return
-        reply, fds, reasons = self._decide(request, peer)
+        try:
+            if isinstance(request, Acquire):
+                reply, fds, reasons = self._decide(request, peer)
+            else:
+                reply, fds, reasons = self._inquire(request, peer), [], []
+        except Exception as e:  # a bug of ours: say so (docs/protocol.md), keep serving
+            self.refusals[Code.INTERNAL] += 1
+            self.audit.log(
+                "error",
+                f"internal error answering {peer.describe()}: {e!r}",
+                EXCEPTION=traceback.format_exc(limit=20),
+            )
+            message = "the broker failed on this request; its log has the details"
+            reply, fds, reasons = Refusal(Code.INTERNAL, message), [], []
         await _send(conn, encode_reply(reply), fds)
         for name, reason in reasons:
             self.grants[name] += 1
@@ -286,6 +296,7 @@ class Broker:
                 fds.append(held_socket.sock.fileno())
                 infos.append(held_socket.info)
         if len(fds) > SCM_MAX_FD:
+            self.refusals[Code.MALFORMED] += 1
             message = f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request"
             return Refusal(Code.MALFORMED, message), [], []
         return Granted(tuple(infos)), fds, reasons

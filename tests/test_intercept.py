@@ -25,8 +25,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,22 +215,61 @@ def test_rejects_a_held_unix_socket() -> None:
         intercept.run_intercepted(["true"], [sock])
 
 
+def _in_a_fresh_process(code: str) -> None:
+    """Run `code` in a new single-threaded interpreter (run_intercepted takes over the
+    process's signals and children: the test process has threads of its own)."""
+    prelude = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_refuses_to_run_beside_other_threads() -> None:
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with pytest.raises(ValueError, match="single-threaded"):
+            intercept.run_intercepted(["true"], [])
+    finally:
+        stop.set()
+        other.join()
+
+
 @needs_kernel
 def test_exec_failure_raises_and_restores_the_process() -> None:
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    handler = signal.getsignal(signal.SIGCHLD)
-    with pytest.raises(FileNotFoundError):
-        intercept.run_intercepted(["/nonexistent/program"], [])
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
-    assert signal.getsignal(signal.SIGCHLD) is handler
-    assert _subreaper() == 0
+    _in_a_fresh_process("""
+        import signal
+        from broker import intercept
+        from test_intercept import _subreaper
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        handler = signal.getsignal(signal.SIGCHLD)
+        try:
+            intercept.run_intercepted(["/nonexistent/program"], [])
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("no FileNotFoundError")
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+        assert signal.getsignal(signal.SIGCHLD) is handler
+        assert _subreaper() == 0
+    """)
 
 
 @needs_kernel
 def test_returns_the_status_in_process() -> None:
-    assert intercept.run_intercepted(["sh", "-c", "exit 0"], []) == 0
-    assert intercept.run_intercepted(["sh", "-c", "exit 42"], []) == 42
-    assert _subreaper() == 0
+    _in_a_fresh_process("""
+        from broker import intercept
+        from test_intercept import _subreaper
+        assert intercept.run_intercepted(["sh", "-c", "exit 0"], []) == 0
+        assert intercept.run_intercepted(["sh", "-c", "exit 42"], []) == 42
+        assert _subreaper() == 0
+    """)
 
 
 @needs_kernel
@@ -249,7 +290,11 @@ def test_interception_does_not_nest(tmp_path: Path) -> None:
             """
         )
     )
-    assert intercept.run_intercepted([SYSTEM_PYTHON, "-I", str(script)], []) == 3
+    _in_a_fresh_process(f"""
+        from broker import intercept
+        status = intercept.run_intercepted([{SYSTEM_PYTHON!r}, "-I", {str(script)!r}], [])
+        assert status == 3, status
+    """)
     assert "do not nest" in out.read_text()
 
 

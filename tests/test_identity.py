@@ -1,0 +1,561 @@
+"""Tests for `broker.identity`: who is on the other end, from the kernel alone.
+
+Real Unix socket connections from real processes: this one, forked children that
+became other uids before connecting, children that exited before `identify` was called,
+and a child placed in a real cgroup2 `web.service`. The user database is the real one;
+its cache is tested against a real change of /etc/group, bind-mounted in a child's
+private mount namespace (the host's file is never touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import grp
+import json
+import os
+import pwd
+import select
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from broker.identity import Peer, UserDatabase, cgroup_of, identify, unit_from_cgroup
+
+WWW_DATA: Final = pwd.getpwnam("www-data")
+NOGROUP: Final = grp.getgrnam("nogroup").gr_gid
+ADM: Final = grp.getgrnam("adm").gr_gid
+UNNAMED_UID: Final = 61234
+"""A uid with no user-database entry (as under DynamicUser=)."""
+MAX_UID: Final = 2**32 - 2
+"""The largest uid: (uid_t)-1 means "no uid"."""
+EXTRA_GID: Final = 61999
+"""A gid added to www-data's groups in a private copy of /etc/group."""
+CHILD_TIMEOUT: Final = 30.0
+"""Seconds a forked child gets to connect, report or exit: it takes milliseconds; a hang
+should fail the test rather than stall the run."""
+CACHE_LIMIT: Final = 4096
+"""UserDatabase forgets everything once it holds more uids than this (identity.py)."""
+
+_CLONE_NEWNS: Final = 0x00020000
+_MS_BIND: Final = 4096
+_MS_REC: Final = 16384
+_MS_PRIVATE: Final = 1 << 18
+
+
+# --- forked peers ----------------------------------------------------------------------
+
+
+def wait_readable(fd: int, what: str) -> None:
+    ready, _, _ = select.select([fd], [], [], CHILD_TIMEOUT)
+    if not ready:
+        raise AssertionError(f"timed out after {CHILD_TIMEOUT} s waiting for {what}")
+
+
+class ForkedPeer:
+    """A child process connected to us; we hold the accepted end as `conn`.
+
+    The child stays connected and alive until `exit()`; it is reaped by `reap()` or at
+    the end of `forked_peer`, killed (by its pid, while still unreaped) only if it hangs.
+    """
+
+    def __init__(self, pid: int, conn: socket.socket, go: int) -> None:
+        self.pid = pid
+        self.conn = conn
+        self._go = go
+        self._pidfd = os.pidfd_open(pid)
+        self.reaped = False
+
+    def exit(self) -> None:
+        """Let the child exit and wait until it has (a zombie, not reaped)."""
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+        wait_readable(self._pidfd, f"child {self.pid} to exit")
+
+    def reap(self) -> int:
+        self.exit()
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        if not self.reaped:
+            try:
+                self.exit()
+            except AssertionError:
+                os.kill(self.pid, signal.SIGKILL)  # our own child, not yet reaped
+            os.waitpid(self.pid, 0)
+            self.reaped = True
+        os.close(self._pidfd)
+        self.conn.close()
+
+
+def _run_peer_child(
+    address: bytes, go: int, ready: int, become: Callable[[], None], stay: bool
+) -> None:
+    status = 1
+    try:
+        os.read(go, 1)  # wait until the parent has placed us (cgroup)
+        become()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(address)
+        os.write(ready, b"connected")
+        if stay:
+            os.read(go, 1)  # returns at EOF: when the parent lets us go
+        status = 0
+    except BaseException as e:
+        os.write(ready, f"child failed: {e!r}".encode())
+    finally:
+        os._exit(status)
+
+
+@contextlib.contextmanager
+def forked_peer(
+    become: Callable[[], None] = lambda: None,
+    place: Callable[[int], None] = lambda pid: None,
+    *,
+    stay: bool = True,
+) -> Iterator[ForkedPeer]:
+    """Fork a child that runs `become()`, connects to us, and stays until `exit()`.
+
+    Args:
+        become: Run in the child before it connects (change uid...).
+        place: Run in the parent with the child's pid before the child connects.
+        stay: False to have the child exit right after connecting.
+    """
+    address = f"\0pbtest-identity-{os.getpid()}".encode()  # abstract: any uid may connect
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(address)
+        server.listen()
+        server.settimeout(CHILD_TIMEOUT)
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.close(ready_r)
+            _run_peer_child(address, go_r, ready_w, become, stay)
+        os.close(go_r)
+        os.close(ready_w)
+        conn = None
+        try:
+            place(pid)
+            os.write(go_w, b"g")
+            wait_readable(ready_r, f"child {pid} to connect")
+            said = os.read(ready_r, 4096)
+            assert said == b"connected", said.decode(errors="replace")
+            conn, _ = server.accept()
+        except BaseException:
+            os.close(go_w)
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            os.close(ready_r)
+        peer = ForkedPeer(pid, conn, go_w)
+        try:
+            yield peer
+        finally:
+            peer.close()
+
+
+def become(uid: int, gid: int, groups: list[int]) -> Callable[[], None]:
+    def change() -> None:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+
+    return change
+
+
+def run_in_child(function: Callable[[], Any]) -> Any:
+    """Run `function` in a forked child and return its JSON-able result (or raise)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        status = 1
+        try:
+            result = json.dumps({"result": function()})
+            status = 0
+        except BaseException as e:
+            result = json.dumps({"error": repr(e)})
+        finally:
+            os.write(write_end, result.encode())
+            os._exit(status)
+    os.close(write_end)
+    try:
+        chunks = []
+        while True:
+            wait_readable(read_end, f"child {pid} to report")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    report = json.loads(b"".join(chunks))
+    if "error" in report:
+        raise AssertionError(f"in the child: {report['error']}")
+    return report["result"]
+
+
+def database_groups(user: pwd.struct_passwd) -> frozenset[int]:
+    return frozenset(os.getgrouplist(user.pw_name, user.pw_gid))
+
+
+# --- unit_from_cgroup ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "unit"),
+    [
+        ("/", None),
+        ("", None),
+        ("/system.slice", None),
+        ("/system.slice/web.service", "web.service"),
+        ("/system.slice/web.service/worker", "web.service"),
+        ("/system.slice/web.service/a/b/c.scope", "web.service"),
+        ("/user.slice/user-1000.slice/session-3.scope", "session-3.scope"),
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service", "user@1000.service"),
+        ("/machine.slice/machine-abc.scope/payload", "machine-abc.scope"),
+        ("/a.slice/b.slice/c.slice/deep.service", "deep.service"),
+        ("/web.service", "web.service"),
+        ("/init.scope", "init.scope"),
+        ("/system.slice/web.socket", None),
+        ("/system.slice/docker/abc", None),
+        ("/lxc.payload.c1/system.slice/web.service", None),
+        ("//system.slice//web.service//", "web.service"),
+        ("/system.slice/web.service.d/x", None),
+    ],
+)
+def test_unit_from_cgroup(path: str, unit: str | None) -> None:
+    assert unit_from_cgroup(path) == unit
+
+
+# --- cgroup_of ---------------------------------------------------------------------------
+
+
+def unified_line(pid: int) -> str:
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+
+
+def test_cgroup_of_this_process_is_its_unified_cgroup() -> None:
+    assert cgroup_of(os.getpid()) == unified_line(os.getpid())
+
+
+def test_cgroup_of_a_child_is_inherited() -> None:
+    with forked_peer() as child:
+        assert cgroup_of(child.pid) == cgroup_of(os.getpid())
+
+
+def test_cgroup_of_a_pid_that_cannot_exist_is_none() -> None:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert cgroup_of(pid_max + 1) is None
+    assert cgroup_of(0) is None
+
+
+# --- identify ----------------------------------------------------------------------------
+
+
+def test_identify_this_process() -> None:
+    address = f"\0pbtest-identify-self-{os.getpid()}".encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(address)
+        server.listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(address)
+            conn, _ = server.accept()
+            with conn:
+                peer = identify(conn.fileno(), UserDatabase())
+                me = pwd.getpwuid(os.geteuid())
+                cgroup = cgroup_of(os.getpid())
+                assert peer == Peer(
+                    pid=os.getpid(),
+                    uid=os.geteuid(),
+                    gid=os.getegid(),
+                    user=me.pw_name,
+                    groups=database_groups(me) | {os.getegid()},
+                    unit=unit_from_cgroup(cgroup or ""),
+                    cgroup=cgroup,
+                )
+                # The caller keeps its fd: still open, still connected.
+                conn.sendall(b"still here")
+                assert client.recv(16) == b"still here"
+
+
+def test_identify_a_socketpair() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        peer = identify(left.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())
+        os.fstat(left.fileno())
+
+
+def test_identify_refuses_a_pipe() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(OSError, match="Socket operation on non-socket"):
+            identify(read_end, UserDatabase())
+        os.fstat(read_end)  # not closed
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        (socket.AF_UNIX, socket.SOCK_STREAM),
+        (socket.AF_INET, socket.SOCK_STREAM),
+        (socket.AF_INET6, socket.SOCK_DGRAM),
+    ],
+    ids=["unconnected-unix", "tcp", "udp"],
+)
+def test_identify_refuses_a_socket_without_peer_credentials(family: int, kind: int) -> None:
+    # The kernel answers SO_PEERCRED for these too, with (uid_t)-1 for "nobody there".
+    with socket.socket(family, kind) as sock:
+        with pytest.raises(OSError, match="no peer credentials"):
+            identify(sock.fileno(), UserDatabase())
+        os.fstat(sock.fileno())  # not closed
+
+
+@pytest.mark.needs_root
+def test_identify_a_child_that_became_another_user() -> None:
+    # Its gid differs from www-data's own, and its supplementary groups (adm) are not
+    # www-data's in the user database: the gid counts, the process's own groups do not.
+    change = become(WWW_DATA.pw_uid, NOGROUP, [ADM])
+    with forked_peer(change) as child:
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid, peer.gid) == (child.pid, WWW_DATA.pw_uid, NOGROUP)
+        assert peer.user == "www-data"
+        assert peer.groups == database_groups(WWW_DATA) | {NOGROUP}
+        assert ADM not in peer.groups
+        assert peer.cgroup == cgroup_of(child.pid)
+        assert peer.describe().startswith(f"user www-data (uid {WWW_DATA.pw_uid}, pid {child.pid}")
+
+
+@pytest.mark.needs_root
+def test_identify_a_uid_with_no_user_entry() -> None:
+    with pytest.raises(KeyError):
+        pwd.getpwuid(UNNAMED_UID)
+    with forked_peer(become(UNNAMED_UID, UNNAMED_UID, [])) as child:
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.uid, peer.gid, peer.user) == (UNNAMED_UID, UNNAMED_UID, None)
+        assert peer.groups == frozenset({UNNAMED_UID})
+        assert peer.describe() == f"unnamed user (uid {UNNAMED_UID}, pid {child.pid})"
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("uid", [2**31, MAX_UID], ids=["2^31", "max"])
+def test_identify_uids_beyond_the_signed_range(uid: int) -> None:
+    # uid_t is unsigned: ids up to 2^32-2 are valid (user namespaces use high ranges).
+    with forked_peer(become(uid, uid, [])) as child:
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid, peer.gid) == (child.pid, uid, uid)
+        assert peer.groups == frozenset({uid})
+
+
+@pytest.mark.needs_root
+def test_credentials_are_those_of_connect_time() -> None:
+    # The child connects as www-data; what it does afterwards changes nothing.
+    with forked_peer(become(WWW_DATA.pw_uid, WWW_DATA.pw_gid, [])) as child:
+        child.exit()
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid) == (child.pid, WWW_DATA.pw_uid)
+
+
+def test_a_peer_that_exited_has_no_unit_and_no_cgroup() -> None:
+    with forked_peer(stay=False) as child:
+        child.exit()  # a zombie: /proc/PID/cgroup still reads, but the pidfd says exited
+        assert cgroup_of(child.pid) is not None
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid, peer.gid) == (child.pid, os.geteuid(), os.getegid())
+        assert (peer.unit, peer.cgroup) == (None, None)
+        assert child.reap() == 0
+        peer = identify(child.conn.fileno(), UserDatabase())  # reaped: pid may be reused
+        assert (peer.pid, peer.uid) == (child.pid, os.geteuid())
+        assert (peer.unit, peer.cgroup) == (None, None)
+
+
+# --- identify in a real cgroup -------------------------------------------------------------
+
+
+def cgroup2_mount() -> Path | None:
+    """The mount point of the cgroup2 hierarchy, if it is mounted at its root."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if rest.split()[0] == "cgroup2" and parts[3] == "/":
+            return Path(parts[4])
+    return None
+
+
+@pytest.fixture
+def cgroup_root() -> Path:
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 hierarchy is mounted here")
+    if not os.access(mount / "cgroup.procs", os.W_OK):
+        pytest.skip(f"{mount} is not writable here")
+    if cgroup_of(os.getpid()) is None:
+        pytest.skip("this process has no cgroup2 entry")
+    return mount
+
+
+@contextlib.contextmanager
+def made_cgroup(root: Path, *parts: str) -> Iterator[tuple[Path, str]]:
+    """Create root/parts... and yield it and its cgroup path; processes left in it are
+    moved back to the root and the directories removed afterwards."""
+    created: list[Path] = []
+    try:
+        path = root
+        for part in parts:
+            path = path / part
+            try:
+                path.mkdir()
+            except OSError as e:
+                pytest.skip(f"cannot create a cgroup here: {e}")
+            created.append(path)
+        yield path, "/" + "/".join(parts)
+    finally:
+        for made in reversed(created):
+            for pid in (made / "cgroup.procs").read_text().split():
+                (root / "cgroup.procs").write_text(pid)
+            made.rmdir()
+
+
+def placer(cgroup: Path) -> Callable[[int], None]:
+    def place(pid: int) -> None:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+
+    return place
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize(
+    ("leaf", "unit"),
+    [
+        (("web.service",), "web.service"),
+        (("web.service", "worker"), "web.service"),
+        (("app-7.scope",), "app-7.scope"),
+        (("inner.slice", "deep.service"), "deep.service"),
+        (("not-a-unit",), None),
+    ],
+)
+def test_identify_a_peer_in_a_real_cgroup(
+    cgroup_root: Path, leaf: tuple[str, ...], unit: str | None
+) -> None:
+    with (
+        made_cgroup(cgroup_root, f"pbtest-{os.getpid()}.slice", *leaf) as (path, name),
+        forked_peer(place=placer(path)) as child,
+    ):
+        assert cgroup_of(child.pid) == name
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.unit, peer.cgroup) == (unit, name)
+        if unit:
+            assert f"unit {unit}" in peer.describe()
+
+
+@pytest.mark.needs_root
+def test_a_peer_that_left_its_service_is_not_credited_to_it(cgroup_root: Path) -> None:
+    # The zombie's /proc entry still says web.service; the pidfd check must win.
+    change = become(WWW_DATA.pw_uid, WWW_DATA.pw_gid, [])
+    with (
+        made_cgroup(cgroup_root, f"pbtest-{os.getpid()}.slice", "web.service") as (path, name),
+        forked_peer(change, place=placer(path), stay=False) as child,
+    ):
+        child.exit()
+        assert cgroup_of(child.pid) == name
+        peer = identify(child.conn.fileno(), UserDatabase())
+        assert (peer.pid, peer.uid, peer.user) == (child.pid, WWW_DATA.pw_uid, "www-data")
+        assert (peer.unit, peer.cgroup) == (None, None)
+
+
+# --- the user database ---------------------------------------------------------------------
+
+
+def test_lookup_of_a_real_user() -> None:
+    users = UserDatabase()
+    assert users.lookup(0) == ("root", database_groups(pwd.getpwuid(0)))
+    assert users.lookup(WWW_DATA.pw_uid) == ("www-data", database_groups(WWW_DATA))
+
+
+def test_lookup_of_a_uid_with_no_entry() -> None:
+    assert UserDatabase().lookup(UNNAMED_UID) == (None, frozenset())
+
+
+def with_private_group_file(
+    copy: Path, extra_line: str, body: Callable[[Callable[[], None]], Any]
+) -> Callable[[], Any]:
+    """For a child: enter a private mount namespace, then run `body(change)`, where
+    `change()` bind-mounts `copy` (/etc/group plus `extra_line`) over /etc/group."""
+
+    def run() -> Any:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(_CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+        if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+
+        def change() -> None:
+            copy.write_text(Path("/etc/group").read_text() + extra_line)
+            if libc.mount(bytes(copy), b"/etc/group", None, _MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount --bind over /etc/group")
+
+        return body(change)
+
+    return run
+
+
+@pytest.mark.needs_root
+def test_user_database_caches_for_its_ttl_and_then_looks_again(tmp_path: Path) -> None:
+    name, uid = WWW_DATA.pw_name, WWW_DATA.pw_uid
+
+    def body(change: Callable[[], None]) -> dict[str, list[int]]:
+        cached, fresh = UserDatabase(ttl=3600.0), UserDatabase(ttl=0.0)
+        before = [sorted(cached.lookup(uid)[1]), sorted(fresh.lookup(uid)[1])]
+        change()
+        return {
+            "before": before[0],
+            "before_fresh": before[1],
+            "cached": sorted(cached.lookup(uid)[1]),
+            "fresh": sorted(fresh.lookup(uid)[1]),
+            "new": sorted(UserDatabase().lookup(uid)[1]),
+        }
+
+    line = f"pbtest:x:{EXTRA_GID}:{name}\n"
+    seen = run_in_child(with_private_group_file(tmp_path / "group", line, body))
+    original = sorted(database_groups(WWW_DATA))
+    assert seen["before"] == seen["before_fresh"] == original
+    assert seen["new"] == sorted({*original, EXTRA_GID})  # the change is real...
+    assert seen["cached"] == original  # ...but within the ttl the cache answers
+    assert seen["fresh"] == sorted({*original, EXTRA_GID})  # ttl 0: always asks again
+    assert EXTRA_GID not in database_groups(WWW_DATA)  # the host's file is untouched
+
+
+@pytest.mark.needs_root
+def test_user_database_forgets_everything_past_its_size_limit(tmp_path: Path) -> None:
+    name, uid = WWW_DATA.pw_name, WWW_DATA.pw_uid
+    others = iter(range(UNNAMED_UID, UNNAMED_UID + 2 * CACHE_LIMIT))
+
+    def body(change: Callable[[], None]) -> dict[str, bool]:
+        users = UserDatabase(ttl=3600.0)
+        users.lookup(uid)
+        change()
+        for _ in range(CACHE_LIMIT - 1):  # the cache now holds CACHE_LIMIT uids
+            users.lookup(next(others))
+        still_cached = EXTRA_GID not in users.lookup(uid)[1]
+        users.lookup(next(others))  # CACHE_LIMIT + 1: the next new uid clears it
+        users.lookup(next(others))
+        return {"still_cached": still_cached, "forgot": EXTRA_GID in users.lookup(uid)[1]}
+
+    line = f"pbtest:x:{EXTRA_GID}:{name}\n"
+    seen = run_in_child(with_private_group_file(tmp_path / "group", line, body))
+    assert seen == {"still_cached": True, "forgot": True}

@@ -1,0 +1,1215 @@
+"""The broker's trio loops (broker/server.py), run in this process on real sockets.
+
+A real `Broker` serves a real listening AF_UNIX control socket and holds real TCP
+(IPv4 and IPv6) and UDP sockets on loopback; clients are raw trio sockets, the library
+client (trio, or sync in a thread), or real processes of another uid. Deadlines run on
+trio's MockClock with autojump where a test waits for one, so a 5 s timeout costs
+nothing. Because the broker runs in this process, /proc/self/fd counts its fds too.
+
+Also here: the audit trail (broker/audit.py), whose lines the broker writes to stderr.
+
+The in-process broker (`running_broker`) and the fd helpers are imported by
+test_client, test_launcher and test_cli.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import functools
+import io
+import itertools
+import json
+import os
+import pwd
+import re
+import resource
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+
+import pytest
+import trio
+import trio.testing
+from support import NOBODY, START_TIMEOUT, SYSTEM_PYTHON, as_user
+
+from broker import __version__, client
+from broker.activation import BACKLOG, HeldSocket, Intake, inspect
+from broker.audit import Audit
+from broker.config import Config
+from broker.errors import AccessDenied, RequestRefused
+from broker.identity import Peer, cgroup_of, unit_from_cgroup
+from broker.policy import Decision, Policy, Rule
+from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
+from broker.server import RECENT_EVENTS, SHUTDOWN_GRACE, STATUS_INTERVAL, Broker
+
+CONFIG_PATH: Final = "/etc/port-broker/test-broker.toml"
+"""Only named in messages: the policy is built here, never read from a file."""
+CLIENT_TIMEOUT: Final = 5.0
+"""The default client_timeout. Tests that wait for it run on the autojump clock."""
+LONG_TIMEOUT: Final = 600.0
+"""client_timeout for tests on the real clock whose idle clients must stay connected for
+the whole test; no test waits for it."""
+UID: Final = os.geteuid()
+GID: Final = os.getegid()
+USER: Final = pwd.getpwuid(UID).pw_name
+"""Who this test process is (root in CI, but nothing here depends on it unless marked)."""
+ME: Final = Rule(uids=frozenset({UID}))
+DEFAULT_RULES: Final[Mapping[str, Rule]] = {
+    "http": ME,
+    "dual": ME,
+    "dns": Rule(gids=frozenset({GID})),
+    "secret": Rule(uids=frozenset({NOBODY})),
+    # "norule" is held but has no rule: nobody may have it.
+}
+HELD_NAMES: Final = "dns, dual, http, norule, secret"
+ANCILLARY: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+
+LIST: Final = b'{"v":1,"op":"list"}\n'
+STATUS: Final = b'{"v":1,"op":"status"}\n'
+
+
+def acquire_line(*names: str) -> bytes:
+    return json.dumps({"v": 1, "op": "acquire", "names": list(names)}).encode() + b"\n"
+
+
+# --- sockets and fds --------------------------------------------------------------
+
+
+def tcp_listener(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on an ephemeral port of `host`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def udp_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A UDP socket bound to an ephemeral port of `host`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def default_held() -> dict[str, list[socket.socket]]:
+    """http (IPv4), dual (IPv4 + IPv6), dns (UDP), secret (nobody's), norule (no rule)."""
+    held: dict[str, list[socket.socket]] = {}
+    try:
+        for name, make, host in (
+            ("http", tcp_listener, "127.0.0.1"),
+            ("dual", tcp_listener, "127.0.0.1"),
+            ("dual", tcp_listener, "::1"),
+            ("dns", udp_socket, "127.0.0.1"),
+            ("secret", tcp_listener, "127.0.0.1"),
+            ("norule", tcp_listener, "127.0.0.1"),
+        ):
+            held.setdefault(name, []).append(make(host))
+    except BaseException:
+        for socks in held.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return held
+
+
+def ino(sock: socket.socket | int) -> int:
+    """The socket's inode: equal for two fds of the same open socket, and only then."""
+    return os.fstat(sock if isinstance(sock, int) else sock.fileno()).st_ino
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open fds and what each is (readlink of /proc/self/fd/N)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        # FileNotFoundError: the fd os.listdir itself had open, closed by now.
+        with contextlib.suppress(FileNotFoundError):
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return found
+
+
+async def settled_fds() -> dict[int, str]:
+    """`open_fds()` once every task (the broker's too) is blocked: it has closed what a
+    finished client left it."""
+    await trio.testing.wait_all_tasks_blocked()
+    return open_fds()
+
+
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+SocketT = TypeVar("SocketT", bound=Closable)
+
+
+@contextlib.contextmanager
+def owned(socks: Sequence[SocketT]) -> Iterator[Sequence[SocketT]]:
+    """Close every socket in `socks` afterwards."""
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class Wire:
+    """A raw control connection: bytes (and fds) out, reply lines and fds in."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.pending = b""
+
+    @classmethod
+    async def open(cls, path: str) -> Wire:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def __aenter__(self) -> Wire:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        view = memoryview(data)
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            view = view[await self.sock.sendmsg([view], ancillary) :]
+        while view:
+            view = view[await self.sock.send(view) :]
+
+    async def reply(self) -> tuple[dict[str, Any], list[socket.socket]]:
+        """Read one reply line; return it parsed, with the fds that came with it."""
+        fds: list[int] = []
+        while b"\n" not in self.pending:
+            data, ancdata, flags, _ = await self.sock.recvmsg(65536, ANCILLARY)
+            fds += fds_from(ancdata)
+            if not data or flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise AssertionError(f"no complete reply: {self.pending!r}, flags {flags}")
+            self.pending += data
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line), [socket.socket(fileno=fd) for fd in fds]
+
+    async def request(self, data: bytes) -> dict[str, Any]:
+        """Send `data`, return the reply; it must carry no fds."""
+        await self.send(data)
+        reply, fds = await self.reply()
+        with owned(fds):
+            assert fds == [], reply
+        return reply
+
+    async def rest(self) -> bytes:
+        """Everything else the broker sends until it closes; it must carry no fds."""
+        data = self.pending
+        while True:
+            try:
+                chunk, ancdata, _, _ = await self.sock.recvmsg(65536, ANCILLARY)
+            except ConnectionResetError:  # it closed with our bytes still unread
+                return data
+            assert fds_from(ancdata) == []
+            if not chunk:
+                return data
+            data += chunk
+
+
+# --- the broker under test --------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A broker serving in this process.
+
+    Attributes:
+        broker: The `Broker`.
+        path: Its control socket.
+        held: The sockets it holds, by name (owned by its intake).
+        stopped: Set when `serve` has ended, for whatever reason.
+        returned: True if `serve` returned by itself (SIGTERM), not cancelled.
+    """
+
+    broker: Broker
+    path: str
+    held: dict[str, list[socket.socket]]
+    stopped: trio.Event = field(default_factory=trio.Event)
+    returned: bool = False
+
+    def inos(self, *names: str) -> list[int]:
+        return [ino(sock) for name in names for sock in self.held[name]]
+
+
+_broker_numbers = itertools.count()
+
+
+def make_intake(control: socket.socket, held: Mapping[str, Sequence[socket.socket]]) -> Intake:
+    return Intake(
+        control=control,
+        held={
+            name: [
+                HeldSocket(name, sock, inspect(sock, name, f"test socket {name}")) for sock in socks
+            ]
+            for name, socks in held.items()
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    directory: Path,
+    *,
+    held: Mapping[str, Sequence[socket.socket]] | None = None,
+    rules: Mapping[str, Rule] = DEFAULT_RULES,
+    status: Rule = ME,
+    policy: Policy | None = None,
+    max_connections: int = 64,
+    client_timeout: float = CLIENT_TIMEOUT,
+) -> AsyncIterator[Served]:
+    """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
+
+    The body must finish within START_TIMEOUT seconds (virtual ones on a MockClock).
+
+    The control socket is `directory`/brokerN.sock, mode 0666 (as port-broker.socket),
+    so processes of other uids can connect when `directory` is world-readable.
+    """
+    sockets = default_held() if held is None else {k: list(v) for k, v in held.items()}
+    path = directory / f"broker{next(_broker_numbers)}.sock"
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    intake = Intake(control=control)
+    try:
+        control.bind(str(path))
+        path.chmod(0o666)
+        control.listen(BACKLOG)
+        intake = make_intake(control, sockets)
+        config = Config(
+            path=CONFIG_PATH,
+            exists=True,
+            policy=policy or Policy(sockets=rules, status=status, source=CONFIG_PATH),
+            max_connections=max_connections,
+            client_timeout=client_timeout,
+        )
+        served = Served(Broker(intake, config, Audit(journal=False)), str(path), sockets)
+
+        async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await served.broker.serve(task_status=task_status)
+                served.returned = True
+            finally:
+                served.stopped.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            with trio.fail_after(START_TIMEOUT):  # a hang fails the test, on either clock
+                yield served
+            nursery.cancel_scope.cancel()
+    finally:
+        intake.close()
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
+        path.unlink(missing_ok=True)
+
+
+def public_dir(public_root: Path) -> Path:
+    """A fresh world-readable directory with a short path (Unix socket paths end at 107
+    bytes; conftest's `workdir` is named after the test, which parametrized tests share)."""
+    path = Path(tempfile.mkdtemp(prefix="t", dir=public_root))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def rundir(public_root: Path) -> Path:
+    return public_dir(public_root)
+
+
+@pytest.fixture(autouse=True)
+def no_systemd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker must not talk to a systemd that happens to run these tests."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def audit_fields(line: str) -> dict[str, str]:
+    """The key=value fields of one audit line (values unquoted)."""
+    fields = {}
+    for key, raw in re.findall(r' ([a-z_]+)=("(?:[^"\\]|\\.)*"|\S+)', line):
+        # The audit's quoting is a subset of JSON's string syntax.
+        fields[key] = json.loads(raw, strict=False) if raw.startswith('"') else raw
+    return fields
+
+
+def audit_lines(err: str, needle: str) -> list[str]:
+    return [line for line in err.splitlines() if needle in line]
+
+
+# --- grants -----------------------------------------------------------------------
+
+
+async def test_a_grant_passes_the_very_same_listening_socket(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        sock = await trio.to_thread.run_sync(
+            functools.partial(client.acquire, "http", path=served.path)
+        )
+        with sock:
+            held = served.held["http"][0]
+            assert sock.fileno() != held.fileno()
+            assert sock.getsockname() == held.getsockname()
+            assert ino(sock) == ino(held)  # one socket, two fds
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+            # A connection to that port is accepted on the received fd: the kernel
+            # carries it, the broker sees nothing of it.
+            with socket.create_connection(held.getsockname(), timeout=START_TIMEOUT) as outside:
+                sock.settimeout(START_TIMEOUT)
+                conn, address = sock.accept()
+                with conn:
+                    assert address == outside.getsockname()
+                    outside.sendall(b"ping")
+                    assert conn.recv(4) == b"ping"
+
+
+async def test_two_names_arrive_in_order_as_one_scm_rights_on_the_first_byte(
+    rundir: Path,
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        await wire.send(acquire_line("dual", "http"))
+        first, ancdata, _, _ = await wire.sock.recvmsg(1, ANCILLARY)
+        with owned([socket.socket(fileno=fd) for fd in fds_from(ancdata)]) as fds:
+            assert first == b"{"
+            assert [ino(s) for s in fds] == served.inos("dual", "http")
+        wire.pending = first
+        reply, more = await wire.reply()
+        with owned(more):
+            assert more == []  # no second SCM_RIGHTS message
+        dual4, dual6, http = (s.getsockname() for s in served.held["dual"] + served.held["http"])
+        assert reply == {
+            "v": 1,
+            "ok": True,
+            "op": "acquire",
+            "sockets": [
+                {
+                    "name": "dual",
+                    "family": "inet",
+                    "type": "stream",
+                    "address": f"127.0.0.1:{dual4[1]}",
+                },
+                {
+                    "name": "dual",
+                    "family": "inet6",
+                    "type": "stream",
+                    "address": f"[::1]:{dual6[1]}",
+                },
+                {
+                    "name": "http",
+                    "family": "inet",
+                    "type": "stream",
+                    "address": f"127.0.0.1:{http[1]}",
+                },
+            ],
+        }
+
+
+async def test_acquire_many_gives_stream_and_datagram_sockets_in_request_order(
+    rundir: Path,
+) -> None:
+    async with running_broker(rundir) as served:
+        grants = await client.acquire_many_trio(["dns", "http"], path=served.path)
+        names = [name for name, _ in grants]
+        socks = [socket.socket(fileno=sock.detach()) for _, sock in grants]
+        with owned(socks):
+            assert names == ["dns", "http"]
+            assert [ino(s) for s in socks] == served.inos("dns", "http")
+            assert [s.type for s in socks] == [socket.SOCK_DGRAM, socket.SOCK_STREAM]
+            # The datagram socket receives what is sent to the held port.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"query", served.held["dns"][0].getsockname())
+            socks[0].settimeout(START_TIMEOUT)
+            assert socks[0].recvfrom(16)[0] == b"query"
+
+
+async def test_a_name_held_as_ipv4_and_ipv6_gives_both(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        grants = await trio.to_thread.run_sync(
+            functools.partial(client.acquire_many, ["dual"], path=served.path)
+        )
+        with owned([sock for _, sock in grants]) as socks:
+            assert [name for name, _ in grants] == ["dual", "dual"]
+            assert [s.family for s in socks] == [socket.AF_INET, socket.AF_INET6]
+            assert [ino(s) for s in socks] == served.inos("dual")
+            for sock in socks:  # each accepts on its own address
+                sock.settimeout(START_TIMEOUT)
+                with socket.create_connection(sock.getsockname()[:2], timeout=START_TIMEOUT):
+                    conn, _ = sock.accept()
+                    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("names", "code"),
+    [
+        (("http", "secret"), "denied"),
+        (("secret", "http"), "denied"),
+        (("dual", "norule"), "denied"),
+        (("http", "dual", "nope"), "unknown-socket"),
+    ],
+)
+async def test_all_or_none_a_refused_name_means_no_fd_at_all(
+    rundir: Path, names: tuple[str, ...], code: str
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        before = await settled_fds()
+        await wire.send(acquire_line(*names))
+        reply, fds = await wire.reply()
+        with owned(fds):
+            assert fds == []
+        assert (reply["ok"], reply["code"]) == (False, code)
+        assert await settled_fds() == before
+        assert served.broker.grants.total() == 0
+        # Nothing was granted, so nothing is reported as granted.
+        report = (await wire.request(STATUS))["status"]
+        assert report["grants"] == 0
+        assert [event["decision"] for event in report["recent"]] == ["deny"]
+
+
+async def test_unknown_socket_lists_what_the_broker_holds(rundir: Path) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        reply = await wire.request(acquire_line("nope"))
+        assert reply == {
+            "v": 1,
+            "ok": False,
+            "code": "unknown-socket",
+            "message": f"no socket named 'nope' (the broker holds: {HELD_NAMES})",
+        }
+        # The connection stays open for the next request.
+        assert (await wire.request(LIST))["ok"] is True
+
+
+# --- refusals on the wire ---------------------------------------------------------
+
+PADDED_LIST: Final = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b"}\n"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "words"),
+    [
+        (b"not json\n", "malformed", "message is not JSON"),
+        (b"\xff\xfe\n", "malformed", "message is not UTF-8"),
+        (b"[1]\n", "malformed", "message is not a JSON object"),
+        (b'{"v":1,"op":"list","x":1}\n', "malformed", "list request has unknown key(s): x"),
+        (acquire_line("http", "http"), "malformed", "acquire names a socket twice"),
+        (acquire_line("no/slash"), "malformed", "'no/slash' is not a valid socket name"),
+        (b'{"v":2,"op":"list"}\n', "unsupported-version", "protocol version 2 is not supported"),
+        (b'{"v":1,"op":"grab"}\n', "unknown-operation", "unknown operation 'grab'"),
+        (b"x" * MAX_REQUEST_BYTES, "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
+        (b"x" * 5000 + b"\n", "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
+        (PADDED_LIST[:-2] + b" }\n", "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
+    ],
+)
+async def test_a_protocol_error_is_refused_with_its_code_then_the_connection_closes(
+    rundir: Path, capsys: pytest.CaptureFixture[str], payload: bytes, code: str, words: str
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        # A valid request queued behind the bad one is never answered.
+        await wire.send(payload + LIST)
+        reply, fds = await wire.reply()
+        with owned(fds):
+            assert fds == []
+        assert reply["v"] == 1
+        assert reply["ok"] is False
+        assert reply["code"] == code
+        assert words in reply["message"]
+        assert await wire.rest() == b""
+        assert served.broker.refusals == {code: 1}
+        (line,) = audit_lines(capsys.readouterr().err, f"refused {me()}")
+        fields = audit_fields(line)
+        assert (fields["refusal_code"], fields["peer_uid"]) == (code, str(UID))
+        assert fields["peer_pid"] == str(os.getpid())
+
+
+async def test_a_request_of_exactly_the_size_limit_is_served(rundir: Path) -> None:
+    assert len(PADDED_LIST) == MAX_REQUEST_BYTES
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        assert (await wire.request(PADDED_LIST))["op"] == "list"
+        assert (await wire.request(LIST))["op"] == "list"
+
+
+async def test_denied_names_the_peer_the_socket_and_the_rule(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        reply = await wire.request(acquire_line("secret"))
+        assert reply["code"] == "denied"
+        assert reply["message"] == (
+            f"{me()} may not acquire socket 'secret': "
+            f"not in users, groups or units of [sockets.secret] in {CONFIG_PATH}"
+        )
+        reply = await wire.request(acquire_line("norule"))
+        assert reply["code"] == "denied"
+        assert f"{CONFIG_PATH} has no [sockets.norule] rule, so nobody may" in reply["message"]
+        # Still open, and still serving this peer what it may have.
+        await wire.send(acquire_line("http"))
+        granted, fds = await wire.reply()
+        with owned(fds):
+            assert granted["ok"] is True
+            assert len(fds) == 1
+    err = capsys.readouterr().err
+    assert len(audit_lines(err, "denied socket")) == 2
+
+
+def my_unit() -> str | None:
+    """The systemd unit this process runs in, if any, as the broker finds it."""
+    path = cgroup_of(os.getpid())
+    return unit_from_cgroup(path) if path else None
+
+
+def me() -> str:
+    """How the broker describes this process (`Peer.describe`)."""
+    unit = my_unit()
+    return f"user {USER} (uid {UID}, pid {os.getpid()}{f', unit {unit}' if unit else ''})"
+
+
+async def test_status_is_refused_to_peers_outside_the_status_rule(rundir: Path) -> None:
+    nobody_reads = Rule(uids=frozenset({NOBODY}))
+    async with (
+        running_broker(rundir, status=nobody_reads) as served,
+        await Wire.open(served.path) as wire,
+    ):
+        reply = await wire.request(STATUS)
+        assert reply["code"] == "denied"
+        assert reply["message"].endswith(
+            f"may not read the broker's status: not in users, groups or units of [status] "
+            f"in {CONFIG_PATH}"
+        )
+        assert (await wire.request(LIST))["ok"] is True  # still open
+        assert served.broker.refusals == {"denied": 1}
+        assert served.broker.denials.total() == 0  # not a socket denial
+
+
+async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> None:
+    async with running_broker(rundir, max_connections=2, client_timeout=LONG_TIMEOUT) as served:
+        first = await Wire.open(served.path)
+        second = await Wire.open(served.path)
+        async with first, second:
+            await trio.testing.wait_all_tasks_blocked()
+            assert served.broker.active == 2
+            async with await Wire.open(served.path) as third:
+                await third.send(LIST)  # never read
+                reply, fds = await third.reply()
+                with owned(fds):
+                    assert fds == []
+                assert reply == {
+                    "v": 1,
+                    "ok": False,
+                    "code": "busy",
+                    "message": "the broker is serving its limit of 2 connections; retry shortly",
+                }
+                assert await third.rest() == b""
+            # The two connected clients are served as usual meanwhile.
+            assert (await first.request(LIST))["ok"] is True
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.broker.active == 0
+        # With room again, the next client is served.
+        with await client.acquire_trio("http", path=served.path):
+            pass
+        assert served.broker.refusals == {"busy": 1}
+        assert served.broker.connections == 4
+
+
+async def test_a_silent_client_is_refused_with_timeout_after_client_timeout(
+    rundir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        start = trio.current_time()
+        reply, fds = await wire.reply()
+        with owned(fds):
+            assert fds == []
+        assert trio.current_time() - start == pytest.approx(CLIENT_TIMEOUT)
+        assert reply == {
+            "v": 1,
+            "ok": False,
+            "code": "timeout",
+            "message": "no complete request within 5 seconds",
+        }
+        assert await wire.rest() == b""
+        assert served.broker.refusals == {"timeout": 1}
+
+
+async def test_the_deadline_is_per_request_and_counts_a_half_sent_request(
+    rundir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        running_broker(rundir, client_timeout=2.5) as served,
+        await Wire.open(served.path) as wire,
+    ):
+        # Slow, but every request complete within 2.5 s: all served.
+        for _ in range(3):
+            await trio.sleep(2.4)
+            assert (await wire.request(LIST))["ok"] is True
+        for byte in LIST[:-1]:  # 19 bytes 0.1 s apart: 1.9 s in all
+            await wire.send(bytes([byte]))
+            await trio.sleep(0.1)
+        assert (await wire.request(b"\n"))["ok"] is True
+        # Half a request, then silence: refused 2.5 s after the last reply.
+        start = trio.current_time()
+        await wire.send(LIST[:10])
+        reply, _ = await wire.reply()
+        assert trio.current_time() - start == pytest.approx(2.5)
+        assert reply["code"] == "timeout"
+        assert reply["message"] == "no complete request within 2.5 seconds"
+        assert await wire.rest() == b""
+
+
+async def test_silent_half_sent_garbage_and_vanishing_clients_do_not_stop_a_legitimate_one(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_broker(rundir, client_timeout=LONG_TIMEOUT) as served:
+        baseline = await settled_fds()
+        bad = []
+        for payload in (b"", b'{"v":1,"op":"acq', b"\x00garbage\n", acquire_line("http")):
+            # Plain blocking sockets: connect and send complete without the broker
+            # running, so the vanishing one is gone before the broker reads it.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(served.path)
+            sock.sendall(payload)
+            bad.append(sock)
+        bad.pop().close()  # the vanishing one: its request is answered to nobody
+
+        sock = await trio.to_thread.run_sync(
+            functools.partial(client.acquire, "http", path=served.path, timeout=START_TIMEOUT)
+        )
+        sock.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.broker.active == 2  # the silent and the half-sent one wait
+        err = capsys.readouterr().err
+        assert len(audit_lines(err, "granted socket 'http'")) == 1  # only the legitimate one
+        (dropped,) = audit_lines(err, f"dropped {me()}")
+        assert dropped.endswith(": Broken pipe")
+        for sock in bad:
+            sock.close()
+        assert await settled_fds() == baseline
+        assert served.broker.active == 0
+        assert served.broker.grants == {"http": 1}
+
+
+async def test_fds_sent_to_the_broker_are_not_kept(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        baseline = await settled_fds()
+        pipes = [os.pipe() for _ in range(8)]
+        try:
+            async with await Wire.open(served.path) as wire:
+                # With a valid request, with a refused one, and with half a request.
+                await wire.send(LIST, fds=[w for _, w in pipes[:3]])
+                assert (await wire.reply())[0]["ok"] is True
+                await wire.send(acquire_line("nope"), fds=[w for _, w in pipes[3:5]])
+                assert (await wire.reply())[0]["code"] == "unknown-socket"
+                await wire.send(b'{"v":1,', fds=[w for _, w in pipes[5:]])
+                await trio.testing.wait_all_tasks_blocked()  # the broker has read it
+            for _, write_end in pipes:
+                os.close(write_end)
+            # Every write end is closed everywhere: each pipe reads as ended.
+            for read_end, _ in pipes:
+                os.set_blocking(read_end, False)
+                assert os.read(read_end, 1) == b""
+        finally:
+            for read_end, _ in pipes:
+                os.close(read_end)
+        assert await settled_fds() == baseline
+
+
+async def test_many_grants_leak_no_fd(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        baseline = await settled_fds()
+        for _ in range(300):
+            (await client.acquire_trio("http", path=served.path)).close()
+        for _ in range(20):
+            grants = await trio.to_thread.run_sync(
+                functools.partial(client.acquire_many, ["dual", "dns"], path=served.path)
+            )
+            for _, sock in grants:
+                sock.close()
+        assert await settled_fds() == baseline
+        assert served.broker.grants == {"http": 300, "dual": 20, "dns": 20}
+        assert served.broker.active == 0
+
+
+async def test_several_requests_on_one_connection_are_answered_in_order(
+    rundir: Path,
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        assert (await wire.request(LIST))["op"] == "list"
+        await wire.send(acquire_line("http"))
+        _, fds = await wire.reply()
+        with owned(fds):
+            assert [ino(s) for s in fds] == served.inos("http")
+        assert (await wire.request(STATUS))["status"]["grants"] == 1
+        await wire.send(acquire_line("dual"))
+        _, fds = await wire.reply()
+        with owned(fds):
+            assert [ino(s) for s in fds] == served.inos("dual")
+        # Pipelined: 300 requests in one write (far beyond one recv), 300 replies.
+        await wire.send(LIST * 150 + STATUS * 150)
+        ops = [(await wire.request(b""))["op"] for _ in range(300)]
+        assert ops == ["list"] * 150 + ["status"] * 150
+        assert served.broker.connections == 1
+
+
+async def test_list_shows_only_what_the_caller_may_acquire(rundir: Path) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        reply = await wire.request(LIST)
+
+        def entry(name: str, index: int = 0) -> dict[str, str]:
+            sock = served.held[name][index]
+            host, port = sock.getsockname()[:2]
+            family = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}[sock.family]
+            address = f"[{host}]:{port}" if family == "inet6" else f"{host}:{port}"
+            kind = "stream" if sock.type == socket.SOCK_STREAM else "datagram"
+            return {"name": name, "family": family, "type": kind, "address": address}
+
+        assert reply == {
+            "v": 1,
+            "ok": True,
+            "op": "list",
+            "sockets": [entry("http"), entry("dual"), entry("dual", 1), entry("dns")],
+        }
+        listed = await trio.to_thread.run_sync(
+            functools.partial(client.list_sockets, path=served.path)
+        )
+        assert [s.to_json() for s in listed] == reply["sockets"]
+
+
+async def test_status_reports_what_was_held_granted_denied_and_refused(rundir: Path) -> None:
+    async with running_broker(rundir, max_connections=7) as served:
+        for name in ("http", "http", "dual"):
+            with owned([s for _, s in await client.acquire_many_trio([name], path=served.path)]):
+                pass
+        with pytest.raises(AccessDenied):
+            await client.acquire_trio("secret", path=served.path)
+        with pytest.raises(AccessDenied):
+            await client.acquire_trio("norule", path=served.path)
+        with pytest.raises(RequestRefused):
+            await client.acquire_trio("nope", path=served.path)
+        async with await Wire.open(served.path) as wire:
+            await wire.request(b"nonsense\n")
+        async with await Wire.open(served.path) as wire:
+            report = (await wire.request(STATUS))["status"]
+            assert served.broker.report()["connections"]["active"] == 1
+
+    pid = os.getpid()
+    assert report["version"] == __version__
+    assert report["pid"] == pid
+    assert report["config"] == CONFIG_PATH
+    assert report["uptime"] >= 0
+    assert report["connections"] == {"active": 1, "total": 8, "limit": 7}
+    assert (report["grants"], report["denials"]) == (3, 2)
+    assert report["refusals"] == {"denied": 2, "unknown-socket": 1, "malformed": 1}
+    counts = [(s["name"], s["family"], s["grants"], s["denials"]) for s in report["sockets"]]
+    assert counts == [
+        ("http", "inet", 2, 0),
+        ("dual", "inet", 1, 0),
+        ("dual", "inet6", 1, 0),
+        ("dns", "inet", 0, 0),
+        ("secret", "inet", 0, 1),
+        ("norule", "inet", 0, 1),
+    ]
+    events = [(e["decision"], e["socket"]) for e in report["recent"]]
+    assert events == [
+        ("grant", "http"),
+        ("grant", "http"),
+        ("grant", "dual"),
+        ("deny", "secret"),
+        ("deny", "norule"),
+        ("deny", "nope"),
+    ]
+    first = report["recent"][0]
+    assert {k: first[k] for k in ("uid", "user", "pid", "reason")} == {
+        "uid": 0,
+        "user": USER,
+        "pid": pid,
+        "reason": f"uid {UID} is in users",
+    }
+    assert report["recent"][-1]["reason"].startswith("no socket named 'nope'")
+    assert all(isinstance(e["time"], float) for e in report["recent"])
+
+
+async def test_recent_keeps_the_last_decisions_only(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        for _ in range(RECENT_EVENTS + 5):
+            (await client.acquire_trio("http", path=served.path)).close()
+        with pytest.raises(AccessDenied):
+            await client.acquire_trio("secret", path=served.path)
+        await trio.testing.wait_all_tasks_blocked()
+        recent = served.broker.report()["recent"]
+        assert len(recent) == RECENT_EVENTS
+        assert recent[-1]["decision"] == "deny"
+        assert served.broker.report()["grants"] == RECENT_EVENTS + 5
+
+
+async def test_audit_lines_for_grant_and_denial_carry_the_structured_fields(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_broker(rundir) as served:
+        (await client.acquire_trio("http", path=served.path)).close()
+        with pytest.raises(AccessDenied):
+            await client.acquire_trio("secret", path=served.path)
+        with pytest.raises(RequestRefused):
+            await client.acquire_trio("nope", path=served.path)
+    err = capsys.readouterr().err
+    pid = os.getpid()
+    who = me()
+    (grant,) = audit_lines(err, "granted socket")
+    assert grant.startswith(f"port-broker: info: granted socket 'http' to {who} ")
+    fields = audit_fields(grant)
+    assert "message_id" not in fields  # a journal field only
+    assert {k: fields[k] for k in ("decision", "socket", "peer_uid", "peer_gid", "peer_pid")} == {
+        "decision": "grant",
+        "socket": "http",
+        "peer_uid": str(UID),
+        "peer_gid": str(GID),
+        "peer_pid": str(pid),
+    }
+    assert (fields["peer_user"], fields["reason"]) == (USER, f"uid {UID} is in users")
+    assert "refusal_code" not in fields
+    denied, unknown = audit_lines(err, "denied socket")
+    assert denied.startswith(f"port-broker: notice: denied socket 'secret' to {who} ")
+    fields = audit_fields(denied)
+    assert (fields["decision"], fields["socket"], fields["refusal_code"]) == (
+        "deny",
+        "secret",
+        "denied",
+    )
+    assert fields["reason"].startswith(f"{who} may not acquire socket 'secret'")
+    assert audit_fields(unknown)["refusal_code"] == "unknown-socket"
+    assert audit_fields(unknown)["reason"] == (
+        f"no socket named 'nope' (the broker holds: {HELD_NAMES})"
+    )
+
+
+async def test_a_client_that_stops_reading_is_dropped_without_affecting_others(
+    rundir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as slow:
+
+        async def flood() -> None:
+            # Far more requests than the socket buffers hold replies for: it sends
+            # until the broker hangs up on it, and reads nothing.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await slow.send(LIST * 20000)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            assert served.broker.active == 1  # stuck writing replies nobody reads
+
+            # Others are served meanwhile, at once.
+            sock = await client.acquire_trio("http", path=served.path)
+            sock.close()
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == start
+            assert served.broker.active == 1
+        # flood() has ended: the broker hung up on the slow client at its deadline.
+        assert trio.current_time() - start == pytest.approx(CLIENT_TIMEOUT)
+        replies = (await slow.rest()).count(b"\n")
+        assert 0 < replies < 20000
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.broker.active == 0
+        assert served.broker.grants == {"http": 1}
+
+
+async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: Path) -> None:
+    many = [udp_socket() for _ in range(SCM_MAX_FD + 1)]
+    held = {"most": many[:SCM_MAX_FD], "one": many[SCM_MAX_FD:]}
+    rules = {"most": ME, "one": ME}
+    async with running_broker(rundir, held=held, rules=rules) as served:
+        grants = await client.acquire_many_trio(["most"], path=served.path)
+        socks = [socket.socket(fileno=sock.detach()) for _, sock in grants]
+        with owned(socks):
+            assert [ino(s) for s in socks] == served.inos("most")
+        async with await Wire.open(served.path) as wire:
+            reply = await wire.request(acquire_line("most", "one"))
+            assert reply["code"] == "malformed"
+            assert reply["message"] == (
+                f"request would pass {SCM_MAX_FD + 1} fds; at most {SCM_MAX_FD} per request"
+            )
+            await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
+            assert served.broker.refusals == {"malformed": 1}
+            assert served.broker.grants == {"most": 1}
+
+
+class ExplodingPolicy(Policy):
+    """A policy with a bug: asking about 'http' raises."""
+
+    def check_acquire(self, name: str, peer: Peer) -> Decision:
+        if name == "http":
+            raise RuntimeError("the policy exploded")
+        return super().check_acquire(name, peer)
+
+
+async def test_an_internal_error_is_refused_as_internal_and_the_connection_stays_open(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = ExplodingPolicy(sockets=DEFAULT_RULES, status=ME, source=CONFIG_PATH)
+    async with (
+        running_broker(rundir, policy=policy) as served,
+        await Wire.open(served.path) as wire,
+    ):
+        reply = await wire.request(acquire_line("dual", "http"))
+        assert reply["code"] == "internal"
+        assert "RuntimeError" not in reply["message"]  # details go to the log only
+        await wire.send(acquire_line("dual"))
+        granted, fds = await wire.reply()
+        with owned(fds):
+            assert len(fds) == 2
+        assert granted["ok"] is True
+        await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
+        assert served.broker.refusals == {"internal": 1}
+        assert served.broker.grants == {"dual": 1}
+    (line,) = audit_lines(capsys.readouterr().err, "port-broker: error:")
+    assert line.startswith(f"port-broker: error: internal error answering {me()}: ")
+    assert "RuntimeError('the policy exploded')" in line
+    assert "Traceback" in audit_fields(line)["exception"]
+
+
+async def test_out_of_fds_the_broker_pauses_accepting_then_serves(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_broker(rundir) as served:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            lowest_free = min(set(range(soft)) - set(open_fds()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                await sock.connect(served.path)  # needs no fd here; accept() needs one
+                await trio.testing.wait_all_tasks_blocked()  # the broker tried, and paused
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert "warning: accept: Too many open files; pausing 0.1s" in capsys.readouterr().err
+            wire = Wire(sock)
+            assert (await wire.request(LIST))["ok"] is True
+            assert served.broker.connections == 1
+
+
+@pytest.mark.needs_root
+async def test_peers_of_other_uids_are_told_apart_by_the_kernel(
+    rundir: Path, launcher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = launcher.parent.parent / "site"
+    script = f"""
+import json, os, sys
+sys.path.insert(0, {str(site)!r})
+from broker import client, errors
+path = sys.argv[1]
+out = {{"pid": os.getpid(), "listed": [s.name for s in client.list_sockets(path=path)]}}
+try:
+    client.acquire("http", path=path)
+except errors.AccessDenied as e:
+    out["denied"] = e.message
+grants = client.acquire_many(["secret"], path=path)
+out["secret"] = [sock.getsockname()[1] for _, sock in grants]
+for _, sock in grants:
+    sock.close()
+print(json.dumps(out))
+"""
+    async with running_broker(rundir) as served:
+        with trio.fail_after(START_TIMEOUT):
+            done = await trio.run_process(
+                [*as_user(NOBODY), SYSTEM_PYTHON, "-I", "-c", script, served.path],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr.decode()
+        out = json.loads(done.stdout)
+        assert out["listed"] == ["secret"]
+        assert out["denied"] == (
+            f"user nobody (uid {NOBODY}, pid {out['pid']}) may not acquire socket 'http': "
+            f"not in users, groups or units of [sockets.http] in {CONFIG_PATH}"
+        )
+        assert out["secret"] == [served.held["secret"][0].getsockname()[1]]
+    (grant,) = audit_lines(capsys.readouterr().err, "granted socket 'secret'")
+    fields = audit_fields(grant)
+    assert (fields["peer_uid"], fields["peer_gid"], fields["peer_user"]) == (
+        str(NOBODY),
+        str(NOBODY),
+        "nobody",
+    )
+    assert fields["peer_pid"] == str(out["pid"])
+
+
+# --- lifecycle --------------------------------------------------------------------
+
+
+def send_signal_to_self(signum: signal.Signals) -> None:
+    # Only while a handler (trio's) is installed: the default action would end pytest.
+    assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    os.kill(os.getpid(), signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_returns_on_sigterm_after_the_shutdown_grace(
+    rundir: Path,
+    capsys: pytest.CaptureFixture[str],
+    autojump_clock: trio.testing.MockClock,
+    signum: signal.Signals,
+) -> None:
+    async with running_broker(rundir) as served:
+        idle = await Wire.open(served.path)
+        async with idle:
+            await trio.testing.wait_all_tasks_blocked()
+            assert served.broker.active == 1
+            start = trio.current_time()
+            send_signal_to_self(signum)
+            with trio.fail_after(CLIENT_TIMEOUT):
+                await served.stopped.wait()
+            assert served.returned  # it returned by itself, not cancelled
+            # A client in the middle of a conversation had the grace, and no more.
+            assert trio.current_time() - start == pytest.approx(SHUTDOWN_GRACE)
+            assert await idle.rest() == b""
+        assert served.broker.active == 0
+        # Nobody is served any more, but what the broker does not own stays open.
+        async with await Wire.open(served.path) as late:
+            await late.send(LIST)
+            with trio.move_on_after(CLIENT_TIMEOUT * 2) as waited:
+                await late.rest()
+            assert waited.cancelled_caught
+        assert all(s.fileno() >= 0 for socks in served.held.values() for s in socks)
+        assert served.broker.intake.control.fileno() >= 0
+    assert f"port-broker: info: stopping on {signum.name}" in capsys.readouterr().err
+
+
+async def test_status_line_for_systemd(rundir: Path) -> None:
+    async with running_broker(rundir) as served:
+        broker = served.broker
+        assert broker.status_line() == (
+            "Holding http, dual, dns, secret, norule; 0 grants, 0 denials, 0 clients"
+        )
+        (await client.acquire_trio("http", path=served.path)).close()
+        with pytest.raises(AccessDenied):
+            await client.acquire_trio("secret", path=served.path)
+        async with await Wire.open(served.path):
+            await trio.testing.wait_all_tasks_blocked()
+            assert broker.status_line() == (
+                "Holding http, dual, dns, secret, norule; 1 grants, 1 denials, 1 clients"
+            )
+    async with running_broker(rundir, held={}) as served:
+        assert served.broker.status_line() == "Holding nothing; 0 grants, 0 denials, 0 clients"
+
+
+async def read_notifications(notify: trio.socket.SocketType, until: str) -> list[str]:
+    messages: list[str] = []
+    while not messages or until not in messages[-1]:
+        messages.append((await notify.recv(4096)).decode())
+    return messages
+
+
+async def test_serve_tells_systemd_ready_status_and_stopping(
+    rundir: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = rundir / "notify.sock"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        await notify.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        async with running_broker(rundir) as served:
+            holding = "STATUS=Holding http, dual, dns, secret, norule"
+            ready = await notify.recv(4096)
+            assert ready.decode() == f"READY=1\n{holding}; 0 grants, 0 denials, 0 clients"
+            (await client.acquire_trio("http", path=served.path)).close()
+            start = trio.current_time()
+            messages = await read_notifications(notify, "1 grants")
+            assert trio.current_time() - start <= STATUS_INTERVAL
+            assert messages[-1] == f"{holding}; 1 grants, 0 denials, 0 clients"
+            with trio.move_on_after(STATUS_INTERVAL * 5):  # unchanged counts: no news
+                unexpected = await notify.recv(4096)
+                pytest.fail(f"unexpected notification {unexpected!r}")
+            send_signal_to_self(signal.SIGTERM)
+            assert await notify.recv(4096) == b"STOPPING=1"
+            await served.stopped.wait()
+
+
+@pytest.mark.parametrize("ours", [True, False])
+async def test_serve_pings_the_watchdog_when_it_is_for_this_process(
+    rundir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+    ours: bool,
+) -> None:
+    path = rundir / "notify.sock"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        await notify.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() if ours else 1))
+        async with running_broker(rundir):
+            pings: list[float] = []
+            with trio.move_on_after(7.0):
+                while True:
+                    if await notify.recv(4096) == b"WATCHDOG=1":
+                        pings.append(trio.current_time())
+    if ours:  # every half WatchdogSec
+        start = pings[0]
+        assert [round(t - start, 6) for t in pings] == [0.0, 1.5, 3.0, 4.5, 6.0]
+    else:
+        assert pings == []
+
+
+# --- the audit trail --------------------------------------------------------------
+
+
+def test_audit_detects_the_journal_from_journal_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert Audit().journal is True
+    for other in (f"{st.st_dev}:{st.st_ino + 1}", "garbage", ""):
+        monkeypatch.setenv("JOURNAL_STREAM", other)
+        assert Audit().journal is False
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert Audit().journal is False
+    assert Audit(journal=False).journal is False
+
+
+def test_audit_quotes_values_and_bounds_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    audit = Audit(journal=False)
+    peer = Peer(pid=7, uid=1000, gid=1000, user=None, unit="web.service")
+    audit.decision(False, peer, "http", 'said "hi"\nand ' + "x" * 1000, "denied")
+    (line,) = capsys.readouterr().err.splitlines()  # one line, whatever the reason holds
+    assert line.startswith(
+        "port-broker: notice: denied socket 'http' to unnamed user (uid 1000, pid 7, "
+        "unit web.service) "
+    )
+    fields = audit_fields(line)
+    assert fields["peer_user"] == ""
+    assert fields["peer_unit"] == "web.service"
+    assert fields["reason"] == ('said "hi"\nand ' + "x" * 1000)[:512]
+    assert "message_id" not in fields
+
+
+def test_audit_never_raises_into_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    Audit(journal=False).log("error", "nobody hears this", DETAIL="x")
