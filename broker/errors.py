@@ -78,6 +78,14 @@ class ProtocolError(BrokerError):
         self.code = code
 
 
+class InterceptError(BrokerError):
+    """Setting up bind() interception failed; the message says why and what to do."""
+
+
+class InterceptUnsupported(InterceptError):
+    """This kernel, architecture or process cannot intercept bind() with seccomp."""
+
+
 class ClientError(BrokerError):
     """Base of the errors `broker.client` raises."""
 

@@ -64,7 +64,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import select
 import signal
 import socket
@@ -72,85 +71,16 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, NoReturn
 
+from broker import seccomp
+from broker.errors import InterceptError, InterceptUnsupported
+from broker.seccomp import check_supported
+
 __all__ = [
     "InterceptError",
     "InterceptUnsupported",
     "check_supported",
     "run_intercepted",
 ]
-
-# --------------------------------------------------------------------------------------
-# Kernel ABI. Every number below is x86_64's; `check_supported` refuses anything else
-# rather than guess. Sources: arch/x86/entry/syscalls/syscall_64.tbl,
-# include/uapi/linux/seccomp.h, include/uapi/linux/filter.h, seccomp_unotify(2).
-
-_MIN_KERNEL = (5, 9)
-"""5.9 added SECCOMP_IOCTL_NOTIF_ADDFD (with SETFD); CONTINUE is 5.5, pidfd_getfd 5.6."""
-
-_SYS_SECCOMP = 317
-_SYS_SIGNALFD4 = 289
-_SYS_PIDFD_GETFD = 438
-_NR_BIND = 49
-_NR_LISTEN = 50
-_X32_SYSCALL_BIT = 0x40000000
-"""x32 ABI syscalls carry this bit in seccomp_data.nr; bind/listen keep their numbers."""
-_AUDIT_ARCH_X86_64 = 0xC000003E
-"""EM_X86_64 (62) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE: seccomp_data.arch of x86_64."""
-
-_SECCOMP_SET_MODE_FILTER = 1
-_SECCOMP_GET_ACTION_AVAIL = 2
-_SECCOMP_GET_NOTIF_SIZES = 3
-_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
-"""seccomp() returns a listener fd that receives the filter's user notifications."""
-_SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
-"""5.19+: once we have received a notification, only a fatal signal interrupts the wait,
-so an ordinary signal cannot restart a bind() whose fd we have already replaced."""
-_SECCOMP_RET_USER_NOTIF = 0x7FC00000
-_SECCOMP_RET_ALLOW = 0x7FFF0000
-_SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
-"""Response flag: run the syscall in the kernel as if there were no filter."""
-_SECCOMP_ADDFD_FLAG_SETFD = 1
-"""ADDFD flag: install at exactly `newfd` (replacing what is there), like dup2()."""
-
-_NOTIF = struct.Struct("=QII iIQ6Q")
-"""struct seccomp_notif: id, pid, flags, then struct seccomp_data: nr, arch, ip, args."""
-_NOTIF_RESP = struct.Struct("=QqiI")
-"""struct seccomp_notif_resp: id, val, error (negative errno), flags."""
-_NOTIF_ADDFD = struct.Struct("=QIIII")
-"""struct seccomp_notif_addfd: id, flags, srcfd, newfd, newfd_flags (O_CLOEXEC only)."""
-_SECCOMP_DATA_SIZE = 64
-"""sizeof(struct seccomp_data). `check_supported` compares all three sizes with the
-kernel's (SECCOMP_GET_NOTIF_SIZES): a kernel with other layouts is refused, not misread."""
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    """Compute an ioctl request number as the kernel's _IOC() macro does (type '!')."""
-    return (direction << 30) | (size << 16) | (ord("!") << 8) | nr
-
-
-_IOC_WRITE, _IOC_READ = 1, 2
-_IOCTL_NOTIF_RECV = _ioc(_IOC_READ | _IOC_WRITE, 0, _NOTIF.size)  # 0xC0502100
-_IOCTL_NOTIF_SEND = _ioc(_IOC_READ | _IOC_WRITE, 1, _NOTIF_RESP.size)  # 0xC0182101
-_IOCTL_NOTIF_ID_VALID = _ioc(_IOC_WRITE, 2, 8)  # 0x40082102
-_IOCTL_NOTIF_ADDFD = _ioc(_IOC_WRITE, 3, _NOTIF_ADDFD.size)  # 0x40182103
-
-# Classic BPF over struct seccomp_data (nr at offset 0, arch at offset 4).
-_BPF_LD_W_ABS = 0x20
-_BPF_ALU_AND_K = 0x54
-_BPF_JMP_JEQ_K = 0x15
-_BPF_RET_K = 0x06
-_SOCK_FILTER = struct.Struct("=HBBI")
-
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_GET_CHILD_SUBREAPER = 37
-_PR_SET_NO_NEW_PRIVS = 38
-_PIDFD_THREAD = os.O_EXCL
-"""6.9+: pidfd_open() flag for a pidfd naming one thread (notifications name threads)."""
-_SIGNALFD_SIGINFO = struct.Struct("=IiiI")
-"""The first fields of struct signalfd_siginfo: signo, errno, code, pid (128 bytes)."""
-_SIGNALFD_SIGINFO_SIZE = 128
-_SI_KERNEL = 0x80
-"""si_code of signals the kernel sends to a whole process group (tty ^C, hangup)."""
 
 # --------------------------------------------------------------------------------------
 # Limits, each with its reason.
@@ -172,156 +102,6 @@ _CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 """Python ignores these; a program started by a shell has them at default (subprocess's
 restore_signals does the same)."""
 _MESSAGE_PREFIX = "port-broker: "
-
-
-class InterceptError(Exception):
-    """Setting up interception failed; the message says why and what to do."""
-
-
-class InterceptUnsupported(InterceptError):
-    """This kernel, architecture or process cannot intercept bind() with seccomp."""
-
-
-# --------------------------------------------------------------------------------------
-# The kernel, via ctypes.
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.prctl.restype = ctypes.c_int
-
-
-def _check(result: int) -> int:
-    """Return a libc result, or raise the OSError that errno describes."""
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
-def _seccomp(op: int, flags: int, arg: ctypes.c_void_p) -> int:
-    args = (ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(op), ctypes.c_uint(flags), arg)
-    return _check(int(_libc.syscall(*args)))
-
-
-def _prctl(option: int, arg: int | ctypes.c_void_p = 0) -> int:
-    # Variadic unsigned longs: pass full-width zeros, PR_SET_NO_NEW_PRIVS insists on them.
-    value = ctypes.c_ulong(arg) if isinstance(arg, int) else arg
-    zero = ctypes.c_ulong(0)
-    return _check(int(_libc.prctl(ctypes.c_int(option), value, zero, zero, zero)))
-
-
-def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    """Duplicate fd number `fd` of the task behind `pidfd` into our process (CLOEXEC)."""
-    args = (
-        ctypes.c_long(_SYS_PIDFD_GETFD),
-        ctypes.c_int(pidfd),
-        ctypes.c_int(fd),
-        ctypes.c_uint(0),
-    )
-    return _check(int(_libc.syscall(*args)))
-
-
-def _signalfd(signals: Iterable[int]) -> int:
-    mask = ctypes.c_uint64(sum(1 << (int(sig) - 1) for sig in signals))
-    flags = os.O_CLOEXEC | os.O_NONBLOCK  # SFD_CLOEXEC, SFD_NONBLOCK
-    size = ctypes.c_size_t(ctypes.sizeof(mask))
-    args = (
-        ctypes.c_long(_SYS_SIGNALFD4),
-        ctypes.c_int(-1),
-        ctypes.byref(mask),
-        size,
-        ctypes.c_int(flags),
-    )
-    return _check(int(_libc.syscall(*args)))
-
-
-def _kernel_version(release: str) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", release)
-    return (int(match[1]), int(match[2])) if match else None
-
-
-def _check_platform(release: str, machine: str, pointer_size: int) -> None:
-    """Refuse platforms whose constants we do not know (pure: tested directly)."""
-    if machine != "x86_64" or pointer_size != 8:
-        raise InterceptUnsupported(
-            f"bind() interception knows only x86_64 system calls, and this is {machine} "
-            f"({pointer_size * 8}-bit Python); pass sockets with LISTEN_FDS instead "
-            "(port-broker exec without interception)"
-        )
-    version = _kernel_version(release)
-    if version is None or version < _MIN_KERNEL:
-        need = ".".join(map(str, _MIN_KERNEL))
-        raise InterceptUnsupported(
-            f"bind() interception needs Linux {need} or later "
-            f"(seccomp SECCOMP_IOCTL_NOTIF_ADDFD), and this kernel is {release}; "
-            "upgrade the kernel or pass sockets with LISTEN_FDS instead"
-        )
-
-
-def check_supported() -> None:
-    """Check that this machine can run `run_intercepted`, without starting anything.
-
-    Checks the architecture and kernel version, that the kernel offers seccomp user
-    notifications, and that its notification structures have the layout this module
-    was written for.
-
-    Raises:
-        InterceptUnsupported: The kernel, architecture or seccomp support is missing or
-            different; the message says which and what to do.
-    """
-    uname = os.uname()
-    _check_platform(uname.release, uname.machine, ctypes.sizeof(ctypes.c_void_p))
-    action = ctypes.c_uint32(_SECCOMP_RET_USER_NOTIF)
-    sizes = (ctypes.c_uint16 * 3)()
-    try:
-        _seccomp(_SECCOMP_GET_ACTION_AVAIL, 0, ctypes.cast(ctypes.byref(action), ctypes.c_void_p))
-        _seccomp(_SECCOMP_GET_NOTIF_SIZES, 0, ctypes.cast(sizes, ctypes.c_void_p))
-    except OSError as exc:
-        raise InterceptUnsupported(
-            f"this kernel offers no seccomp user notifications ({exc.strerror}); "
-            "it needs CONFIG_SECCOMP_FILTER, or pass sockets with LISTEN_FDS instead"
-        ) from exc
-    expected = (_NOTIF.size, _NOTIF_RESP.size, _SECCOMP_DATA_SIZE)
-    if tuple(sizes) != expected:
-        raise InterceptUnsupported(
-            f"this kernel's seccomp notification layout {tuple(sizes)} differs from the "
-            f"one this module speaks {expected}; pass sockets with LISTEN_FDS instead"
-        )
-
-
-def _filter_program() -> bytes:
-    """The BPF program: bind/listen of x86_64 and x32 tasks notify us, all else runs."""
-    ins = _SOCK_FILTER.pack
-    return b"".join(
-        (
-            ins(_BPF_LD_W_ABS, 0, 0, 4),  # 0: A = arch
-            ins(_BPF_JMP_JEQ_K, 0, 5, _AUDIT_ARCH_X86_64),  # 1: not x86_64 -> 7 (allow)
-            ins(_BPF_LD_W_ABS, 0, 0, 0),  # 2: A = nr
-            ins(_BPF_ALU_AND_K, 0, 0, ~_X32_SYSCALL_BIT & 0xFFFFFFFF),  # 3: x32 -> native
-            ins(_BPF_JMP_JEQ_K, 3, 0, _NR_BIND),  # 4: bind -> 8 (notify)
-            ins(_BPF_JMP_JEQ_K, 2, 0, _NR_LISTEN),  # 5: listen -> 8 (notify)
-            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # 6
-            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),  # 7
-            ins(_BPF_RET_K, 0, 0, _SECCOMP_RET_USER_NOTIF),  # 8
-        )
-    )
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-
-def _install_filter(program: ctypes.Array[ctypes.c_char]) -> int:
-    """Install the filter on the calling task; return the listener fd (CLOEXEC)."""
-    prog = _SockFprog(len(program) // _SOCK_FILTER.size, ctypes.addressof(program))
-    arg = ctypes.cast(ctypes.byref(prog), ctypes.c_void_p)
-    flags = _SECCOMP_FILTER_FLAG_NEW_LISTENER | _SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-    try:
-        return _seccomp(_SECCOMP_SET_MODE_FILTER, flags, arg)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # EINVAL: a 5.9-5.18 kernel without WAIT_KILLABLE_RECV
-            raise
-    return _seccomp(_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_NEW_LISTENER, arg)
 
 
 # --------------------------------------------------------------------------------------
@@ -567,16 +347,18 @@ class _Supervisor:
         stop = False
         while True:
             try:
-                data = os.read(self.sigfd, _SIGNALFD_SIGINFO_SIZE * 16)
+                data = os.read(self.sigfd, seccomp.SIGNALFD_SIGINFO_SIZE * 16)
             except BlockingIOError:
                 return stop
-            for off in range(0, len(data) - _SIGNALFD_SIGINFO_SIZE + 1, _SIGNALFD_SIGINFO_SIZE):
-                signo, _err, code, _pid = _SIGNALFD_SIGINFO.unpack_from(data, off)
+            for off in range(
+                0, len(data) - seccomp.SIGNALFD_SIGINFO_SIZE + 1, seccomp.SIGNALFD_SIGINFO_SIZE
+            ):
+                signo, _err, code, _pid = seccomp.SIGNALFD_SIGINFO.unpack_from(data, off)
                 if signo == signal.SIGCHLD:
                     self._reap()
                 elif self.child_status is not None:
                     stop = True  # the program is gone: nobody to forward to; stop serving
-                elif code == _SI_KERNEL and self._shares_our_process_group():
+                elif code == seccomp.SI_KERNEL and self._shares_our_process_group():
                     pass  # ^C, ^\ or hangup: the kernel sent it to the program too
                 else:
                     with contextlib.suppress(ProcessLookupError):
@@ -602,30 +384,30 @@ class _Supervisor:
 
     # -- notifications --------------------------------------------------------------
     def _on_notification(self) -> None:
-        buf = bytearray(_NOTIF.size)
+        buf = bytearray(seccomp.NOTIF.size)
         try:
-            fcntl.ioctl(self.listener, _IOCTL_NOTIF_RECV, buf, True)
+            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_RECV, buf, True)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EINTR):  # ENOENT: the task died
                 _say(f"cannot receive a bind()/listen() notification: {exc.strerror}")
             return
-        nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-        n = _Notif(nid, pid, nr & ~_X32_SYSCALL_BIT, tuple(args))
+        nid, pid, _flags, nr, _arch, _ip, *args = seccomp.NOTIF.unpack(buf)
+        n = _Notif(nid, pid, nr & ~seccomp.X32_SYSCALL_BIT, tuple(args))
         try:
-            if n.nr == _NR_BIND:
+            if n.nr == seccomp.NR_BIND:
                 self._on_bind(n)
-            elif n.nr == _NR_LISTEN:
+            elif n.nr == seccomp.NR_LISTEN:
                 self._on_listen(n)
             else:
-                self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+                self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
         except Exception as exc:  # a crashed loop would stall every bind()
             _say(f"internal error on a notification from pid {pid}: {exc!r}; passing it on")
-            self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _reply(self, nid: int, val: int = 0, error: int = 0, flags: int = 0) -> None:
-        resp = bytearray(_NOTIF_RESP.pack(nid, val, -error, flags))
+        resp = bytearray(seccomp.NOTIF_RESP.pack(nid, val, -error, flags))
         try:
-            fcntl.ioctl(self.listener, _IOCTL_NOTIF_SEND, resp, True)
+            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_SEND, resp, True)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the task died or was interrupted
                 _say(f"cannot answer a notification: {exc.strerror}")
@@ -635,19 +417,19 @@ class _Supervisor:
         by pid, so that they are known to be the task's and not a reused pid's."""
         try:
             fcntl.ioctl(
-                self.listener, _IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True
+                self.listener, seccomp.IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True
             )
         except OSError:
             return False
         return True
 
     def _pass(self, n: _Notif) -> None:
-        self._reply(n.id, flags=_SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _pidfd_open(self, tid: int) -> int:
         if self.thread_pidfds:
             try:
-                return os.pidfd_open(tid, _PIDFD_THREAD)
+                return os.pidfd_open(tid, seccomp.PIDFD_THREAD)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -673,7 +455,7 @@ class _Supervisor:
             flags = next(
                 int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
             )
-            dup = _pidfd_getfd(pidfd, fd)
+            dup = seccomp.pidfd_getfd(pidfd, fd)
             if not self._valid(n.id):  # what we read may predate an exit: drop it
                 os.close(dup)
                 return None
@@ -776,11 +558,11 @@ class _Supervisor:
         held = candidates[decision.choice]
         self._warn_v6only(sock, held, who)
         self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
-        addfd = _NOTIF_ADDFD.pack(
-            n.id, _SECCOMP_ADDFD_FLAG_SETFD, held.sock.fileno(), fd, fd_flags & os.O_CLOEXEC
+        addfd = seccomp.NOTIF_ADDFD.pack(
+            n.id, seccomp.SECCOMP_ADDFD_FLAG_SETFD, held.sock.fileno(), fd, fd_flags & os.O_CLOEXEC
         )
         try:
-            fcntl.ioctl(self.listener, _IOCTL_NOTIF_ADDFD, bytearray(addfd), True)
+            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_ADDFD, bytearray(addfd), True)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 _say(
@@ -871,9 +653,9 @@ def _child(
             if callable(signal.getsignal(sig)):
                 signal.signal(sig, signal.SIG_DFL)  # as exec would; ignored ones stay so
         stage = "no_new_privs"
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        seccomp.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)
         stage = "seccomp"
-        listener = _install_filter(program)
+        listener = seccomp.install_filter(program)
         try:
             socket.send_fds(chan, [b"L"], [listener])
         finally:
@@ -997,7 +779,7 @@ def run_intercepted(
         raise ValueError(
             f"run_intercepted needs a single-threaded process; {threads} threads are running"
         )
-    code = _filter_program()
+    code = seccomp.filter_program()
     program = ctypes.create_string_buffer(code, len(code))
     watched = {*_FORWARDED_SIGNALS, signal.SIGCHLD}
 
@@ -1007,9 +789,11 @@ def run_intercepted(
     sigfd = listener = -1
     pid = 0
     try:
-        _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.byref(subreaper), ctypes.c_void_p))
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        sigfd = _signalfd(watched)
+        seccomp.prctl(
+            seccomp.PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.byref(subreaper), ctypes.c_void_p)
+        )
+        seccomp.prctl(seccomp.PR_SET_CHILD_SUBREAPER, 1)
+        sigfd = seccomp.signalfd(watched)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, theirs:
             pid = os.fork()
@@ -1037,7 +821,7 @@ def run_intercepted(
         for fd in (listener, sigfd):
             if fd >= 0:
                 os.close(fd)
-        _prctl(_PR_SET_CHILD_SUBREAPER, subreaper.value)
+        seccomp.prctl(seccomp.PR_SET_CHILD_SUBREAPER, subreaper.value)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if old_sigchld is not None:  # None: set outside Python, cannot be put back
             signal.signal(signal.SIGCHLD, old_sigchld)

@@ -38,7 +38,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import intercept
+from broker import intercept, seccomp
 from broker.intercept import (
     InterceptError,
     InterceptUnsupported,
@@ -68,7 +68,7 @@ QUIET_PERIOD = 1.0
 follow within microseconds; waiting longer only makes a missed duplicate less likely."""
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = ROOT / "broker" / "intercept.py"
+PACKAGE = ROOT / "broker"
 
 
 def _interception_available() -> str | None:
@@ -171,8 +171,8 @@ def test_parse_sockaddr_takes_any_bytes(raw: bytes) -> None:
 
 
 def test_platform_check_refuses_what_it_does_not_know() -> None:
-    intercept._check_platform("6.18.44-fc-v657", "x86_64", 8)
-    intercept._check_platform("5.9.0-1-amd64", "x86_64", 8)
+    seccomp.check_platform("6.18.44-fc-v657", "x86_64", 8)
+    seccomp.check_platform("5.9.0-1-amd64", "x86_64", 8)
     for release, machine, size in [
         ("5.8.18", "x86_64", 8),
         ("4.19.0", "x86_64", 8),
@@ -181,17 +181,17 @@ def test_platform_check_refuses_what_it_does_not_know() -> None:
         ("6.18.0", "x86_64", 4),
     ]:
         with pytest.raises(InterceptUnsupported, match="LISTEN_FDS"):
-            intercept._check_platform(release, machine, size)
+            seccomp.check_platform(release, machine, size)
 
 
 def test_kernel_constants_are_the_documented_numbers() -> None:
     """The ioctl numbers are computed from struct sizes; they must equal the uapi ones."""
-    assert intercept._IOCTL_NOTIF_RECV == 0xC0502100
-    assert intercept._IOCTL_NOTIF_SEND == 0xC0182101
-    assert intercept._IOCTL_NOTIF_ID_VALID == 0x40082102
-    assert intercept._IOCTL_NOTIF_ADDFD == 0x40182103
-    assert intercept._NOTIF.size == 80
-    assert len(intercept._filter_program()) % 8 == 0
+    assert seccomp.IOCTL_NOTIF_RECV == 0xC0502100
+    assert seccomp.IOCTL_NOTIF_SEND == 0xC0182101
+    assert seccomp.IOCTL_NOTIF_ID_VALID == 0x40082102
+    assert seccomp.IOCTL_NOTIF_ADDFD == 0x40182103
+    assert seccomp.NOTIF.size == 80
+    assert len(seccomp.filter_program()) % 8 == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_interception_does_not_nest(tmp_path: Path) -> None:
 def _subreaper() -> int:
     value = ctypes.c_int(-1)
     libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(intercept._PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0
+    assert libc.prctl(seccomp.PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0
     return value.value
 
 
@@ -312,7 +312,7 @@ RUNNER = '''
 """Hold sockets as root, drop to the target uid, supervise a program (the test's holder)."""
 import json, os, socket, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import intercept
+from broker import intercept
 
 spec = json.loads(sys.argv[1])
 held = []
@@ -612,12 +612,14 @@ print(s.recv(512).decode())
 
 @pytest.fixture(scope="module")
 def stage() -> Iterator[Path]:
-    """A world-readable directory with the module, the runner and the targets."""
+    """A world-readable directory with the package, the runner and the targets."""
     path = Path(tempfile.mkdtemp(prefix="pb-intercept-"))
     try:
         path.chmod(0o755)
+        shutil.copytree(PACKAGE, path / "broker", ignore=shutil.ignore_patterns("__pycache__"))
+        for item in [path / "broker", *(path / "broker").iterdir()]:
+            item.chmod(0o755 if item.is_dir() else 0o644)
         files = {
-            "intercept.py": MODULE.read_text(),
             "runner.py": RUNNER,
             "common.py": COMMON,
             "client.py": CLIENT,
