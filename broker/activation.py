@@ -288,8 +288,11 @@ class BindSpec:
             ) from None
         return cls(name, family, type_, (host, port))
 
-    def bind(self) -> socket.socket:
+    def bind(self, *, v6only: bool = False) -> socket.socket:
         """Create, bind and (for streams) listen, as systemd would.
+
+        Args:
+            v6only: For IPv6, accept IPv6 only (else IPv4 too, like systemd's default).
 
         Raises:
             IntakeError: if the address cannot be bound, naming it and the likely fix.
@@ -299,7 +302,7 @@ class BindSpec:
             if self.family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             sock.bind(self.address)
             if self.type == socket.SOCK_STREAM:
                 sock.listen(BACKLOG)
@@ -349,14 +352,25 @@ def bind_control(path: str) -> socket.socket:
 def bind_all(specs: Iterable[BindSpec], control_path: str) -> Intake:
     """Bind every spec and the control socket; on any failure close what was bound.
 
+    An IPv6 socket on a port for which an IPv4 one is bound too accepts IPv6 only (as
+    systemd's BindIPv6Only=ipv6-only), so that both can exist: programs of either family
+    then find one of their own (`port-broker exec --intercept`).
+
     Raises:
         IntakeError: from the first socket that cannot be bound.
     """
+    specs = list(specs)
+    ipv4 = {
+        (spec.type, spec.address[1])
+        for spec in specs
+        if spec.family == socket.AF_INET and isinstance(spec.address, tuple)
+    }
     bound: list[socket.socket] = []
     try:
         held: dict[str, list[HeldSocket]] = {}
         for spec in specs:
-            sock = spec.bind()
+            port = spec.address[1] if isinstance(spec.address, tuple) else None
+            sock = spec.bind(v6only=(spec.type, port) in ipv4)
             bound.append(sock)
             info = inspect(sock, spec.name, f"--bind {spec.name}")
             held.setdefault(spec.name, []).append(HeldSocket(spec.name, sock, info))

@@ -26,6 +26,7 @@ from broker.errors import (
     ClientError,
     ConfigError,
     IntakeError,
+    InterceptError,
     UnknownSocket,
 )
 
@@ -69,26 +70,96 @@ def _split_names(values: Sequence[str]) -> list[str]:
 # --- exec -------------------------------------------------------------------------
 
 
-def cmd_exec(args: argparse.Namespace) -> int:
-    from broker.client import acquire_many
-    from broker.launcher import exec_with
+EXEC_USAGE: Final = (
+    "usage: port-broker exec [--intercept [--map PORT=NAME]] NAME[,NAME...] -- COMMAND [ARGS...]"
+)
 
+
+def _port_map(values: Sequence[str]) -> dict[int, str]:
+    """Parse --map values: "80=http", "80=http,443=https"; raise ValueError if malformed."""
+    mapping: dict[int, str] = {}
+    for entry in _split_names(values):
+        port, sep, name = entry.partition("=")
+        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--map {entry!r}: expected PORT=NAME, e.g. 80=http")
+        mapping[int(port)] = name
+    return mapping
+
+
+def _exec_arguments(args: argparse.Namespace) -> tuple[list[str], dict[int, str], list[str]]:
+    """Return the socket names, the --map and the command; ValueError says what is wrong."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    names = _split_names([args.names])
+    mapping = _port_map(args.map)
+    if mapping and not args.intercept:
+        raise ValueError("--map only applies with --intercept")
+    names = list(dict.fromkeys(_split_names([args.names or ""]) + list(mapping.values())))
     if not command or not names:
-        return _fail("exec", "usage: port-broker exec NAME[,NAME...] -- COMMAND [ARGS...]", 2)
+        raise ValueError(EXEC_USAGE)
+    return names, mapping, command
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from broker.client import acquire_many
+
+    try:
+        names, mapping, command = _exec_arguments(args)
+    except ValueError as e:
+        return _fail("exec", str(e), 2)
+    if args.intercept:
+        from broker.seccomp import check_supported
+
+        try:
+            check_supported()  # before asking the broker for anything
+        except InterceptError as e:
+            return _fail("exec", e.message, EXIT_FAILURE)
     try:
         grants = acquire_many(names, path=args.socket, timeout=args.timeout)
     except ClientError as e:
         return _client_failure("exec", e)
+    if args.intercept:
+        return _run_intercepted(grants, mapping, command)
+    return _exec_in_place(grants, command)
+
+
+def _cannot_run(command: list[str], error: OSError) -> int:
+    if isinstance(error, FileNotFoundError):
+        return _fail("exec", f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    return _fail("exec", f"{command[0]}: cannot execute: {error.strerror}", EXIT_CANNOT_EXECUTE)
+
+
+def _exec_in_place(grants: Sequence[Any], command: list[str]) -> int:
+    """Replace this process with `command`, the sockets at fd 3..; return only on error."""
+    from broker.launcher import exec_with
+
     try:
         exec_with(grants, command)
-    except FileNotFoundError:
-        return _fail("exec", f"{command[0]}: command not found", EXIT_NOT_FOUND)
     except OSError as e:
-        return _fail("exec", f"{command[0]}: cannot execute: {e.strerror}", EXIT_CANNOT_EXECUTE)
+        return _cannot_run(command, e)
+
+
+def _run_intercepted(grants: Sequence[Any], mapping: dict[int, str], command: list[str]) -> int:
+    """Supervise `command`, giving its bind() to a held port the held socket."""
+    from broker.intercept import run_intercepted
+
+    held = [sock for _, sock in grants]
+    port_map: dict[int, list[Any]] | None = None
+    if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
+        port_map = {}
+        for sock in held:
+            port_map.setdefault(sock.getsockname()[1], []).append(sock)
+        for port, name in mapping.items():
+            port_map[port] = [sock for granted, sock in grants if granted == name]
+    try:
+        return run_intercepted(command, held, port_map)
+    except OSError as e:
+        return _cannot_run(command, e)
+    except InterceptError as e:
+        return _fail("exec", e.message, EXIT_FAILURE)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # --- list / status ----------------------------------------------------------------
@@ -312,11 +383,33 @@ def _parser() -> argparse.ArgumentParser:
         help="acquire sockets, then run a command with them at fd 3..",
         description="Acquire the named sockets, place them at fd 3, 4, … and replace this "
         "process with COMMAND, setting LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID "
-        "as systemd does. Node: server.listen({fd: 3}).",
-        epilog="example: port-broker exec http,https -- node server.js",
+        "as systemd does. Node: server.listen({fd: 3}). With --intercept, COMMAND "
+        "needs to know nothing: it calls bind() as usual and gets the held socket.",
+        epilog="examples: port-broker exec http,https -- node server.js\n"
+        "          port-broker exec --intercept https -- npx vite --host --port 443",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     client_options(run)
-    run.add_argument("names", metavar="NAME[,NAME...]", help="socket names, e.g. http,https")
+    run.add_argument(
+        "--intercept",
+        action="store_true",
+        help="for programs that bind() the port themselves: supervise COMMAND and give its "
+        "bind() to a held port the held socket instead (Linux 5.9+, x86_64)",
+    )
+    run.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="PORT=NAME",
+        help="with --intercept: a bind() to PORT gets socket NAME (default: each socket "
+        "its own port), e.g. --map 3000=http",
+    )
+    run.add_argument(
+        "names",
+        nargs="?",
+        metavar="NAME[,NAME...]",
+        help="socket names, e.g. http,https (optional with --map)",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_exec)
 
@@ -373,7 +466,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if words[:1] == ["exec"] and "--" in words:
+        # Everything before "--" is ours (options may follow the names), the rest the
+        # command's, even if it looks like our options.
+        split = words.index("--")
+        words, command = words[:split], words[split + 1 :]
+    args = _parser().parse_args(words)
+    if command is not None:
+        args.command = command
     status: int = args.func(args)
     return status
 

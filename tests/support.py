@@ -193,16 +193,35 @@ def http_get(host: str, port: int = 80, path: str = "/") -> str:
 
 
 def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    """SIGTERM a process we started (by its pid), then SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
+    """Stop a process we started, and everything it started in its process group.
+
+    SIGTERM to the group, then SIGKILL to what lingers: a worker's own children (node
+    cluster workers, a forked server) hold listening sockets too. Each test process is
+    started in a session of its own, so the group is ours alone.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(proc.pid):
+            return
+        time.sleep(0.05)  # let the rest of the group act on the SIGTERM first
+        if not _group_alive(proc.pid):
+            return
+    proc.wait(EXIT_TIMEOUT)
+
+
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(EXIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(EXIT_TIMEOUT)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -221,6 +240,7 @@ class Processes:
             text=True,
             env=env,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its group is ours to stop (see stop_process)
         )
         self.started.append(proc)
         return proc

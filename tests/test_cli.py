@@ -182,7 +182,10 @@ def test_format_status_uptime(uptime: float, shown: str) -> None:
 
 # --- exec -------------------------------------------------------------------------
 
-USAGE: Final = "port-broker exec: usage: port-broker exec NAME[,NAME...] -- COMMAND [ARGS...]\n"
+USAGE: Final = (
+    "port-broker exec: usage: port-broker exec [--intercept [--map PORT=NAME]] "
+    "NAME[,NAME...] -- COMMAND [ARGS...]\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +195,8 @@ USAGE: Final = "port-broker exec: usage: port-broker exec NAME[,NAME...] -- COMM
         pytest.param(["http", "--"], id="nothing after --"),
         pytest.param([",", "--", "true"], id="no names"),
         pytest.param(["", "true"], id="empty names"),
+        # The first "--" ends port-broker's arguments: the names must come before it.
+        pytest.param(["--", "http", "true"], id="-- before NAME"),
     ],
 )
 def test_exec_without_a_command_or_names_is_a_usage_error(
@@ -203,12 +208,20 @@ def test_exec_without_a_command_or_names_is_a_usage_error(
 
 
 def test_exec_without_arguments_prints_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["exec"])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: port-broker exec [-h] [--socket PATH] [--timeout SECONDS]")
-    assert "the following arguments are required: NAME[,NAME...]" in err
+    assert main(["exec"]) == 2
+    assert capsys.readouterr() == ("", USAGE)
+
+
+def test_exec_map_needs_intercept(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exec", "--map", "80=http", "--", "true"]) == 2
+    assert capsys.readouterr().err == "port-broker exec: --map only applies with --intercept\n"
+
+
+def test_exec_map_must_name_a_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exec", "--intercept", "--map", "http=80", "--", "true"]) == 2
+    assert capsys.readouterr().err == (
+        "port-broker exec: --map 'http=80': expected PORT=NAME, e.g. 80=http\n"
+    )
 
 
 async def test_exec_runs_the_command_with_the_sockets_at_3_and_up(rundir: Path) -> None:
@@ -238,10 +251,10 @@ ECHO_ARGS: Final = "import sys; print(sys.argv[1:])"
             ["--timeout", "1", "--", "-x"],
         ),
         (["http", "-c", ECHO_ARGS, "--version"], ["--version"]),
-        (["--", "http", "-c", ECHO_ARGS, "a"], ["a"]),
-        (["--", "http", "--", "-c", ECHO_ARGS, "a"], ["a"]),
+        # Options may follow the names, up to "--".
+        (["http", "--timeout", "3", "--", "-c", ECHO_ARGS, "a"], ["a"]),
     ],
-    ids=["after --", "without --", "-- before NAME", "-- before and after NAME"],
+    ids=["after --", "without --", "options after NAME"],
 )
 async def test_exec_passes_everything_after_the_names_to_the_command(
     rundir: Path, args: list[str], argv: list[str]

@@ -348,3 +348,33 @@ def test_restarting_a_worker_under_load_refuses_no_connection(box: Box) -> None:
     assert counts["refused"] == 0, counts
     assert counts["failed"] == 0, counts
     assert counts["ok"] > 100, counts
+
+
+SPLIT_DROP_IN: Final = """\
+[Socket]
+BindIPv6Only=ipv6-only
+ListenStream=
+ListenStream=0.0.0.0:80
+ListenStream=[::]:80
+"""
+
+
+def test_documented_split_sockets_serve_an_ipv4_program_through_intercept(box: Box) -> None:
+    # docs/intercept.md: an IPv4 and an IPv6-only socket under one name.
+    configure(box, '[sockets.http]\nusers = ["alice"]\n')
+    box.write_file("/etc/systemd/system/port-broker-http.socket.d/split.conf", SPLIT_DROP_IN)
+    box.run(["systemctl", "daemon-reload"])
+    start_sockets(box)
+    listed = box.run(["port-broker", "list"], user="alice").stdout.splitlines()[1:]
+    assert [line.split() for line in listed] == [
+        ["http", "tcp", "0.0.0.0:80"],
+        ["http", "tcp6", "[::]:80"],
+    ]
+    server = ["port-broker", "exec", "--intercept", "http", "--",
+              "/usr/bin/python3", "-m", "http.server", "80", "--directory", "/srv"]  # fmt: skip
+    with subprocess.Popen(box.command(server, user="alice"), stderr=subprocess.PIPE) as proc:
+        try:
+            assert "hello.js" in curl(box)  # a directory listing of /srv, over IPv4
+        finally:
+            box.run(["pkill", "-u", "alice", "-f", "http.server"])
+            proc.wait(REQUEST_TIMEOUT)
