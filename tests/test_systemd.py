@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from box import Box, box_unavailable_reason
-from support import ROOT
+from box import Box
+from project_box import REQUEST_TIMEOUT, configure, curl, installed_box, show, start_sockets, uid
 
 pytestmark = pytest.mark.needs_root
 
@@ -30,9 +29,6 @@ HARDENING_SCORE: Final = 0.5
 from 0: PrivateUsers= and ProtectProc=invisible would hide peers' identities from the
 broker, RootDirectory= would need an image, AF_UNIX is its whole job, and ProtectClock=
 implies a read-only rtc device ACL."""
-
-REQUEST_TIMEOUT: Final = 10
-"""Seconds for one curl inside the box; a request takes milliseconds."""
 
 WORKER_UNIT: Final = """\
 [Unit]
@@ -71,61 +67,9 @@ print(json.dumps({**counts, "errors": errors[:5]}))
 
 @pytest.fixture
 def box(launcher: Path) -> Iterator[Box]:
-    """A booted box with port-broker installed, users alice and bob, and hello.js."""
-    reason = box_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    machine = Box()
-    machine.copy_in(launcher.parent.parent, "/opt/port-broker")
-    machine.copy_in(ROOT / "units", "/usr/share/port-broker/units")
-    for unit in sorted((ROOT / "units").iterdir()):
-        machine.write_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
-    machine.write_file("/srv/hello.js", (ROOT / "docs" / "examples" / "hello.js").read_text())
-    machine.write_file("/srv/load.py", LOAD_SCRIPT)
-    machine.start()
-    try:
-        machine.run(
-            ["ln", "-sfn", "/opt/port-broker/bin/port-broker", "/usr/local/bin/port-broker"]
-        )
-        for user in ("alice", "bob"):
-            machine.run(["useradd", "--create-home", "--shell", "/bin/bash", user])
+    """A booted box with port-broker installed, users alice and bob, and /srv files."""
+    with installed_box(launcher, {"/srv/load.py": LOAD_SCRIPT}) as machine:
         yield machine
-    finally:
-        machine.stop()
-
-
-def configure(box: Box, policy: str) -> None:
-    box.write_file("/etc/port-broker/broker.toml", textwrap.dedent(policy))
-
-
-def start_sockets(box: Box) -> None:
-    box.run(["systemctl", "start", "port-broker.socket", "port-broker-http.socket"])
-
-
-def uid(box: Box, user: str) -> int:
-    return int(box.run(["id", "-u", user]).stdout)
-
-
-def curl(box: Box, url: str = "http://127.0.0.1/") -> str:
-    return box.run(
-        [
-            "curl",
-            "-sS",
-            "--globoff",
-            "--max-time",
-            str(REQUEST_TIMEOUT),
-            "--retry",
-            "50",
-            "--retry-connrefused",
-            "--retry-delay",
-            "0",
-            url,
-        ]
-    ).stdout
-
-
-def show(box: Box, unit: str, prop: str) -> str:
-    return box.run(["systemctl", "show", "--value", "-p", prop, unit]).stdout.strip()
 
 
 def start_worker(box: Box, user: str = "alice", unit: str = "web.service") -> int:
