@@ -12,6 +12,7 @@ a client sent verbatim beyond a bounded length.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Final, Protocol
@@ -41,9 +42,13 @@ def _stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (device, inode)
 
 
+_BARE: Final = re.compile(r"[\w.\-/@:\[\]]+")
+"""Values written without quotes in key=value lines."""
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text and all(c.isalnum() or c in "._-/@:[]" for c in text):
+    if _BARE.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 

@@ -11,6 +11,7 @@ systemd does not restart on it); 126/127 the command cannot be run (exec).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -275,16 +276,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from broker import config
+
+    try:
+        # A child reads the configuration (with pydantic) while this process imports
+        # trio: neither waits for the other, and pydantic never enters the broker.
+        loader = config.IsolatedLoad(args.config)
+    except OSError as e:
+        return _fail("serve", f"cannot start the configuration loader: {e.strerror}", 1)
     # Everything the server needs is imported now, before any privilege change: after
     # it, the interpreter may no longer be able to read its own modules.
     import trio
 
-    from broker import activation, config, server
+    from broker import activation, server
     from broker.audit import Audit
 
     audit = Audit()
     try:
-        loaded = config.load(args.config)
+        loaded = loader.result()
         if args.bind or args.control:
             intake = _bind_fallback(args, activation)
         else:
@@ -322,6 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "serving as root: run the broker under DynamicUser= or "
                 "--user instead; it needs no privilege at all",
             )
+        _fit_open_files(loaded.max_connections, intake, audit)
         summary = "; ".join(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
         )
@@ -330,6 +340,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         intake.close()
     return 0
+
+
+FD_HEADROOM: Final = 64
+"""Open files the broker needs besides its clients: stdio, the held and control sockets'
+slack, trio's epoll and wakeup fds, the journal socket, pidfds being checked."""
+
+
+def _fit_open_files(max_connections: int, intake: Any, audit: Any) -> None:
+    """Raise RLIMIT_NOFILE's soft limit so `max_connections` clients fit, or say why not."""
+    import resource
+
+    needed = max_connections + sum(map(len, intake.held.values())) + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(OSError, ValueError):  # a seccomp filter may forbid it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        audit.log(
+            "warning",
+            f"max_connections = {max_connections} needs about {needed} open files, but "
+            f"RLIMIT_NOFILE allows {soft}: clients beyond that wait until others finish; "
+            "raise LimitNOFILE= or lower max_connections",
+        )
 
 
 def _bind_fallback(args: argparse.Namespace, activation: Any) -> Any:

@@ -19,11 +19,12 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)
 """Linux 6.5+: a pidfd for the process that connect()ed (asm-generic/socket.h)."""
 
+_INT: Final = struct.Struct("i")
 _UCRED: Final = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _NO_ID: Final = 2**32 - 1
 """(uid_t)-1: what SO_PEERCRED reports for a socket with no peer credentials."""
@@ -34,6 +35,15 @@ this time, and a burst of grants costs one user-database lookup, not one each.""
 
 PROCESS_UNIT_SUFFIXES: Final = (".service", ".scope")
 """The only unit types that contain processes."""
+
+CGROUP_FILE_MAX: Final = 65536
+"""Read limit for /proc/PID/cgroup: a line per hierarchy (a dozen), each a path."""
+
+
+class SupportsGetsockopt(Protocol):
+    """A socket, stdlib or trio: all `identify` needs of it."""
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,12 @@ def cgroup_of(pid: int) -> str | None:
     On a hybrid cgroup setup the v1 name=systemd hierarchy is used when the unified
     one has no entry.
     """
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+    try:  # os.open/os.read: this runs for every client, and file objects cost more
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lines = os.read(fd, CGROUP_FILE_MAX).decode("utf-8", "replace").splitlines()
+        finally:
+            os.close(fd)
     except OSError:
         return None
     fallback = None
@@ -109,9 +122,9 @@ def _pidfd_alive(pidfd: int) -> bool:
     return not poller.poll(0)
 
 
-def _peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+def _peer_pidfd(sock: SupportsGetsockopt, pid: int) -> int | None:
     try:
-        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        return int(_INT.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, _INT.size))[0])
     except OSError as e:
         if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
             return None  # ESRCH: the peer is gone already
@@ -123,7 +136,7 @@ def _peer_pidfd(sock: socket.socket, pid: int) -> int | None:
         return None
 
 
-def _unit_and_cgroup(sock: socket.socket, pid: int) -> tuple[str | None, str | None]:
+def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, str | None]:
     if pid <= 0:
         return None, None
     pidfd = _peer_pidfd(sock, pid)
@@ -163,23 +176,29 @@ class UserDatabase:
         return name, groups
 
 
-def identify(fd: int, users: UserDatabase) -> Peer:
-    """Return the identity of the process connected to the Unix socket `fd`.
+def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
+    """Return the identity of the process connected to the Unix socket `sock`.
 
-    The caller keeps ownership of `fd`; it is neither closed nor changed.
+    Args:
+        sock: The connected socket (stdlib or trio), or its fd. The caller keeps
+            ownership; it is neither closed nor changed.
+        users: Where user names and groups are looked up.
 
     Raises:
-        OSError: if `fd` has no peer credentials (not a connected Unix socket).
+        OSError: if `sock` has no peer credentials (not a connected Unix socket).
     """
-    sock = socket.socket(fileno=fd)  # a borrowed view; detached below, never closed
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, gid = _UCRED.unpack(raw)
-        if uid == _NO_ID:  # unconnected, or not a Unix socket: no credentials to read
-            raise OSError(errno.ENOTCONN, "no peer credentials: not a connected Unix socket")
-        unit, cgroup = _unit_and_cgroup(sock, pid)
-    finally:
-        sock.detach()
+    if isinstance(sock, int):
+        borrowed = socket.socket(fileno=sock)  # a view; detached below, never closed
+        try:
+            return identify(borrowed, users)
+        finally:
+            borrowed.detach()
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if uid == _NO_ID:  # unconnected, or not a Unix socket: no credentials to read
+        raise OSError(errno.ENOTCONN, "no peer credentials: not a connected Unix socket")
+    unit, cgroup = _unit_and_cgroup(sock, pid)
     name, groups = users.lookup(uid)
     return Peer(
         pid=pid, uid=uid, gid=gid, user=name, groups=groups | {gid}, unit=unit, cgroup=cgroup

@@ -186,7 +186,7 @@ class Broker:
         try:
             with conn:
                 try:
-                    peer = identify(conn.fileno(), self.users)
+                    peer = identify(conn, self.users)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 await self._converse(conn, peer)
@@ -201,33 +201,37 @@ class Broker:
             self.active -= 1
 
     async def _converse(self, conn: trio.socket.SocketType, peer: Peer) -> None:
+        """Answer requests until the peer closes, errs or runs out of time.
+
+        Each request, and each reply, gets `client_timeout` seconds: one cancel scope
+        whose deadline moves on at every step (cheaper than a scope per step).
+        """
         buffer = LineBuffer(MAX_REQUEST_BYTES)
         timeout = self.config.client_timeout
-        while True:
-            try:
-                with trio.fail_after(timeout):
+        reading = True
+        with trio.CancelScope() as deadline:
+            while True:
+                reading = True
+                deadline.deadline = trio.current_time() + timeout
+                try:
                     line = await _read_line(conn, buffer)
-                if line is None:
+                    if line is None:
+                        return
+                    request = parse_request(line)
+                except ProtocolError as e:
+                    await self._protocol_error(conn, peer, e)
                     return
-                request = parse_request(line)
-            except trio.TooSlowError:
-                await self._protocol_error(
-                    conn,
-                    peer,
-                    ProtocolError(Code.TIMEOUT, f"no complete request within {timeout:g} seconds"),
-                )
-                return
-            except ProtocolError as e:
-                await self._protocol_error(conn, peer, e)
-                return
-            with trio.move_on_after(timeout) as answering:
+                reading = False
+                deadline.deadline = trio.current_time() + timeout
                 try:
                     await self._answer(conn, peer, request)
                 except OSError as e:
                     self.audit.log("notice", f"dropped {peer.describe()}: {e.strerror}")
                     return
-            if answering.cancelled_caught:
-                return  # the peer stopped reading its replies
+        if deadline.cancelled_caught and reading:
+            message = f"no complete request within {timeout:g} seconds"
+            await self._protocol_error(conn, peer, ProtocolError(Code.TIMEOUT, message))
+        # A peer that stopped reading its replies is simply dropped.
 
     async def _protocol_error(
         self, conn: trio.socket.SocketType, peer: Peer, error: ProtocolError

@@ -530,3 +530,37 @@ def test_serve_refuses_to_start_wrongly(rundir: Path, args: list[str], message: 
     assert done.returncode == 78
     assert done.stderr.startswith("port-broker serve: ")
     assert message in done.stderr
+
+
+# --- open-file limit --------------------------------------------------------------
+
+FIT_OPEN_FILES: Final = """
+import resource, sys
+from broker.audit import Audit
+from broker.cli import _fit_open_files
+class Held:
+    held = {"http": [object(), object()]}
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+_fit_open_files(1024, Held(), Audit(journal=False))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "after", "warned"),
+    [(256, 4096, 1090, False), (256, 512, 512, True), (2048, 2048, 2048, False)],
+)
+def test_serve_fits_the_open_file_limit_to_max_connections(
+    soft: int, hard: int, after: int, warned: bool
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FIT_OPEN_FILES, str(soft), str(hard)],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    assert int(done.stdout) == after
+    warning = (
+        "port-broker: warning: max_connections = 1024 needs about 1090 open files, but "
+        f"RLIMIT_NOFILE allows {after}: clients beyond that wait until others finish; "
+        "raise LimitNOFILE= or lower max_connections\n"
+    )
+    assert done.stderr == (warning if warned else "")

@@ -8,6 +8,7 @@ Every error must name the file (or the environment variable) and the key.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from broker import cli, config
-from broker.config import MAX_ID, Config
+from broker.config import Config
 from broker.errors import ConfigError
 from broker.policy import Rule
+from broker.settings import MAX_ID
 
 WWW_DATA = pwd.getpwnam("www-data").pw_uid
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -568,3 +570,43 @@ def test_the_installed_command_applies_and_checks_the_environment(tmp_path: Path
     )
     done = run_check_config(str(path), env={"PORT_BROKER_SOCKETS__WEB__USERS": '["www-data"]'})
     assert (done.returncode, done.stdout) == (0, f"{path}: OK\n  web: uids [{WWW_DATA}]\n")
+
+
+# --- loading in a child process ---------------------------------------------------
+
+
+def test_isolated_load_gives_what_load_gives(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        "max_connections = 7\nclient_timeout = 2.5\n"
+        '[sockets.http]\nusers = ["nobody", 1234]\ngroups = ["www-data"]\n'
+        'units = ["web.service", "machine-*.scope"]\n[status]\nusers = ["root"]\n'
+    )
+    here = config.load(str(path), environ={})
+    there = config.load_isolated(str(path), environ={})
+    assert there == here
+    assert Config.from_json(json.loads(json.dumps(here.to_json()))) == here
+
+
+def test_isolated_load_reports_the_childs_error(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[sockets.http]\nusers = ["no-such-user-here"]\n')
+    with pytest.raises(ConfigError) as here:
+        config.load(str(path), environ={})
+    with pytest.raises(ConfigError) as there:
+        config.load_isolated(str(path), environ={})
+    assert there.value.message == here.value.message
+    assert "no-such-user-here" in there.value.message
+
+
+def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[sockets.http]\nusers = ["nobody"]\n')
+    code = (
+        "import sys; from broker import config; "
+        f"config.load_isolated({str(path)!r}, environ={{}}); "
+        "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'broker.settings'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)  # fmt: skip
+    assert done.stdout == "[]\n"

@@ -1,0 +1,298 @@
+"""Reading and validating the configuration: a TOML file plus `PORT_BROKER_*` overrides.
+
+The pydantic-settings half of `broker.config`: `load()` here turns a file and the
+environment into a `Config` holding a ready `Policy` in which every user and group name
+is already resolved to its id. Anything wrong — TOML syntax, an unknown key, a bad
+value, a user or group the system does not know — is a `ConfigError` naming the file
+(or environment variable) and the key, before any socket is served.
+
+Example (docs/configuration.md has the whole reference)::
+
+    [sockets.http]
+    users = ["www-data", 1000]
+    groups = ["web"]
+    units = ["node-app.service", "machine-*.scope"]
+
+Must never: be imported on the client path, nor by the serving broker, which reads the
+configuration through `broker.config.load_isolated` so that pydantic's ~15 MB stay out
+of its memory.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from broker import config
+from broker.config import PATH_ENV, Config
+from broker.errors import ConfigError
+from broker.policy import Policy, Rule
+from broker.protocol import CONTROL_NAME, valid_name
+
+ENV_PREFIX: Final = "PORT_BROKER_"
+CLIENT_ENV: Final = frozenset({"PORT_BROKER_SOCKET", PATH_ENV})
+"""Variables with our prefix that are not settings (read elsewhere, so allowed)."""
+
+MAX_ID: Final = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
+_UNIT_PATTERN: Final = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]+\.(service|scope)")
+
+
+def _resolve_id(entry: int | str, kind: str) -> int:
+    if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
+        number = int(entry)
+        if not 0 <= number <= MAX_ID:
+            raise ValueError(f"{kind} id {number} is out of range 0..{MAX_ID}")
+        return number
+    try:
+        if kind == "user":
+            return pwd.getpwnam(entry).pw_uid
+        return grp.getgrnam(entry).gr_gid
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} {entry!r}: not in the {kind} database; create it, fix the "
+            f"spelling, or give a numeric id (for ids that exist only in containers)"
+        ) from None
+
+
+class RuleSettings(BaseModel):
+    """Who may have a socket (or read the status): users, groups, units. Default: nobody."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # StrictInt: a TOML `true` or `1.0` is a mistake, not uid 1.
+    users: list[StrictInt | str] = Field(default_factory=list, description="user names or uids")
+    groups: list[StrictInt | str] = Field(default_factory=list, description="group names or gids")
+    units: list[str] = Field(
+        default_factory=list, description="systemd services/scopes, glob patterns allowed"
+    )
+
+    @field_validator("users")
+    @classmethod
+    def _known_users(cls, value: list[int | str]) -> list[int | str]:
+        for entry in value:
+            _resolve_id(entry, "user")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _known_groups(cls, value: list[int | str]) -> list[int | str]:
+        for entry in value:
+            _resolve_id(entry, "group")
+        return value
+
+    @field_validator("units")
+    @classmethod
+    def _unit_names(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _UNIT_PATTERN.fullmatch(entry):
+                raise ValueError(
+                    f"{entry!r} is not a service or scope name or pattern "
+                    "(examples: 'web.service', 'machine-*.scope')"
+                )
+        return value
+
+    def to_rule(self) -> Rule:
+        """Return the policy rule with every name resolved to its id."""
+        return Rule(
+            uids=frozenset(_resolve_id(u, "user") for u in self.users),
+            gids=frozenset(_resolve_id(g, "group") for g in self.groups),
+            units=tuple(self.units),
+        )
+
+
+_ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("_ENVIRON")
+"""The `environ` of the `load()` in progress: what `_EnvironSource` reads."""
+
+
+class _EnvironSource(EnvSettingsSource):
+    """Overrides from `load()`'s `environ` argument (pydantic-settings reads os.environ)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # What pydantic-settings does with os.environ (keys folded: not case-sensitive).
+        return {key.lower(): value for key, value in _ENVIRON.get(os.environ).items()}
+
+
+class Settings(BaseSettings):
+    """Everything the broker reads at start. The TOML file's top level maps onto this."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    sockets: dict[str, RuleSettings] = Field(
+        default_factory=dict, description="socket name (FileDescriptorName=) → who may have it"
+    )
+    status: RuleSettings = Field(
+        default_factory=lambda: RuleSettings(users=[0]),
+        description="who may read `port-broker status` (default: root only)",
+    )
+    max_connections: int = Field(
+        1024, ge=1, le=65536, description="concurrent control connections served"
+    )
+    client_timeout: float = Field(
+        5.0, gt=0, le=300, description="seconds a client has to send each request"
+    )
+
+    @field_validator("sockets")
+    @classmethod
+    def _socket_names(cls, value: dict[str, RuleSettings]) -> dict[str, RuleSettings]:
+        for name in value:
+            if name == CONTROL_NAME:
+                raise ValueError(
+                    f"{CONTROL_NAME!r} is the broker's own control socket and cannot be "
+                    "granted; give the socket another FileDescriptorName="
+                )
+            if not valid_name(name):
+                raise ValueError(
+                    f"{name!r} is not a valid socket name (letters, digits, '_.@-', up to "
+                    "64 characters, as in FileDescriptorName=)"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return _EnvironSource(settings_cls), init_settings
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+        parent = _model_at(tuple(error["loc"][:-1]))
+        if parent is not None:
+            message += f"; known keys: {', '.join(parent.model_fields)}"
+    return message
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    if not loc:
+        return Settings
+    if loc[0] == "status" or (loc[0] == "sockets" and len(loc) == 2):
+        return RuleSettings
+    return None
+
+
+_JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"})
+"""Variables (and their `__` children) whose values are tables or lists, so JSON."""
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+            continue
+        head = variable.split("__", 1)[0]
+        if head not in known:
+            raise ConfigError(
+                f"environment variable {variable}: unknown setting; known: "
+                f"{', '.join(sorted(known | CLIENT_ENV))}"
+            )
+        if head in _JSON_SETTINGS:  # else pydantic-settings raises, naming no variable
+            try:
+                json.loads(environ[variable])
+            except ValueError:
+                raise ConfigError(
+                    f"environment variable {variable}: not JSON; tables and lists are "
+                    f"given as JSON, e.g. {ENV_PREFIX}SOCKETS__HTTP__USERS='[\"nobody\"]'"
+                ) from None
+
+
+def _source_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """Return the `PORT_BROKER_*` variable in `environ` that set the key at `loc`, if any."""
+    key = [str(part).lower() for part in loc]
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+            continue
+        parts = variable.removeprefix(ENV_PREFIX).lower().split("__")
+        shorter = min(len(parts), len(key))  # one names the other's table, or the same key
+        if key and parts[:shorter] == key[:shorter]:
+            return variable
+    return None
+
+
+def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
+    """Load, validate and resolve the configuration.
+
+    Args:
+        path: The TOML file; None means $PORT_BROKER_CONFIG, else DEFAULT_PATH.
+        environ: Where `PORT_BROKER_*` overrides are read from.
+
+    Raises:
+        ConfigError: naming the file or variable and the key, for anything invalid, and
+            for a missing file that was asked for explicitly.
+    """
+    path, explicit = config.resolve_path(path, environ)
+    data: dict[str, Any] = {}
+    exists = True
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(
+                f"{path}: no such file (asked for with --config or {PATH_ENV})"
+            ) from None
+        exists = False
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes before parsing; TOML is UTF-8
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    _check_environment(environ)
+    token = _ENVIRON.set(environ)
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = _key(tuple(first["loc"]))
+        where = path
+        variable = _source_variable(tuple(first["loc"]), environ)
+        if variable is not None:
+            where = f"{path} (overridden by environment variable {variable})"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{where}: {key}: {_describe(first)}{more}") from None
+    finally:
+        _ENVIRON.reset(token)
+    policy = Policy(
+        sockets={name: rule.to_rule() for name, rule in settings.sockets.items()},
+        status=settings.status.to_rule(),
+        source=path,
+    )
+    return Config(
+        path=path,
+        exists=exists,
+        policy=policy,
+        max_connections=settings.max_connections,
+        client_timeout=settings.client_timeout,
+    )
