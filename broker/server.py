@@ -61,8 +61,8 @@ SHUTDOWN_GRACE: Final = 1.0
 takes, and well inside systemd's TimeoutStopSec."""
 
 REFUSAL_SEND_TIMEOUT: Final = 0.5
-"""Seconds we try to tell a client why it is dropped (busy, timeout) before giving up:
-such a client gets no more of our time than that."""
+"""Seconds we try to tell a client why it is dropped (a protocol error, a timeout)
+before giving up: such a client gets no more of our time than that."""
 
 STATUS_INTERVAL: Final = 1.0
 """Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
@@ -143,15 +143,7 @@ class Broker:
                 raise
             self.connections += 1
             if self.active >= self.config.max_connections:
-                clients.start_soon(
-                    self._refuse,
-                    conn,
-                    Refusal(
-                        Code.BUSY,
-                        f"the broker is serving its limit of "
-                        f"{self.config.max_connections} connections; retry shortly",
-                    ),
-                )
+                self._refuse_busy(conn)
                 continue
             self.active += 1
             clients.start_soon(self._handle, conn)
@@ -176,11 +168,17 @@ class Broker:
 
     # --- one connection ----------------------------------------------------------
 
-    async def _refuse(self, conn: trio.socket.SocketType, refusal: Refusal) -> None:
-        with conn:
-            self.refusals[refusal.code] += 1
-            with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
-                await _send(conn, encode_reply(refusal), [])
+    def _refuse_busy(self, conn: trio.socket.SocketType) -> None:
+        """Tell a client over the limit to retry, without a task or a wait: a flood of
+        connections costs one fd each for no longer than this call."""
+        self.refusals[Code.BUSY] += 1
+        limit = self.config.max_connections
+        reply = encode_reply(
+            Refusal(Code.BUSY, f"the broker is serving its limit of {limit} connections; "
+                               "retry shortly")
+        )  # fmt: skip
+        with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
+            os.write(conn.fileno(), reply)  # non-blocking: trio's socket
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         try:
