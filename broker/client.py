@@ -23,12 +23,13 @@ connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from broker.errors import BrokerUnavailable, ClientError, ProtocolError, refusal
 from broker.protocol import (
@@ -63,6 +64,8 @@ _ANCILLARY_BYTES: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsi
 
 Grant = tuple[str, socket.socket]
 """A granted socket with its name."""
+
+ReplyT = TypeVar("ReplyT", Listing, StatusReport)
 
 
 def socket_path(path: str | None = None) -> str:
@@ -169,7 +172,10 @@ def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(encode_request(request))
+            # A broker that refuses at once (busy) answers and closes before reading the
+            # request: the reply is still there to read after our send fails.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode_request(request))
             while not reader.done:
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
@@ -275,21 +281,27 @@ def _single(name: str, grants: list[Grant]) -> socket.socket:
     return grants[0][1]
 
 
+def _inquiry(request: Request, expected: type[ReplyT], path: str | None, timeout: float
+             ) -> ReplyT:  # fmt: skip
+    """Send a request that carries no fds back; return its reply or raise its refusal."""
+    reply, fds = _exchange(request, path, timeout)
+    _close_all(fds)  # only a (wrong) acquire reply carries any
+    if isinstance(reply, Refusal):
+        raise refusal(reply.code, reply.message)
+    if not isinstance(reply, expected):
+        raise BrokerUnavailable(
+            f"{socket_path(path)}: expected a {expected.__name__} reply, got {type(reply).__name__}"
+        )
+    return reply
+
+
 def list_sockets(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[SocketInfo]:
     """Return the sockets this process may acquire.
 
     Raises:
         BrokerUnavailable, RequestRefused: as `acquire_many`.
     """
-    reply, fds = _exchange(ListSockets(), path, timeout)
-    _close_all(fds)  # only a (wrong) acquire reply carries any
-    if isinstance(reply, Refusal):
-        raise refusal(reply.code, reply.message)
-    if not isinstance(reply, Listing):
-        raise BrokerUnavailable(
-            f"{socket_path(path)}: expected a list reply, got {type(reply).__name__}"
-        )
-    return list(reply.sockets)
+    return list(_inquiry(ListSockets(), Listing, path, timeout).sockets)
 
 
 def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
@@ -299,15 +311,7 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
         AccessDenied: the caller is not allowed by the [status] rule.
         BrokerUnavailable, RequestRefused: as `acquire_many`.
     """
-    reply, fds = _exchange(Status(), path, timeout)
-    _close_all(fds)  # only a (wrong) acquire reply carries any
-    if isinstance(reply, Refusal):
-        raise refusal(reply.code, reply.message)
-    if not isinstance(reply, StatusReport):
-        raise BrokerUnavailable(
-            f"{socket_path(path)}: expected a status reply, got {type(reply).__name__}"
-        )
-    return dict(reply.report)
+    return dict(_inquiry(Status(), StatusReport, path, timeout).report)
 
 
 # --- trio ------------------------------------------------------------------------
@@ -325,8 +329,9 @@ async def _exchange_trio(
             with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 await sock.connect(path)
                 data = memoryview(encode_request(request))
-                while data:
-                    data = data[await sock.send(data) :]
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    while data:  # (see _exchange)
+                        data = data[await sock.send(data) :]
                 while not reader.done:
                     reader.feed(
                         *await sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)

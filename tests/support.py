@@ -19,8 +19,10 @@ import contextlib
 import ctypes
 import http.client
 import importlib.metadata
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from packaging.requirements import Requirement
 
@@ -163,6 +165,45 @@ def settled_fd_count(pid: int, readings: int = 10) -> int:
         counts.append(fd_count(pid))
         time.sleep(0.02)
     return counts[-1]
+
+
+CHILD_TIMEOUT: Final = 30.0
+"""Seconds a forked test child gets to report: it does a few system calls."""
+
+
+def run_in_child(function: Callable[[], object]) -> dict[str, Any]:
+    """Run `function` in a forked child (for what must not touch this process: dropping
+    root, changing namespaces) and return {"result": its JSON-able value} or
+    {"error": exception class name, "message": str(exception)}."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        os.close(read_end)
+        status = 1
+        try:
+            result = json.dumps({"result": function()})
+            status = 0
+        except BaseException as e:
+            result = json.dumps({"error": type(e).__name__, "message": str(e)})
+        finally:
+            os.write(write_end, result.encode())
+            os._exit(status)
+    os.close(write_end)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([read_end], [], [], CHILD_TIMEOUT)
+            if not ready:
+                raise AssertionError(f"timed out after {CHILD_TIMEOUT} s waiting for {pid}")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    report: dict[str, Any] = json.loads(b"".join(chunks))
+    return report
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import re
-import select
 import socket
 import stat
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from support import Processes, wait_for
+from support import Processes, run_in_child, wait_for
 
 from broker.activation import (
     CONTROL_MODE,
@@ -640,39 +639,6 @@ def test_bind_control_in_a_missing_directory_fails(tmp_path: Path) -> None:
 
 
 # --- leaving root ------------------------------------------------------------------------
-
-
-def run_in_child(function: Callable[[], Any]) -> Any:
-    """Run `function` in a forked child; return its JSON-able result, or its error."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        status = 1
-        try:
-            result = json.dumps({"result": function()})
-            status = 0
-        except BaseException as e:
-            result = json.dumps({"error": type(e).__name__, "message": str(e)})
-        finally:
-            os.write(write_end, result.encode())
-            os._exit(status)
-    os.close(write_end)
-    chunks = []
-    try:
-        while True:
-            ready, _, _ = select.select([read_end], [], [], CHILD_TIMEOUT)
-            if not ready:
-                raise AssertionError(f"timed out after {CHILD_TIMEOUT} s waiting for {pid}")
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    report: dict[str, Any] = json.loads(b"".join(chunks))
-    return report
 
 
 def report_after_dropping(user: str) -> Callable[[], dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
-import json
 import os
 import pwd
 import select
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import support
 
 from broker.identity import Peer, UserDatabase, cgroup_of, identify, unit_from_cgroup
 
@@ -174,34 +174,9 @@ def become(uid: int, gid: int, groups: list[int]) -> Callable[[], None]:
 
 def run_in_child(function: Callable[[], Any]) -> Any:
     """Run `function` in a forked child and return its JSON-able result (or raise)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        status = 1
-        try:
-            result = json.dumps({"result": function()})
-            status = 0
-        except BaseException as e:
-            result = json.dumps({"error": repr(e)})
-        finally:
-            os.write(write_end, result.encode())
-            os._exit(status)
-    os.close(write_end)
-    try:
-        chunks = []
-        while True:
-            wait_readable(read_end, f"child {pid} to report")
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    report = json.loads(b"".join(chunks))
+    report = support.run_in_child(function)
     if "error" in report:
-        raise AssertionError(f"in the child: {report['error']}")
+        raise AssertionError(f"in the child: {report['error']}: {report['message']}")
     return report["result"]
 
 
