@@ -338,14 +338,22 @@ def bind_control(path: str) -> socket.socket:
                 os.unlink(path)  # stale: nobody listens
             else:
                 raise IntakeError(f"--control {path}: another broker is listening there")
+    # Bind and listen under a temporary name, then rename into place: a client never
+    # finds the path bound but not yet listening (or not yet mode 0666).
+    building = f"{path}.{os.getpid()}.new"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        os.chmod(path, CONTROL_MODE)
-        sock.listen(BACKLOG)
+        sock.bind(building)
+        try:
+            os.chmod(building, CONTROL_MODE)
+            sock.listen(BACKLOG)
+            os.rename(building, path)
+        except BaseException:
+            os.unlink(building)
+            raise
     except OSError as e:
         sock.close()
-        raise IntakeError(f"--control {path}: cannot bind: {e.strerror}") from None
+        raise IntakeError(f"--control {path}: cannot bind: {e.strerror or e}") from None
     return sock
 
 

@@ -2,7 +2,8 @@
 
 Under systemd (stderr is the journal stream), each event goes to the journal with
 structured fields — `journalctl -u port-broker MESSAGE_ID=<grant id>`, or
-`journalctl -o json` to see PEER_UID, PEER_PID, PEER_UNIT, SOCKET, DECISION, REASON.
+`journalctl -o json` to see PEER_UID, PEER_PID, PEER_UNIT, PEER_CGROUP, SOCKET,
+DECISION, REASON.
 Otherwise each event is one `key=value` line on stderr.
 
 Must never: raise into the server (a full journal must not stop grants), or log what
@@ -94,6 +95,7 @@ class Audit:
             "PEER_PID": peer.pid,
             "PEER_USER": peer.user or "",
             "PEER_UNIT": peer.unit or "",
+            "PEER_CGROUP": peer.cgroup or "",
             "REASON": reason[:512],
         }
         if code is not None:

@@ -389,6 +389,17 @@ def _bind_fallback(args: argparse.Namespace, activation: Any) -> Any:
 # --- argument parsing -------------------------------------------------------------
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="port-broker",
@@ -407,7 +418,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--timeout",
-            type=float,
+            type=_positive_seconds,
             default=5.0,
             metavar="SECONDS",
             help="give up on the broker after this long (default: 5)",

@@ -17,7 +17,8 @@ is closed before the exception propagates.
 
 Raises (all subclasses of `broker.errors.ClientError`): `BrokerUnavailable` (cannot
 connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
-`RequestRefused` for other refusals, each carrying the broker's message.
+`RequestRefused` for other refusals, each carrying the broker's message; and
+`ValueError` for a timeout that is not above 0.
 """
 
 from __future__ import annotations
@@ -166,18 +167,28 @@ def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Br
 def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
     """Connect, send `request`, return the reply and any fds (the caller owns them)."""
     path = socket_path(path)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
     deadline = time.monotonic() + timeout
     reader = _ReplyReader(path)
+
+    def remaining() -> float:  # one deadline for the whole exchange
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(timeout)
+            sock.settimeout(remaining())
             sock.connect(path)
             # A broker that refuses at once (busy) answers and closes before reading the
             # request: the reply is still there to read after our send fails.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.settimeout(remaining())
                 sock.sendall(encode_request(request))
             while not reader.done:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.settimeout(remaining())
                 reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
         return reader.result()
     except (OSError, TimeoutError) as e:
@@ -323,6 +334,8 @@ async def _exchange_trio(
     import trio  # noqa: PLC0415  (only trio users pay for importing trio)
 
     path = socket_path(path)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
     reader = _ReplyReader(path)
     try:
         with trio.fail_after(timeout):

@@ -45,6 +45,8 @@ class Config:
         policy: The resolved access policy.
         max_connections: Concurrent control connections served.
         client_timeout: Seconds a client has to send each request.
+        max_connections_per_user: Concurrent control connections of one uid, so that
+            one user cannot take every connection slot.
     """
 
     path: str
@@ -52,6 +54,7 @@ class Config:
     policy: Policy
     max_connections: int
     client_timeout: float
+    max_connections_per_user: int = 64
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-able form; `from_json` turns it back into an equal Config."""
@@ -62,6 +65,7 @@ class Config:
             "status": _rule_json(self.policy.status),
             "source": self.policy.source,
             "max_connections": self.max_connections,
+            "max_connections_per_user": self.max_connections_per_user,
             "client_timeout": self.client_timeout,
         }
 
@@ -82,6 +86,7 @@ class Config:
             exists=bool(data["exists"]),
             policy=policy,
             max_connections=int(data["max_connections"]),
+            max_connections_per_user=int(data["max_connections_per_user"]),
             client_timeout=float(data["client_timeout"]),
         )
 
@@ -169,8 +174,10 @@ class IsolatedLoad:
 def _child(write_end: int, path: str | None, environ: Mapping[str, str]) -> None:
     """In the forked child: load, write the result as JSON, exit. Never returns."""
     try:
+        status = 1
         try:
             reply: dict[str, Any] = {"config": load(path, environ).to_json()}
+            status = 0
         except ConfigError as e:
             reply = {"error": e.message}
         except Exception as e:
@@ -178,7 +185,7 @@ def _child(write_end: int, path: str | None, environ: Mapping[str, str]) -> None
         with open(write_end, "wb") as pipe:
             pipe.write(json.dumps(reply).encode())
     finally:
-        os._exit(0)
+        os._exit(status)
 
 
 def load_isolated(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:

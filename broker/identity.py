@@ -1,28 +1,39 @@
 """Who is on the other end of a control connection, from the kernel alone.
 
-The peer's uid, gid and pid come from SO_PEERCRED (recorded by the kernel at connect
-time); its systemd unit from its cgroup, read through a pidfd (SO_PEERPIDFD) so that a
-recycled pid cannot lend a dead peer another process's unit; its groups from the user
-database. Nothing a client *says* about itself is ever used.
+The peer's uid, gid and pid come from SO_PEERCRED and its supplementary groups from
+SO_PEERGROUPS (both recorded by the kernel at connect time); its systemd unit from its
+cgroup, read through a pidfd (SO_PEERPIDFD) so that a recycled pid cannot lend a dead
+peer another process's unit; its user name, and the groups its user has in the user
+database, from NSS. Nothing a client *says* about itself is ever used.
 
-Must never: trust a pid without the pidfd check, or block on anything but local files
-and the user database (NSS; cached for a few seconds per uid).
+`peer_credentials` asks only the kernel (cheap, never blocks); `UserDatabase` does the
+NSS part, which may block (LDAP, sssd): the server runs its cache misses in a thread.
+
+Must never: trust a pid without the pidfd check, or credit a peer whose uid the kernel
+could not map into our user namespace (it shows as the overflow uid, `nobody`).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pwd
 import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)
 """Linux 6.5+: a pidfd for the process that connect()ed (asm-generic/socket.h)."""
+SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+"""Linux 4.13+: the supplementary groups of the process that connect()ed."""
+PEERGROUPS_BUFFER: Final = 1024
+"""Bytes asked for with SO_PEERGROUPS: 256 groups, the most CPython's getsockopt() can
+return; a peer in more groups is matched by its user-database groups only."""
 
 _INT: Final = struct.Struct("i")
 _UCRED: Final = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -32,6 +43,9 @@ _NO_ID: Final = 2**32 - 1
 USER_CACHE_SECONDS: Final = 5.0
 """How long a uid's name and groups are reused: a group change reaches the policy within
 this time, and a burst of grants costs one user-database lookup, not one each."""
+USER_CACHE_ENTRIES: Final = 4096
+"""Most uids cached; the least recently used goes first (a rootless-podman user may own
+65,536 uids: cycling them must not evict everyone else)."""
 
 PROCESS_UNIT_SUFFIXES: Final = (".service", ".scope")
 """The only unit types that contain processes."""
@@ -55,9 +69,12 @@ class Peer:
         uid: Effective uid when it connected, as seen from the broker's user namespace.
         gid: Effective gid when it connected.
         user: User name from the user database, or None for a uid with no entry.
-        groups: gid plus the user's groups from the user database.
+        groups: gid, the supplementary groups the kernel recorded at connect, and the
+            user's groups in the user database.
         unit: The systemd unit (service or scope) the process ran in, or None.
         cgroup: The process's cgroup path, or None if it could not be read safely.
+        mapped: False if the peer's uid or gid has no mapping in the broker's user
+            namespace: the kernel then shows the overflow id, which identifies nobody.
     """
 
     pid: int
@@ -67,6 +84,7 @@ class Peer:
     groups: frozenset[int] = field(default_factory=frozenset)
     unit: str | None = None
     cgroup: str | None = None
+    mapped: bool = True
 
     def describe(self) -> str:
         """Return a short human description: 'user nobody (uid 65534, pid 7, unit x)'."""
@@ -75,6 +93,10 @@ class Peer:
             details.append(f"unit {self.unit}")
         who = f"user {self.user}" if self.user else "unnamed user"
         return f"{who} ({', '.join(details)})"
+
+    def with_user(self, name: str | None, groups: frozenset[int]) -> Peer:
+        """Return this peer with its user-database name and groups added."""
+        return replace(self, user=name, groups=self.groups | groups)
 
 
 def unit_from_cgroup(path: str) -> str | None:
@@ -126,14 +148,42 @@ def _peer_pidfd(sock: SupportsGetsockopt, pid: int) -> int | None:
     try:
         return int(_INT.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, _INT.size))[0])
     except OSError as e:
-        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
-            return None  # ESRCH: the peer is gone already
-    # Older kernel: open a pidfd now. A pid recycled between connect() and this call
-    # could still fool us; SO_PEERPIDFD (Linux 6.5) closes that window.
+        # Only ENOPROTOOPT means "this kernel has no SO_PEERPIDFD". Anything else
+        # (EINVAL from 6.5-6.15 for a reaped peer, ESRCH) means the peer is gone: a
+        # pidfd opened now by pid could name a newer process with the same pid.
+        if e.errno != errno.ENOPROTOOPT:
+            return None
+    # A kernel before 6.5: open a pidfd now. A pid recycled between connect() and this
+    # call could still fool us; SO_PEERPIDFD closes that window.
     try:
         return os.pidfd_open(pid)
     except OSError:
         return None
+
+
+def _peer_groups(sock: SupportsGetsockopt) -> frozenset[int]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_BUFFER)
+    except OSError:  # ERANGE: more groups than fit; ENOPROTOOPT: a kernel before 4.13
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+@functools.cache
+def overflow_ids() -> tuple[int, int] | None:
+    """Return (overflowuid, overflowgid) if we run in a user namespace other than the
+    initial one (where unmapped peers show as those ids), else None."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            if f.read().split() == ["0", "0", "4294967295"]:
+                return None  # the initial user namespace: every id is mapped
+        with open("/proc/sys/kernel/overflowuid", encoding="ascii") as f:
+            uid = int(f.read())
+        with open("/proc/sys/kernel/overflowgid", encoding="ascii") as f:
+            gid = int(f.read())
+    except (OSError, ValueError):
+        return (65534, 65534)  # the kernel's defaults
+    return (uid, gid)
 
 
 def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, str | None]:
@@ -152,37 +202,56 @@ def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, st
 
 
 class UserDatabase:
-    """uid → (name, groups), from NSS, cached for USER_CACHE_SECONDS."""
+    """uid → (name, groups), from NSS, cached for USER_CACHE_SECONDS (LRU-bounded).
+
+    `cached` never blocks; `query` may (NSS can ask LDAP or sssd) and touches no state,
+    so it can run in a thread; `store` keeps its answer. `lookup` does all three.
+    """
 
     def __init__(self, ttl: float = USER_CACHE_SECONDS) -> None:
         self._ttl = ttl
-        self._cache: dict[int, tuple[float, str | None, frozenset[int]]] = {}
+        self._cache: OrderedDict[int, tuple[float, str | None, frozenset[int]]] = OrderedDict()
 
-    def lookup(self, uid: int) -> tuple[str | None, frozenset[int]]:
-        """Return the user name (or None) and supplementary groups of `uid`."""
-        now = time.monotonic()
+    def cached(self, uid: int) -> tuple[str | None, frozenset[int]] | None:
+        """Return the cached name and groups of `uid`, or None if absent or stale."""
         hit = self._cache.get(uid)
-        if hit is not None and now - hit[0] < self._ttl:
-            return hit[1], hit[2]
+        if hit is None or time.monotonic() - hit[0] >= self._ttl:
+            return None
+        self._cache.move_to_end(uid)
+        return hit[1], hit[2]
+
+    @staticmethod
+    def query(uid: int) -> tuple[str | None, frozenset[int]]:
+        """Ask the user database (may block): the name and groups of `uid`."""
         try:
             entry = pwd.getpwuid(uid)
-            name: str | None = entry.pw_name
-            groups = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
         except KeyError:
-            name, groups = None, frozenset()
-        if len(self._cache) > 4096:  # bound memory against a flood of distinct uids
-            self._cache.clear()
-        self._cache[uid] = (now, name, groups)
-        return name, groups
+            return None, frozenset()
+        return entry.pw_name, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+
+    def store(self, uid: int, value: tuple[str | None, frozenset[int]]) -> None:
+        """Cache what `query` answered for `uid`."""
+        self._cache[uid] = (time.monotonic(), *value)
+        self._cache.move_to_end(uid)
+        while len(self._cache) > USER_CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def lookup(self, uid: int) -> tuple[str | None, frozenset[int]]:
+        """Return the user name (or None) and user-database groups of `uid`."""
+        hit = self.cached(uid)
+        if hit is None:
+            hit = self.query(uid)
+            self.store(uid, hit)
+        return hit
 
 
-def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
-    """Return the identity of the process connected to the Unix socket `sock`.
+def peer_credentials(sock: int | SupportsGetsockopt) -> Peer:
+    """Return what the kernel says of the process connected to the Unix socket `sock`:
+    everything but the user-database name and groups (see `Peer.with_user`).
 
     Args:
         sock: The connected socket (stdlib or trio), or its fd. The caller keeps
             ownership; it is neither closed nor changed.
-        users: Where user names and groups are looked up.
 
     Raises:
         OSError: if `sock` has no peer credentials (not a connected Unix socket).
@@ -190,7 +259,7 @@ def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
     if isinstance(sock, int):
         borrowed = socket.socket(fileno=sock)  # a view; detached below, never closed
         try:
-            return identify(borrowed, users)
+            return peer_credentials(borrowed)
         finally:
             borrowed.detach()
     pid, uid, gid = _UCRED.unpack(
@@ -199,7 +268,18 @@ def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
     if uid == _NO_ID:  # unconnected, or not a Unix socket: no credentials to read
         raise OSError(errno.ENOTCONN, "no peer credentials: not a connected Unix socket")
     unit, cgroup = _unit_and_cgroup(sock, pid)
-    name, groups = users.lookup(uid)
-    return Peer(
-        pid=pid, uid=uid, gid=gid, user=name, groups=groups | {gid}, unit=unit, cgroup=cgroup
-    )
+    overflow = overflow_ids()
+    mapped = overflow is None or (uid != overflow[0] and gid != overflow[1])
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock) | {gid}, unit=unit,
+                cgroup=cgroup, mapped=mapped)  # fmt: skip
+
+
+def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
+    """Return the identity of the process connected to the Unix socket `sock`: the
+    kernel's credentials plus the user database's name and groups (may block on NSS).
+
+    Raises:
+        OSError: if `sock` has no peer credentials (not a connected Unix socket).
+    """
+    peer = peer_credentials(sock)
+    return peer.with_user(*users.lookup(peer.uid))

@@ -482,6 +482,9 @@ class _Supervisor:
 
     def _on_bind(self, n: _Notif) -> None:
         fd = _as_fd(n.args[0])
+        if n.args[2] & 0xFFFFFFFF > _SOCKADDR_MAX:
+            self._pass(n)  # longer than any sockaddr: the kernel's EINVAL, not ours
+            return
         try:
             raw = self._read_sockaddr(n)
         except OSError as exc:
@@ -810,9 +813,11 @@ def run_intercepted(
             theirs.close()
             listener = _handshake(ours, argv[0])
         supervisor = _Supervisor(listener, sigfd, pid, described, mapping)
-        status = supervisor.serve()
-        pid = 0  # reaped by serve()
-        return status
+        try:
+            return supervisor.serve()
+        finally:
+            if supervisor.child_status is not None:
+                pid = 0  # reaped already: its pid may be someone else's by now
     finally:
         if pid > 0:  # setup failed, or serving raised: do not leave the program unserved
             with contextlib.suppress(ProcessLookupError):

@@ -21,8 +21,13 @@ class Rule:
 
     Attributes:
         uids: Allowed uids.
-        gids: Allowed gids (matched against the peer's gid and user-database groups).
+        gids: Allowed gids (matched against the peer's gid, its supplementary groups
+            and its user's groups in the user database).
         units: Allowed systemd units, exact names or fnmatch patterns.
+
+    A peer whose ids the kernel could not map into the broker's user namespace
+    (`Peer.mapped` false) matches no uid or gid: its overflow id names nobody in
+    particular. Its unit, read from its cgroup, still counts.
     """
 
     uids: frozenset[int] = field(default_factory=frozenset)
@@ -31,11 +36,12 @@ class Rule:
 
     def match(self, peer: Peer) -> str | None:
         """Return which entry allows `peer` ("uid 33 is in users", …) or None."""
-        if peer.uid in self.uids:
-            return f"uid {peer.uid} is in users"
-        common = self.gids & (peer.groups | {peer.gid})
-        if common:
-            return f"gid {min(common)} is in groups"
+        if peer.mapped:
+            if peer.uid in self.uids:
+                return f"uid {peer.uid} is in users"
+            common = self.gids & (peer.groups | {peer.gid})
+            if common:
+                return f"gid {min(common)} is in groups"
         if peer.unit is not None:
             for pattern in self.units:
                 if fnmatchcase(peer.unit, pattern):
@@ -80,27 +86,23 @@ class Policy:
                 f"{self.source} has no [sockets.{name}] rule, so nobody "
                 "may; add one with users, groups or units",
             )
-        why = rule.match(peer)
-        if why is None:
-            return Decision(
-                False,
-                f"{peer.describe()} may not acquire socket {name!r}: "
-                f"not in users, groups or units of [sockets.{name}] in "
-                f"{self.source}",
-            )
-        return Decision(True, why)
+        return self._check(rule, peer, f"acquire socket {name!r}", f"[sockets.{name}]")
 
     def check_status(self, peer: Peer) -> Decision:
         """Decide whether `peer` may read the status report."""
-        why = self.status.match(peer)
-        if why is None:
-            return Decision(
-                False,
-                f"{peer.describe()} may not read the broker's status: "
-                f"not in users, groups or units of [status] in "
-                f"{self.source}",
+        return self._check(self.status, peer, "read the broker's status", "[status]")
+
+    def _check(self, rule: Rule, peer: Peer, what: str, section: str) -> Decision:
+        why = rule.match(peer)
+        if why is not None:
+            return Decision(True, why)
+        reason = f"not in users, groups or units of {section} in {self.source}"
+        if not peer.mapped:
+            reason = (
+                f"its uid and gid are not mapped into the broker's user namespace (they "
+                f"show as the overflow ids), so only a units rule can name it; {reason}"
             )
-        return Decision(True, why)
+        return Decision(False, f"{peer.describe()} may not {what}: {reason}")
 
     def may_acquire(self, name: str, peer: Peer) -> bool:
         """Return whether `peer` may have `name` (for `list`)."""

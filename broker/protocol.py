@@ -286,7 +286,7 @@ def parse_request(line: bytes) -> Request:
             raise _malformed(f"acquire names {len(names)} sockets; at most {MAX_NAMES}")
         for name in names:
             if not isinstance(name, str) or not valid_name(name):
-                raise _malformed(f"{name!r} is not a valid socket name")
+                raise _malformed(f"{name!r:.80} is not a valid socket name")
         if len(set(names)) != len(names):
             raise _malformed("acquire names a socket twice")
         return Acquire(tuple(names))

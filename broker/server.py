@@ -32,7 +32,7 @@ from broker.activation import Intake
 from broker.audit import Audit
 from broker.config import Config
 from broker.errors import Code, ProtocolError
-from broker.identity import Peer, UserDatabase, identify
+from broker.identity import Peer, UserDatabase, peer_credentials
 from broker.protocol import (
     MAX_REQUEST_BYTES,
     SCM_MAX_FD,
@@ -68,6 +68,23 @@ STATUS_INTERVAL: Final = 1.0
 """Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
 rare enough to cost nothing under a storm of grants."""
 
+MAX_REQUESTS_PER_CONNECTION: Final = 100
+"""Requests one connection may carry; the broker closes it after answering the last.
+A worker needs one: the cap keeps a chatty client from holding its slot for ever."""
+
+USER_LOOKUP_THREADS: Final = 4
+"""User-database lookups running at once, each in a thread: NSS may wait on LDAP or
+sssd, and the event loop must not."""
+
+REFUSAL_LOG_BURST: Final = 20
+REFUSAL_LOG_WINDOW: Final = 10.0
+"""At most REFUSAL_LOG_BURST refusals per uid are logged in each REFUSAL_LOG_WINDOW
+seconds, the rest only counted and summed up: one user's flood of refused requests must
+not push grants past journald's rate limit. Grants are always logged."""
+
+REFUSAL_LOG_UIDS: Final = 4096
+"""uids whose refusal-log windows are tracked at once; past that all windows end early."""
+
 RECENT_EVENTS: Final = 32
 """Grants and denials kept for `port-broker status`; the journal keeps them all."""
 
@@ -97,6 +114,9 @@ class Broker:
         self.policy = config.policy
         self.audit = audit
         self.users = UserDatabase()
+        self.lookups = trio.CapacityLimiter(USER_LOOKUP_THREADS)
+        self.per_uid: Counter[int] = Counter()
+        self.refusal_log: dict[int, list[float]] = {}  # uid → [window start, logged, dropped]
         self.active = 0
         self.connections = 0
         self.grants: Counter[str] = Counter()
@@ -143,7 +163,9 @@ class Broker:
                 raise
             self.connections += 1
             if self.active >= self.config.max_connections:
-                self._refuse_busy(conn)
+                limit = self.config.max_connections
+                self._refuse_busy(conn, f"the broker is serving its limit of {limit} "
+                                        "connections; retry shortly")  # fmt: skip
                 continue
             self.active += 1
             clients.start_soon(self._handle, conn)
@@ -152,6 +174,7 @@ class Broker:
         last = ""
         while True:
             await trio.sleep(STATUS_INTERVAL)
+            self._flush_refusals()
             line = self.status_line()
             if line != last:
                 _notify(f"STATUS={line}")
@@ -168,15 +191,11 @@ class Broker:
 
     # --- one connection ----------------------------------------------------------
 
-    def _refuse_busy(self, conn: trio.socket.SocketType) -> None:
-        """Tell a client over the limit to retry, without a task or a wait: a flood of
-        connections costs one fd each for no longer than this call."""
+    def _refuse_busy(self, conn: trio.socket.SocketType, message: str) -> None:
+        """Tell a client over a limit to retry, without a task or a wait: a flood of
+        connections costs one fd each for no longer than this call. Closes `conn`."""
         self.refusals[Code.BUSY] += 1
-        limit = self.config.max_connections
-        reply = encode_reply(
-            Refusal(Code.BUSY, f"the broker is serving its limit of {limit} connections; "
-                               "retry shortly")
-        )  # fmt: skip
+        reply = encode_reply(Refusal(Code.BUSY, message))
         with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
             os.write(conn.fileno(), reply)  # non-blocking: trio's socket
 
@@ -184,10 +203,21 @@ class Broker:
         try:
             with conn:
                 try:
-                    peer = identify(conn, self.users)
+                    peer = peer_credentials(conn)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
-                await self._converse(conn, peer)
+                limit = self.config.max_connections_per_user
+                if self.per_uid[peer.uid] >= limit:
+                    self._refuse_busy(conn, f"uid {peer.uid} already has {limit} connections "
+                                            "to the broker, its limit; retry shortly")  # fmt: skip
+                    return
+                self.per_uid[peer.uid] += 1
+                try:
+                    await self._converse(conn, await self._with_user(peer))
+                finally:
+                    self.per_uid[peer.uid] -= 1
+                    if not self.per_uid[peer.uid]:
+                        del self.per_uid[peer.uid]
         except Exception as e:  # one client's trouble must never stop the others
             self.refusals[Code.INTERNAL] += 1
             self.audit.log(
@@ -198,8 +228,28 @@ class Broker:
         finally:
             self.active -= 1
 
+    async def _with_user(self, peer: Peer) -> Peer:
+        """Add the user database's name and groups, asking NSS in a thread on a cache
+        miss; a lookup slower than `client_timeout` leaves them out (and says so)."""
+        hit = self.users.cached(peer.uid)
+        if hit is None:
+            with trio.move_on_after(self.config.client_timeout):
+                hit = await trio.to_thread.run_sync(
+                    UserDatabase.query, peer.uid, limiter=self.lookups, abandon_on_cancel=True
+                )
+                self.users.store(peer.uid, hit)
+            if hit is None:
+                self.audit.log(
+                    "warning",
+                    f"the user database did not answer for uid {peer.uid} in time; going "
+                    "on without its user name and groups",
+                )
+                return peer
+        return peer.with_user(*hit)
+
     async def _converse(self, conn: trio.socket.SocketType, peer: Peer) -> None:
-        """Answer requests until the peer closes, errs or runs out of time.
+        """Answer requests until the peer closes, errs, runs out of time, or has made
+        MAX_REQUESTS_PER_CONNECTION requests.
 
         Each request, and each reply, gets `client_timeout` seconds: one cancel scope
         whose deadline moves on at every step (cheaper than a scope per step).
@@ -208,7 +258,7 @@ class Broker:
         timeout = self.config.client_timeout
         reading = True
         with trio.CancelScope() as deadline:
-            while True:
+            for _ in range(MAX_REQUESTS_PER_CONNECTION):
                 reading = True
                 deadline.deadline = trio.current_time() + timeout
                 try:
@@ -235,13 +285,14 @@ class Broker:
         self, conn: trio.socket.SocketType, peer: Peer, error: ProtocolError
     ) -> None:
         self.refusals[error.code] += 1
-        self.audit.log(
-            "notice",
-            f"refused {peer.describe()}: {error.message}",
-            REFUSAL_CODE=str(error.code),
-            PEER_UID=peer.uid,
-            PEER_PID=peer.pid,
-        )
+        if self._may_log_refusal(peer.uid):
+            self.audit.log(
+                "notice",
+                f"refused {peer.describe()}: {error.message}",
+                REFUSAL_CODE=str(error.code),
+                PEER_UID=peer.uid,
+                PEER_PID=peer.pid,
+            )
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
             await _send(conn, encode_reply(Refusal(error.code, error.message)), [])
 
@@ -283,8 +334,9 @@ class Broker:
             sockets = self.intake.held.get(name)
             if not sockets:
                 self.refusals[Code.UNKNOWN_SOCKET] += 1
-                held = ", ".join(sorted(self.intake.held)) or "none"
-                message = f"no socket named {name!r} (the broker holds: {held})"
+                # Name only what this peer may have: `list` shows no more either.
+                mine = [n for n in sorted(self.intake.held) if self.policy.may_acquire(n, peer)]
+                message = f"no socket named {name!r} (you may acquire: {', '.join(mine) or 'none'})"
                 self._record(False, peer, name, message, Code.UNKNOWN_SOCKET)
                 return Refusal(Code.UNKNOWN_SOCKET, message), [], []
             decision = self.policy.check_acquire(name, peer)
@@ -298,9 +350,12 @@ class Broker:
                 fds.append(held_socket.sock.fileno())
                 infos.append(held_socket.info)
         if len(fds) > SCM_MAX_FD:
-            self.refusals[Code.MALFORMED] += 1
-            message = f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request"
-            return Refusal(Code.MALFORMED, message), [], []
+            self.refusals[Code.TOO_LARGE] += 1
+            message = (
+                f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request: "
+                "ask for fewer names at a time"
+            )
+            return Refusal(Code.TOO_LARGE, message), [], []
         return Granted(tuple(infos)), fds, reasons
 
     def _inquire(self, request: Request, peer: Peer) -> Reply:
@@ -308,6 +363,10 @@ class Broker:
             decision = self.policy.check_status(peer)
             if not decision.allowed:
                 self.refusals[Code.DENIED] += 1
+                if self._may_log_refusal(peer.uid):
+                    self.audit.log("notice", f"denied the status report to {peer.describe()}",
+                                   DECISION="deny", OPERATION="status", PEER_UID=peer.uid,
+                                   PEER_PID=peer.pid, REASON=decision.reason[:512])  # fmt: skip
                 return Refusal(Code.DENIED, decision.reason)
             return StatusReport(self.report())
         return Listing(
@@ -322,7 +381,8 @@ class Broker:
     def _record(
         self, allowed: bool, peer: Peer, name: str, reason: str, code: Code | None = None
     ) -> None:
-        self.audit.decision(allowed, peer, name, reason, None if code is None else str(code))
+        if allowed or self._may_log_refusal(peer.uid):
+            self.audit.decision(allowed, peer, name, reason, None if code is None else str(code))
         self.recent.append(
             {
                 "time": time.time(),
@@ -335,6 +395,42 @@ class Broker:
                 "reason": reason,
             }
         )
+
+    def _may_log_refusal(self, uid: int) -> bool:
+        """Whether another refusal of `uid` may be logged now (REFUSAL_LOG_BURST per
+        REFUSAL_LOG_WINDOW); the others are counted and summed up when the window ends."""
+        now = trio.current_time()
+        window = self.refusal_log.get(uid)
+        if window is not None and now - window[0] >= REFUSAL_LOG_WINDOW:
+            self._end_window(uid, window)
+            window = None
+        if window is None:
+            if len(self.refusal_log) >= REFUSAL_LOG_UIDS:
+                self._flush_refusals(everything=True)
+            window = self.refusal_log[uid] = [now, 0, 0]
+        if window[1] < REFUSAL_LOG_BURST:
+            window[1] += 1
+            return True
+        window[2] += 1
+        return False
+
+    def _end_window(self, uid: int, window: list[float]) -> None:
+        del self.refusal_log[uid]
+        if window[2]:
+            self.audit.log(
+                "notice",
+                f"{int(window[2])} more refusals of uid {uid} in {REFUSAL_LOG_WINDOW:g} s "
+                "were not logged",
+                PEER_UID=uid,
+                SUPPRESSED=int(window[2]),
+            )
+
+    def _flush_refusals(self, *, everything: bool = False) -> None:
+        """End the refusal-log windows that are over (all of them, if `everything`)."""
+        now = trio.current_time()
+        for uid, window in list(self.refusal_log.items()):
+            if everything or now - window[0] >= REFUSAL_LOG_WINDOW:
+                self._end_window(uid, window)
 
     # --- reporting ---------------------------------------------------------------
 

@@ -123,8 +123,13 @@ class _EnvironSource(EnvSettingsSource):
     """Overrides from `load()`'s `environ` argument (pydantic-settings reads os.environ)."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        # What pydantic-settings does with os.environ (keys folded: not case-sensitive).
-        return {key.lower(): value for key, value in _ENVIRON.get(os.environ).items()}
+        # Only PORT_BROKER_* spelled in capitals counts (`_check_environment` vets those);
+        # keys are folded as pydantic-settings does, so socket names come out lower-case.
+        return {
+            key.lower(): value
+            for key, value in _ENVIRON.get(os.environ).items()
+            if key.startswith(ENV_PREFIX)
+        }
 
 
 class Settings(BaseSettings):
@@ -143,6 +148,9 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         1024, ge=1, le=65536, description="concurrent control connections served"
+    )
+    max_connections_per_user: int = Field(
+        64, ge=1, le=65536, description="concurrent control connections of one uid"
     )
     client_timeout: float = Field(
         5.0, gt=0, le=300, description="seconds a client has to send each request"
@@ -294,5 +302,6 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         exists=exists,
         policy=policy,
         max_connections=settings.max_connections,
+        max_connections_per_user=settings.max_connections_per_user,
         client_timeout=settings.client_timeout,
     )

@@ -13,9 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from support import Processes, build_runtime, enter_private_network, make_public_dir
 
 IS_ROOT = os.geteuid() == 0
+
+AUTOJUMP_IDLE = 0.05
+"""Real seconds of idleness before the mock clock jumps: a user-database lookup in a
+thread takes well under a millisecond."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,6 +65,14 @@ def workdir(public_root: Path, request: pytest.FixtureRequest) -> Path:
     """A world-readable directory for one test (short: Unix socket paths end at 107
     bytes)."""
     return make_public_dir(public_root, request.node.name[5:45].replace("/", "_"))
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's autojump clock, but jumping only after AUTOJUMP_IDLE seconds of real
+    idleness: the broker asks the user database in a thread, and the clock must wait for
+    that thread instead of jumping past the client's deadline."""
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_IDLE)
 
 
 @pytest.fixture

@@ -357,15 +357,21 @@ def start_broker(
     wait_for(control.exists, f"{control} to appear")
     control.chmod(0o666)  # as SocketMode=0666 in port-broker.socket
     broker = BrokerProcess(proc, control, log_path)
-    # systemd-socket-activate starts the broker on the first connection: make it.
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.settimeout(START_TIMEOUT)
-        try:
-            probe.connect(str(control))
-            probe.sendall(b'{"v":1,"op":"list"}\n')
-            reply = probe.recv(4096)
-        except OSError:  # timed out, or the broker exited at start
-            reply = b""
+    # systemd-socket-activate starts the broker on the first connection: make it. The
+    # socket file exists from bind(), a moment before listen(): retry a refused connect.
+    reply = b""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not reply and time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(START_TIMEOUT)
+            try:
+                probe.connect(str(control))
+                probe.sendall(b'{"v":1,"op":"list"}\n')
+                reply = probe.recv(4096)
+            except ConnectionRefusedError:
+                time.sleep(0.01)
+            except OSError:  # timed out, or the broker exited at start
+                break
     if not reply:
         raise AssertionError(f"broker did not answer; its log:\n{broker.output()}")
     return broker

@@ -34,7 +34,7 @@ CLI_TIMEOUT = 60.0
 """Seconds for `port-broker check-config` to run: it takes well under one; a hang should
 fail the test, not stall the run."""
 
-TOP_KEYS = "known keys: sockets, status, max_connections, client_timeout"
+TOP_KEYS = "known keys: sockets, status, max_connections, max_connections_per_user, client_timeout"
 RULE_KEYS = "known keys: users, groups, units"
 
 
@@ -468,8 +468,8 @@ def test_an_unknown_port_broker_variable_is_refused(tmp_path: Path, variable: st
     message = error(write(tmp_path, ""), {variable: "1"})
     assert message == (
         f"environment variable {variable}: unknown setting; known: PORT_BROKER_CLIENT_TIMEOUT, "
-        "PORT_BROKER_CONFIG, PORT_BROKER_MAX_CONNECTIONS, PORT_BROKER_SOCKET, "
-        "PORT_BROKER_SOCKETS, PORT_BROKER_STATUS"
+        "PORT_BROKER_CONFIG, PORT_BROKER_MAX_CONNECTIONS, PORT_BROKER_MAX_CONNECTIONS_PER_USER, "
+        "PORT_BROKER_SOCKET, PORT_BROKER_SOCKETS, PORT_BROKER_STATUS"
     )
 
 
@@ -610,3 +610,23 @@ def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)  # fmt: skip
     assert done.stdout == "[]\n"
+
+
+def test_only_capital_port_broker_variables_count(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_connections = 10\n")
+    environ = {
+        "port_broker_max_connections": "99",
+        "Port_Broker_Sockets__http__users": '["nobody"]',
+    }
+    loaded = config.load(str(path), environ)
+    assert loaded.max_connections == 10
+    assert loaded.policy.sockets == {}
+
+
+def test_max_connections_per_user(tmp_path: Path) -> None:
+    assert config.load(str(write(tmp_path, "")), {}).max_connections_per_user == 64
+    loaded = config.load(str(write(tmp_path, "max_connections_per_user = 3\n")), {})
+    assert loaded.max_connections_per_user == 3
+    assert config.load_isolated(str(tmp_path / "broker.toml"), {}) == loaded
+    message = error(write(tmp_path, "max_connections_per_user = 0\n"))
+    assert message.startswith(f"{tmp_path / 'broker.toml'}: max_connections_per_user: ")

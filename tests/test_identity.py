@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import grp
 import os
 import pwd
@@ -24,7 +25,16 @@ from typing import Any, Final
 import pytest
 import support
 
-from broker.identity import Peer, UserDatabase, cgroup_of, identify, unit_from_cgroup
+from broker.identity import (
+    Peer,
+    UserDatabase,
+    _peer_pidfd,
+    cgroup_of,
+    identify,
+    overflow_ids,
+    peer_credentials,
+    unit_from_cgroup,
+)
 
 WWW_DATA: Final = pwd.getpwnam("www-data")
 NOGROUP: Final = grp.getgrnam("nogroup").gr_gid
@@ -303,15 +313,17 @@ def test_identify_refuses_a_socket_without_peer_credentials(family: int, kind: i
 
 @pytest.mark.needs_root
 def test_identify_a_child_that_became_another_user() -> None:
-    # Its gid differs from www-data's own, and its supplementary groups (adm) are not
-    # www-data's in the user database: the gid counts, the process's own groups do not.
+    # Its gid differs from www-data's own, and its supplementary group (adm) is not
+    # www-data's in the user database: the gid and the process's own groups (recorded
+    # by the kernel at connect, SO_PEERGROUPS) count beside the user database's.
     change = become(WWW_DATA.pw_uid, NOGROUP, [ADM])
     with forked_peer(change) as child:
         peer = identify(child.conn.fileno(), UserDatabase())
         assert (peer.pid, peer.uid, peer.gid) == (child.pid, WWW_DATA.pw_uid, NOGROUP)
         assert peer.user == "www-data"
-        assert peer.groups == database_groups(WWW_DATA) | {NOGROUP}
-        assert ADM not in peer.groups
+        assert ADM not in database_groups(WWW_DATA)
+        assert peer.groups == database_groups(WWW_DATA) | {NOGROUP, ADM}
+        assert peer.mapped
         assert peer.cgroup == cgroup_of(child.pid)
         assert peer.describe().startswith(f"user www-data (uid {WWW_DATA.pw_uid}, pid {child.pid}")
 
@@ -516,9 +528,11 @@ def test_user_database_caches_for_its_ttl_and_then_looks_again(tmp_path: Path) -
 
 
 @pytest.mark.needs_root
-def test_user_database_forgets_everything_past_its_size_limit(tmp_path: Path) -> None:
+def test_user_database_evicts_the_least_recently_used_past_its_size_limit(
+    tmp_path: Path,
+) -> None:
     name, uid = WWW_DATA.pw_name, WWW_DATA.pw_uid
-    others = iter(range(UNNAMED_UID, UNNAMED_UID + 2 * CACHE_LIMIT))
+    others = iter(range(UNNAMED_UID, UNNAMED_UID + 3 * CACHE_LIMIT))
 
     def body(change: Callable[[], None]) -> dict[str, bool]:
         users = UserDatabase(ttl=3600.0)
@@ -526,11 +540,69 @@ def test_user_database_forgets_everything_past_its_size_limit(tmp_path: Path) ->
         change()
         for _ in range(CACHE_LIMIT - 1):  # the cache now holds CACHE_LIMIT uids
             users.lookup(next(others))
-        still_cached = EXTRA_GID not in users.lookup(uid)[1]
-        users.lookup(next(others))  # CACHE_LIMIT + 1: the next new uid clears it
-        users.lookup(next(others))
-        return {"still_cached": still_cached, "forgot": EXTRA_GID in users.lookup(uid)[1]}
+        still_cached = EXTRA_GID not in users.lookup(uid)[1]  # and now the most recent
+        for _ in range(CACHE_LIMIT - 1):  # evicts the others, older than uid
+            users.lookup(next(others))
+        kept = EXTRA_GID not in users.lookup(uid)[1]
+        for _ in range(CACHE_LIMIT):  # uid is the least recently used: it goes
+            users.lookup(next(others))
+        return {"still_cached": still_cached, "kept": kept,
+                "forgot": EXTRA_GID in users.lookup(uid)[1]}  # fmt: skip
 
     line = f"pbtest:x:{EXTRA_GID}:{name}\n"
     seen = run_in_child(with_private_group_file(tmp_path / "group", line, body))
-    assert seen == {"still_cached": True, "forgot": True}
+    assert seen == {"still_cached": True, "kept": True, "forgot": True}
+
+
+# --- the pidfd fallback and unmapped peers ----------------------------------------
+
+
+class RefusingSocket:
+    """A socket whose SO_PEERPIDFD fails with one errno (what a kernel answers for a
+    reaped peer, or without SO_PEERPIDFD); getsockopt is all _peer_pidfd asks of it."""
+
+    def __init__(self, errno_: int) -> None:
+        self.errno = errno_
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes:
+        raise OSError(self.errno, os.strerror(self.errno))
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ESRCH, errno.ENODATA])
+def test_a_gone_peer_gets_no_pidfd_by_pid(code: int) -> None:
+    # Linux 6.5-6.15 answer EINVAL for a reaped peer: a pidfd opened by pid now could
+    # name another process that has the same pid since. Our own pid stands for it.
+    assert _peer_pidfd(RefusingSocket(code), os.getpid()) is None
+
+
+def test_a_kernel_without_so_peerpidfd_falls_back_to_pidfd_open() -> None:
+    pidfd = _peer_pidfd(RefusingSocket(errno.ENOPROTOOPT), os.getpid())
+    assert pidfd is not None
+    try:
+        assert f"Pid:\t{os.getpid()}" in Path(f"/proc/self/fdinfo/{pidfd}").read_text()
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.needs_root
+def test_a_peer_whose_ids_are_not_mapped_into_our_user_namespace_is_not_mapped() -> None:
+    # In a user namespace with no mappings, every peer's uid and gid show as the
+    # overflow ids (65534): that is nobody in particular, and must not pass for nobody.
+    a, b = socket.socketpair()
+
+    def look() -> dict[str, object]:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+        overflow_ids.cache_clear()  # this child's user namespace is not its parent's
+        peer = peer_credentials(b)
+        return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
+                "overflow": list(overflow_ids() or ())}  # fmt: skip
+
+    with a, b:
+        seen = support.run_in_child(look)
+    assert seen == {"result": {"uid": 65534, "gid": 65534, "mapped": False,
+                               "overflow": [65534, 65534]}}  # fmt: skip
+    here, there = socket.socketpair()
+    with here, there:
+        assert peer_credentials(here).mapped  # in the initial user namespace, it is

@@ -191,12 +191,14 @@ def test_a_user_outside_the_policy_is_refused_and_gets_no_fd(
     assert "denied socket 'http' to user www-data" in broker.output()
 
 
-def test_unknown_socket_names_what_the_broker_holds(launcher: Path, broker: BrokerProcess) -> None:
+def test_unknown_socket_names_what_the_user_may_acquire(
+    launcher: Path, broker: BrokerProcess
+) -> None:
     done = run_as(
         NOBODY, [str(launcher), "exec", "--socket", str(broker.control), "https", "--", "true"]
     )
     assert done.returncode == 66
-    assert done.stderr == ("port-broker exec: no socket named 'https' (the broker holds: http)\n")
+    assert done.stderr == "port-broker exec: no socket named 'https' (you may acquire: http)\n"
 
 
 def test_exec_without_a_broker_says_where_it_looked(launcher: Path, workdir: Path) -> None:

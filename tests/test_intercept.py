@@ -440,7 +440,7 @@ TARGETS: dict[str, str] = {
         sin80 = struct.pack("=HH4s8x", socket.AF_INET, socket.htons(80), bytes(4))
         devnull = os.open("/dev/null", os.O_RDONLY)
         # Every socket stays referenced: a collected one would close its fd early.
-        s, t1, t2, t3 = (socket.socket() for _ in range(4))
+        s, t1, t2, t3, t4 = (socket.socket() for _ in range(5))
         u = socket.socket(socket.AF_UNIX)
         d = socket.socket(type=socket.SOCK_DGRAM)
         result = dict(
@@ -450,6 +450,8 @@ TARGETS: dict[str, str] = {
             bad_fd=raw_bind(999, sin80, len(sin80)),
             not_a_socket=raw_bind(devnull, sin80, len(sin80)),
             short=raw_bind(t2.fileno(), sin80, 8),
+            # Longer than any sockaddr (128): the kernel refuses, and so must we.
+            long=raw_bind(t4.fileno(), sin80 + bytes(200), len(sin80) + 200),
             other_address=try_bind(t3, ("127.0.0.1", 80)),
             other_type=try_bind(d, ("0.0.0.0", 80)),
         )
@@ -981,6 +983,7 @@ def test_everything_else_goes_to_the_kernel(
         "bad_fd": errno.EBADF,
         "not_a_socket": errno.ENOTSOCK,
         "short": errno.EINVAL,
+        "long": errno.EINVAL,
         "other_address": errno.EACCES,
         "other_type": errno.EACCES,
         "port": 8080,

@@ -255,22 +255,59 @@ peers = st.builds(
 )
 
 
+def make_peer(uid: int = 1000, gid: int = 1000, groups: frozenset[int] = frozenset(),
+         unit: str | None = None, mapped: bool = True) -> Peer:  # fmt: skip
+    return Peer(pid=7, uid=uid, gid=gid, groups=groups, unit=unit, mapped=mapped)
+
+
+@pytest.mark.parametrize(
+    ("rule", "who", "allowed"),
+    [
+        (Rule(uids=frozenset({1000})), make_peer(), True),
+        (Rule(uids=frozenset({1000})), make_peer(uid=1001), False),
+        (Rule(gids=frozenset({50})), make_peer(gid=50), True),
+        (Rule(gids=frozenset({50})), make_peer(groups=frozenset({50})), True),
+        (Rule(gids=frozenset({50})), make_peer(groups=frozenset({51})), False),
+        (Rule(units=("web.service",)), make_peer(unit="web.service"), True),
+        (Rule(units=("web.service",)), make_peer(unit="other.service"), False),
+        (Rule(units=("web.service",)), make_peer(unit=None), False),
+        (Rule(units=("machine-*.scope",)), make_peer(unit="machine-web.scope"), True),
+        (Rule(units=("machine-*.scope",)), make_peer(unit="mymachine-web.scope"), False),
+        (Rule(units=("?.scope",)), make_peer(unit="a.scope"), True),
+        (Rule(units=("?.scope",)), make_peer(unit="ab.scope"), False),
+        (Rule(uids=frozenset({65534})), make_peer(uid=65534, gid=65534, mapped=False), False),
+        (Rule(gids=frozenset({65534})), make_peer(uid=65534, gid=65534, mapped=False), False),
+        (Rule(units=("c.scope",)), make_peer(uid=65534, unit="c.scope", mapped=False), True),
+        (Rule(), make_peer(uid=0, gid=0), False),
+    ],
+)
+def test_truth_table(rule: Rule, who: Peer, allowed: bool) -> None:
+    rules_ = Policy(sockets={"http": rule}, status=rule, source=SOURCE)
+    assert rules_.check_acquire("http", who).allowed is allowed
+    assert rules_.may_acquire("http", who) is allowed
+    assert rules_.check_status(who).allowed is allowed
+
+
+def test_an_unmapped_peer_is_told_why() -> None:
+    rules_ = Policy(sockets={"http": Rule(uids=frozenset({65534}))}, source=SOURCE)
+    reason = rules_.check_acquire("http", make_peer(uid=65534, gid=65534, mapped=False)).reason
+    assert "not mapped into the broker's user namespace" in reason
+    assert "only a units rule can name it" in reason
+
+
 @settings(database=None, deadline=None, max_examples=300)
 @given(rules, peers, st.sampled_from(["http", "https"]))
-def test_allowed_exactly_when_some_entry_matches(rule: Rule, who: Peer, name: str) -> None:
+def test_the_three_questions_agree(rule: Rule, who: Peer, name: str) -> None:
     rules_ = Policy(sockets={"http": rule}, status=rule, source=SOURCE)
-    expected = name == "http" and (
-        who.uid in rule.uids
-        or bool(rule.gids & (who.groups | {who.gid}))
-        or (who.unit is not None and any(fnmatchcase(who.unit, p) for p in rule.units))
-    )
     decision = rules_.check_acquire(name, who)
-    assert decision.allowed is expected
-    assert rules_.may_acquire(name, who) is expected
-    if not expected:
+    assert rules_.may_acquire(name, who) is decision.allowed
+    if name == "http":  # the same rule guards the socket and the status
+        assert rules_.check_status(who).allowed is decision.allowed
+    else:  # no rule for it: nobody
+        assert not decision.allowed
+    if not decision.allowed:
         assert decision.reason.startswith(f"{who.describe()} may not acquire socket {name!r}")
         assert f"[sockets.{name}]" in decision.reason
         assert SOURCE in decision.reason
-    assert rules_.check_status(who).allowed is (rule.match(who) is not None)
     if rule.empty:
         assert not decision.allowed

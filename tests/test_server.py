@@ -38,15 +38,23 @@ import trio
 import trio.testing
 from support import NOBODY, START_TIMEOUT, SYSTEM_PYTHON, as_user
 
-from broker import __version__, client
+from broker import __version__, client, server
 from broker.activation import BACKLOG, HeldSocket, Intake, inspect
 from broker.audit import Audit
 from broker.config import Config
 from broker.errors import AccessDenied, RequestRefused
-from broker.identity import Peer, cgroup_of, unit_from_cgroup
+from broker.identity import Peer, UserDatabase, cgroup_of, unit_from_cgroup
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
-from broker.server import RECENT_EVENTS, SHUTDOWN_GRACE, STATUS_INTERVAL, Broker
+from broker.server import (
+    MAX_REQUESTS_PER_CONNECTION,
+    RECENT_EVENTS,
+    REFUSAL_LOG_BURST,
+    REFUSAL_LOG_WINDOW,
+    SHUTDOWN_GRACE,
+    STATUS_INTERVAL,
+    Broker,
+)
 
 CONFIG_PATH: Final = "/etc/port-broker/test-broker.toml"
 """Only named in messages: the policy is built here, never read from a file."""
@@ -68,6 +76,8 @@ DEFAULT_RULES: Final[Mapping[str, Rule]] = {
     # "norule" is held but has no rule: nobody may have it.
 }
 HELD_NAMES: Final = "dns, dual, http, norule, secret"
+MINE: Final = "dns, dual, http"
+"""What this process may acquire under DEFAULT_RULES: all an unknown-socket refusal names."""
 ANCILLARY: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
 
 LIST: Final = b'{"v":1,"op":"list"}\n'
@@ -288,6 +298,7 @@ async def running_broker(
     status: Rule = ME,
     policy: Policy | None = None,
     max_connections: int = 64,
+    max_connections_per_user: int = 64,
     client_timeout: float = CLIENT_TIMEOUT,
 ) -> AsyncIterator[Served]:
     """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
@@ -311,9 +322,13 @@ async def running_broker(
             exists=True,
             policy=policy or Policy(sockets=rules, status=status, source=CONFIG_PATH),
             max_connections=max_connections,
+            max_connections_per_user=max_connections_per_user,
             client_timeout=client_timeout,
         )
         served = Served(Broker(intake, config, Audit(journal=False)), str(path), sockets)
+        # This process's uid is looked up now: otherwise the broker asks in a thread,
+        # and wait_all_tasks_blocked() would count a handler waiting on it as settled.
+        served.broker.users.store(UID, UserDatabase.query(UID))
 
         async def serve(*, task_status: trio.TaskStatus[None]) -> None:
             try:
@@ -496,14 +511,14 @@ async def test_all_or_none_a_refused_name_means_no_fd_at_all(
         assert [event["decision"] for event in report["recent"]] == ["deny"]
 
 
-async def test_unknown_socket_lists_what_the_broker_holds(rundir: Path) -> None:
+async def test_unknown_socket_lists_what_the_caller_may_acquire(rundir: Path) -> None:
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
         reply = await wire.request(acquire_line("nope"))
         assert reply == {
             "v": 1,
             "ok": False,
             "code": "unknown-socket",
-            "message": f"no socket named 'nope' (the broker holds: {HELD_NAMES})",
+            "message": f"no socket named 'nope' (you may acquire: {MINE})",
         }
         # The connection stays open for the next request.
         assert (await wire.request(LIST))["ok"] is True
@@ -774,10 +789,14 @@ async def test_several_requests_on_one_connection_are_answered_in_order(
         _, fds = await wire.reply()
         with owned(fds):
             assert [ino(s) for s in fds] == served.inos("dual")
-        # Pipelined: 300 requests in one write (far beyond one recv), 300 replies.
-        await wire.send(LIST * 150 + STATUS * 150)
-        ops = [(await wire.request(b""))["op"] for _ in range(300)]
-        assert ops == ["list"] * 150 + ["status"] * 150
+        # Pipelined: the rest of the connection's MAX_REQUESTS_PER_CONNECTION requests in
+        # one write (beyond one recv), then one too many: answered up to the cap, then
+        # the broker hangs up.
+        rest = MAX_REQUESTS_PER_CONNECTION - 4
+        await wire.send(LIST * (rest // 2) + STATUS * (rest - rest // 2) + LIST)
+        ops = [(await wire.request(b""))["op"] for _ in range(rest)]
+        assert ops == ["list"] * (rest // 2) + ["status"] * (rest - rest // 2)
+        assert await wire.rest() == b""
         assert served.broker.connections == 1
 
 
@@ -907,14 +926,14 @@ async def test_audit_lines_for_grant_and_denial_carry_the_structured_fields(
     )
     assert fields["reason"].startswith(f"{who} may not acquire socket 'secret'")
     assert audit_fields(unknown)["refusal_code"] == "unknown-socket"
-    assert audit_fields(unknown)["reason"] == (
-        f"no socket named 'nope' (the broker holds: {HELD_NAMES})"
-    )
+    assert audit_fields(unknown)["reason"] == (f"no socket named 'nope' (you may acquire: {MINE})")
 
 
 async def test_a_client_that_stops_reading_is_dropped_without_affecting_others(
-    rundir: Path, autojump_clock: trio.testing.MockClock
+    rundir: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Lift the per-connection request cap, which would end this client first.
+    monkeypatch.setattr(server, "MAX_REQUESTS_PER_CONNECTION", 10**6)
     async with running_broker(rundir) as served, await Wire.open(served.path) as slow:
 
         async def flood() -> None:
@@ -955,12 +974,15 @@ async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: 
             assert [ino(s) for s in socks] == served.inos("most")
         async with await Wire.open(served.path) as wire:
             reply = await wire.request(acquire_line("most", "one"))
-            assert reply["code"] == "malformed"
+            assert reply["code"] == "too-large"
             assert reply["message"] == (
-                f"request would pass {SCM_MAX_FD + 1} fds; at most {SCM_MAX_FD} per request"
+                f"request would pass {SCM_MAX_FD + 1} fds; at most {SCM_MAX_FD} per request: "
+                "ask for fewer names at a time"
             )
+            # The connection stays open: the request was well-formed, only too big.
+            assert (await wire.request(LIST))["ok"] is True
             await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
-            assert served.broker.refusals == {"malformed": 1}
+            assert served.broker.refusals == {"too-large": 1}
             assert served.broker.grants == {"most": 1}
 
 
@@ -1216,3 +1238,48 @@ def test_audit_never_raises_into_the_server(monkeypatch: pytest.MonkeyPatch) -> 
     closed.close()
     monkeypatch.setattr(sys, "stderr", closed)
     Audit(journal=False).log("error", "nobody hears this", DETAIL="x")
+
+
+# --- one user's share ---------------------------------------------------------------
+
+
+async def test_one_uid_cannot_take_every_connection(rundir: Path) -> None:
+    async with running_broker(rundir, max_connections=64, max_connections_per_user=2,
+                              client_timeout=LONG_TIMEOUT) as served:  # fmt: skip
+        first = await Wire.open(served.path)
+        second = await Wire.open(served.path)
+        async with first, second:
+            await trio.testing.wait_all_tasks_blocked()
+            async with await Wire.open(served.path) as third:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    await third.send(LIST)
+                reply, fds = await third.reply()
+                assert fds == []
+                assert reply["code"] == "busy"
+                assert reply["message"] == (
+                    f"uid {UID} already has 2 connections to the broker, its limit; retry shortly"
+                )
+            assert (await first.request(LIST))["ok"] is True
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.broker.per_uid == {}  # every slot given back
+        with await client.acquire_trio("http", path=served.path):
+            pass
+
+
+async def test_a_flood_of_refusals_is_logged_in_part_and_summed_up(
+    rundir: Path, capsys: pytest.CaptureFixture[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    denied = acquire_line("secret")  # DEFAULT_RULES: not for this uid
+    async with running_broker(rundir) as served:
+        async with await Wire.open(served.path) as wire:
+            for _ in range(REFUSAL_LOG_BURST + 30):
+                assert (await wire.request(denied))["code"] == "denied"
+        granted = await client.acquire_trio("http", path=served.path)  # grants: always
+        granted.close()
+        await trio.sleep(REFUSAL_LOG_WINDOW + STATUS_INTERVAL)  # the window ends
+        assert served.broker.refusals == {"denied": REFUSAL_LOG_BURST + 30}
+    err = capsys.readouterr().err
+    assert len(audit_lines(err, "denied socket 'secret'")) == REFUSAL_LOG_BURST
+    assert len(audit_lines(err, "granted socket 'http'")) == 1
+    (summary,) = audit_lines(err, "were not logged")
+    assert summary.startswith(f"port-broker: notice: 30 more refusals of uid {UID} in ")
