@@ -90,6 +90,11 @@ RECENT_EVENTS: Final = 32
 
 RECV_CHUNK: Final = MAX_REQUEST_BYTES
 
+ACCEPT_BATCH: Final = 8
+"""Connections accepted per wakeup of the accept loop before it yields: fewer wakeups
+under a burst of clients (measured: +25 % grants/s), while larger batches let new
+clients overtake connected ones (at 64 per batch the p99 latency doubled)."""
+
 
 def _notify(state: str) -> None:
     if os.environ.get("NOTIFY_SOCKET"):
@@ -114,6 +119,8 @@ class Broker:
         self.policy = config.policy
         self.audit = audit
         self.users = UserDatabase()
+        self.groups_matter = any(rule.gids for rule in (*self.policy.sockets.values(),
+                                                        self.policy.status))  # fmt: skip
         self.lookups = trio.CapacityLimiter(USER_LOOKUP_THREADS)
         self.per_uid: Counter[int] = Counter()
         self.refusal_log: dict[int, list[float]] = {}  # uid → [window start, logged, dropped]
@@ -133,7 +140,8 @@ class Broker:
         Tells systemd READY=1 once accepting, STATUS= as counts change, STOPPING=1 at the
         end; pings the watchdog if WatchdogSec= is set.
         """
-        listener = trio.socket.from_stdlib_socket(self.intake.control)
+        listener = self.intake.control
+        listener.setblocking(False)  # ours (and systemd's, which never reads it)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as clients:
                 async with trio.open_nursery() as main:
@@ -149,26 +157,36 @@ class Broker:
                 _notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, clients: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: socket.socket, clients: trio.Nursery) -> None:
         while True:
-            try:
-                conn, _ = await listener.accept()
-            except OSError as e:
-                if e.errno in _BACKOFF_ERRNOS:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in _IGNORED_ACCEPT_ERRNOS:
+                        continue
+                    if e.errno not in _BACKOFF_ERRNOS:
+                        raise
                     self.audit.log("warning", f"accept: {e.strerror}; pausing {ACCEPT_BACKOFF}s")
                     await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                if e.errno in _IGNORED_ACCEPT_ERRNOS:
-                    continue
-                raise
-            self.connections += 1
-            if self.active >= self.config.max_connections:
-                limit = self.config.max_connections
-                self._refuse_busy(conn, f"the broker is serving its limit of {limit} "
-                                        "connections; retry shortly")  # fmt: skip
-                continue
-            self.active += 1
-            clients.start_soon(self._handle, conn)
+                    break
+                conn.setblocking(False)
+                self._admit(conn, clients)
+            await trio.lowlevel.checkpoint()  # a flood of clients yields like anything else
+
+    def _admit(self, conn: socket.socket, clients: trio.Nursery) -> None:
+        """Start serving a new connection, or refuse it if the broker is full."""
+        self.connections += 1
+        if self.active >= self.config.max_connections:
+            limit = self.config.max_connections
+            self._refuse_busy(conn, f"the broker is serving its limit of {limit} "
+                                    "connections; retry shortly")  # fmt: skip
+            return
+        self.active += 1
+        clients.start_soon(self._handle, conn)
 
     async def _status_loop(self) -> None:
         last = ""
@@ -191,19 +209,19 @@ class Broker:
 
     # --- one connection ----------------------------------------------------------
 
-    def _refuse_busy(self, conn: trio.socket.SocketType, message: str) -> None:
+    def _refuse_busy(self, conn: socket.socket, message: str) -> None:
         """Tell a client over a limit to retry, without a task or a wait: a flood of
         connections costs one fd each for no longer than this call. Closes `conn`."""
         self.refusals[Code.BUSY] += 1
         reply = encode_reply(Refusal(Code.BUSY, message))
         with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
-            os.write(conn.fileno(), reply)  # non-blocking: trio's socket
+            conn.send(reply)  # non-blocking
 
-    async def _handle(self, conn: trio.socket.SocketType) -> None:
+    async def _handle(self, conn: socket.socket) -> None:
         try:
             with conn:
                 try:
-                    peer = peer_credentials(conn)
+                    peer = peer_credentials(conn, groups=self.groups_matter)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 limit = self.config.max_connections_per_user
@@ -213,7 +231,9 @@ class Broker:
                     return
                 self.per_uid[peer.uid] += 1
                 try:
-                    await self._converse(conn, await self._with_user(peer))
+                    hit = self.users.cached(peer.uid)  # the common case: no await
+                    peer = peer.with_user(*hit) if hit else await self._with_user(peer)
+                    await self._converse(conn, peer)
                 finally:
                     self.per_uid[peer.uid] -= 1
                     if not self.per_uid[peer.uid]:
@@ -229,25 +249,24 @@ class Broker:
             self.active -= 1
 
     async def _with_user(self, peer: Peer) -> Peer:
-        """Add the user database's name and groups, asking NSS in a thread on a cache
-        miss; a lookup slower than `client_timeout` leaves them out (and says so)."""
-        hit = self.users.cached(peer.uid)
+        """Add the user database's name and groups after a cache miss, asking NSS in a
+        thread; a lookup slower than `client_timeout` leaves them out (and says so)."""
+        hit = None
+        with trio.move_on_after(self.config.client_timeout):
+            hit = await trio.to_thread.run_sync(
+                UserDatabase.query, peer.uid, limiter=self.lookups, abandon_on_cancel=True
+            )
+            self.users.store(peer.uid, hit)
         if hit is None:
-            with trio.move_on_after(self.config.client_timeout):
-                hit = await trio.to_thread.run_sync(
-                    UserDatabase.query, peer.uid, limiter=self.lookups, abandon_on_cancel=True
-                )
-                self.users.store(peer.uid, hit)
-            if hit is None:
-                self.audit.log(
-                    "warning",
-                    f"the user database did not answer for uid {peer.uid} in time; going "
-                    "on without its user name and groups",
-                )
-                return peer
+            self.audit.log(
+                "warning",
+                f"the user database did not answer for uid {peer.uid} in time; going on "
+                "without its user name and groups",
+            )
+            return peer
         return peer.with_user(*hit)
 
-    async def _converse(self, conn: trio.socket.SocketType, peer: Peer) -> None:
+    async def _converse(self, conn: socket.socket, peer: Peer) -> None:
         """Answer requests until the peer closes, errs, runs out of time, or has made
         MAX_REQUESTS_PER_CONNECTION requests.
 
@@ -281,9 +300,7 @@ class Broker:
             await self._protocol_error(conn, peer, ProtocolError(Code.TIMEOUT, message))
         # A peer that stopped reading its replies is simply dropped.
 
-    async def _protocol_error(
-        self, conn: trio.socket.SocketType, peer: Peer, error: ProtocolError
-    ) -> None:
+    async def _protocol_error(self, conn: socket.socket, peer: Peer, error: ProtocolError) -> None:
         self.refusals[error.code] += 1
         if self._may_log_refusal(peer.uid):
             self.audit.log(
@@ -296,7 +313,7 @@ class Broker:
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
             await _send(conn, encode_reply(Refusal(error.code, error.message)), [])
 
-    async def _answer(self, conn: trio.socket.SocketType, peer: Peer, request: Request) -> None:
+    async def _answer(self, conn: socket.socket, peer: Peer, request: Request) -> None:
         """Answer one request.
 
         Raises:
@@ -474,7 +491,12 @@ def _peer_gone() -> suppress:
     return suppress(BrokenPipeError, ConnectionResetError)
 
 
-async def _read_line(conn: trio.socket.SocketType, buffer: LineBuffer) -> bytes | None:
+# Connections are non-blocking stdlib sockets driven with trio's readiness waits: a
+# system call that can complete at once does, with no trip through the scheduler (trio's
+# socket wrappers take two per call). Each helper waits only when the kernel says so.
+
+
+async def _read_line(conn: socket.socket, buffer: LineBuffer) -> bytes | None:
     """Return the next request line, or None at end of stream.
 
     Raises:
@@ -485,7 +507,10 @@ async def _read_line(conn: trio.socket.SocketType, buffer: LineBuffer) -> bytes 
         if line is not None:
             return line
         try:
-            data = await conn.recv(RECV_CHUNK)
+            data = conn.recv(RECV_CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(conn)
+            continue
         except (ConnectionResetError, BrokenPipeError):
             return None
         if not data:
@@ -493,13 +518,15 @@ async def _read_line(conn: trio.socket.SocketType, buffer: LineBuffer) -> bytes 
         buffer.feed(data)
 
 
-async def _send(conn: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
+async def _send(conn: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send all of `data`; `fds`, if any, ride on its first byte as one SCM_RIGHTS."""
     view = memoryview(data)
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = await conn.sendmsg([view], ancillary)
-        view = view[sent:]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while view:
-        sent = await conn.send(view)
+        try:
+            sent = conn.sendmsg([view], ancillary)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(conn)
+            continue
         view = view[sent:]
+        ancillary = []  # the fds went with the first byte
