@@ -76,6 +76,12 @@ class Policy:
     status: Rule = field(default_factory=Rule)
     source: str = "(no configuration)"
 
+    @property
+    def names_groups(self) -> bool:
+        """Whether any rule names a group: if none does, a peer's groups need not be
+        asked of the kernel."""
+        return any(rule.gids for rule in (*self.sockets.values(), self.status))
+
     def check_acquire(self, name: str, peer: Peer) -> Decision:
         """Decide whether `peer` may have the socket called `name`."""
         rule = self.sockets.get(name)

@@ -119,8 +119,6 @@ class Broker:
         self.policy = config.policy
         self.audit = audit
         self.users = UserDatabase()
-        self.groups_matter = any(rule.gids for rule in (*self.policy.sockets.values(),
-                                                        self.policy.status))  # fmt: skip
         self.lookups = trio.CapacityLimiter(USER_LOOKUP_THREADS)
         self.per_uid: Counter[int] = Counter()
         self.refusal_log: dict[int, list[float]] = {}  # uid → [window start, logged, dropped]
@@ -175,7 +173,6 @@ class Broker:
                     break
                 conn.setblocking(False)
                 self._admit(conn, clients)
-            await trio.lowlevel.checkpoint()  # a flood of clients yields like anything else
 
     def _admit(self, conn: socket.socket, clients: trio.Nursery) -> None:
         """Start serving a new connection, or refuse it if the broker is full."""
@@ -221,7 +218,7 @@ class Broker:
         try:
             with conn:
                 try:
-                    peer = peer_credentials(conn, groups=self.groups_matter)
+                    peer = peer_credentials(conn, groups=self.policy.names_groups)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 limit = self.config.max_connections_per_user
@@ -277,7 +274,9 @@ class Broker:
         timeout = self.config.client_timeout
         reading = True
         with trio.CancelScope() as deadline:
-            for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            for count in range(MAX_REQUESTS_PER_CONNECTION):
+                if count:  # requests may all be buffered: let the others in between
+                    await trio.lowlevel.checkpoint()
                 reading = True
                 deadline.deadline = trio.current_time() + timeout
                 try:
@@ -311,7 +310,7 @@ class Broker:
                 PEER_PID=peer.pid,
             )
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
-            await _send(conn, encode_reply(Refusal(error.code, error.message)), [])
+            await _send(conn, encode_reply(Refusal(error.code, error.message)))
 
     async def _answer(self, conn: socket.socket, peer: Peer, request: Request) -> None:
         """Answer one request.
@@ -333,10 +332,15 @@ class Broker:
             )
             message = "the broker failed on this request; its log has the details"
             reply, fds, reasons = Refusal(Code.INTERNAL, message), [], []
-        await _send(conn, encode_reply(reply), fds)
-        for name, reason in reasons:
+        data = encode_reply(reply)
+        if not fds:
+            await _send(conn, data)
+            return
+        sent = await _send_fds(conn, data, fds)
+        for name, reason in reasons:  # granted: the peer has the fds from here on
             self.grants[name] += 1
             self._record(True, peer, name, reason)
+        await _send(conn, memoryview(data)[sent:])
 
     # --- decisions (synchronous: no awaits between check and use) ---------------
 
@@ -518,15 +522,23 @@ async def _read_line(conn: socket.socket, buffer: LineBuffer) -> bytes | None:
         buffer.feed(data)
 
 
-async def _send(conn: socket.socket, data: bytes, fds: list[int]) -> None:
-    """Send all of `data`; `fds`, if any, ride on its first byte as one SCM_RIGHTS."""
+async def _send(conn: socket.socket, data: bytes | memoryview) -> None:
+    """Send all of `data`."""
     view = memoryview(data)
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while view:
         try:
-            sent = conn.sendmsg([view], ancillary)
+            view = view[conn.send(view) :]
         except BlockingIOError:
             await trio.lowlevel.wait_writable(conn)
-            continue
-        view = view[sent:]
-        ancillary = []  # the fds went with the first byte
+
+
+async def _send_fds(conn: socket.socket, data: bytes, fds: list[int]) -> int:
+    """Send the start of `data` with `fds` riding on its first byte as one SCM_RIGHTS;
+    return how many bytes went (at least one). Once this returns the peer has the fds,
+    whatever happens to the rest of `data`."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    while True:
+        try:
+            return conn.sendmsg([data], ancillary)
+        except BlockingIOError:  # nothing went, fds included
+            await trio.lowlevel.wait_writable(conn)

@@ -213,6 +213,14 @@ def test_status_is_allowed_by_its_own_rule_only() -> None:
     )
 
 
+def test_a_policy_names_groups_when_any_rule_does() -> None:
+    by_user = Rule(uids=frozenset({WWW_DATA}), units=("web.service",))
+    by_group = Rule(gids=frozenset({ADM}))
+    assert not Policy(sockets={"http": by_user}, status=by_user).names_groups
+    assert Policy(sockets={"http": by_user, "https": by_group}).names_groups
+    assert Policy(sockets={"http": by_user}, status=by_group).names_groups
+
+
 def test_an_empty_status_rule_denies_root_too() -> None:
     rules = Policy(status=Rule(), source=SOURCE)
     assert not rules.check_status(ROOT).allowed
