@@ -156,6 +156,7 @@ class Broker:
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 
     async def _accept_loop(self, listener: socket.socket, clients: trio.Nursery) -> None:
+        paused_since: float | None = None  # out of fds or memory: logged once, not per retry
         while True:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(ACCEPT_BATCH):
@@ -168,9 +169,18 @@ class Broker:
                         continue
                     if e.errno not in _BACKOFF_ERRNOS:
                         raise
-                    self.audit.log("warning", f"accept: {e.strerror}; pausing {ACCEPT_BACKOFF}s")
+                    if paused_since is None:
+                        paused_since = trio.current_time()
+                        self.audit.log(
+                            "warning",
+                            f"accept: {e.strerror}; retrying every {ACCEPT_BACKOFF:g}s",
+                        )
                     await trio.sleep(ACCEPT_BACKOFF)
                     break
+                if paused_since is not None:
+                    paused = trio.current_time() - paused_since
+                    self.audit.log("notice", f"accept: accepting again after {paused:.1f}s")
+                    paused_since = None
                 conn.setblocking(False)
                 self._admit(conn, clients)
 

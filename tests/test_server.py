@@ -1021,7 +1021,7 @@ async def test_an_internal_error_is_refused_as_internal_and_the_connection_stays
 
 
 async def test_out_of_fds_the_broker_pauses_accepting_then_serves(
-    rundir: Path, capsys: pytest.CaptureFixture[str]
+    rundir: Path, capsys: pytest.CaptureFixture[str], autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running_broker(rundir) as served:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1030,13 +1030,18 @@ async def test_out_of_fds_the_broker_pauses_accepting_then_serves(
             resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
             try:
                 await sock.connect(served.path)  # needs no fd here; accept() needs one
-                await trio.testing.wait_all_tasks_blocked()  # the broker tried, and paused
+                await trio.sleep(1)  # the broker tried, paused, and tried again
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            assert "warning: accept: Too many open files; pausing 0.1s" in capsys.readouterr().err
             wire = Wire(sock)
             assert (await wire.request(LIST))["ok"] is True
             assert served.broker.connections == 1
+    log = capsys.readouterr().err
+    assert audit_lines(log, "port-broker: warning: accept:") == [
+        "port-broker: warning: accept: Too many open files; retrying every 0.1s"
+    ]  # once, not at each of the ten retries
+    (resumed,) = audit_lines(log, "port-broker: notice: accept:")
+    assert re.fullmatch(r"port-broker: notice: accept: accepting again after 1\.\ds", resumed)
 
 
 @pytest.mark.needs_root
