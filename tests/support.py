@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import http.client
 import importlib.metadata
+import inspect
 import json
 import os
 import re
@@ -152,6 +153,22 @@ def proc_status(pid: int) -> dict[str, str]:
 def fd_count(pid: int) -> int:
     """Return how many fds `pid` has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_fds() -> list[int]:
+    """This process's open fds, in order."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue  # the directory's own fd, closed by now
+        found.append(int(name))
+    return sorted(found)
+
+
+OPEN_FDS_SOURCE: Final = inspect.getsource(open_fds)
+"""`open_fds` as source, for scripts run in other processes (they must import os)."""
 
 
 def settled_fd_count(pid: int, readings: int = 10) -> int:

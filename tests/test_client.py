@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 import pytest
 import trio
 import trio.testing
-from support import NOBODY, START_TIMEOUT, SYSTEM_PYTHON, as_user
+from support import NOBODY, OPEN_FDS_SOURCE, START_TIMEOUT, SYSTEM_PYTHON, as_user
 from test_server import (
     ino,
     no_systemd_environment,  # noqa: F401 (autouse: no sd_notify from here)
@@ -330,23 +330,16 @@ async def test_more_fds_than_this_process_can_take_is_refused_and_closed(
     # buffer holds 254: a peer cannot overflow it. The kernel also truncates (sets
     # MSG_CTRUNC) when the receiver has no free fd numbers left, so a child process with
     # a low RLIMIT_NOFILE meets a 10-fd reply with room for only 3.
-    script = """
+    script = (
+        """
 import json, os, resource, sys
 from broker import client, errors
-
-def fds():
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue  # the directory's own fd, closed by now
-        found.add(int(name))
-    return found
-
+"""
+        + OPEN_FDS_SOURCE
+        + """
 def squeeze():
     # Room below the limit for the control socket and 3 received fds, no more.
-    taken, free, limit = fds(), 0, 0
+    taken, free, limit = set(open_fds()), 0, 0
     while free < 4:
         free += limit not in taken
         limit += 1
@@ -355,11 +348,11 @@ def squeeze():
     return limits
 
 def report(before, message):
-    print(json.dumps({"message": message, "leaked": sorted(fds() - before)}))
+    print(json.dumps({"message": message, "leaked": sorted(set(open_fds()) - before)}))
 
 path = sys.argv[1]
 if sys.argv[2] == "sync":
-    before, limits = fds(), squeeze()
+    before, limits = set(open_fds()), squeeze()
     try:
         client.acquire_many(["http"], path=path)
     except errors.BrokerUnavailable as e:
@@ -371,7 +364,7 @@ else:
     import trio
 
     async def main():
-        before, limits = fds(), squeeze()  # trio's own fds are open by now
+        before, limits = set(open_fds()), squeeze()  # trio's own fds are open by now
         try:
             await client.acquire_many_trio(["http"], path=path)
         except errors.BrokerUnavailable as e:
@@ -382,6 +375,7 @@ else:
 
     trio.run(main)
 """
+    )
     path = rundir / "peer.sock"
     with no_fd_left(), ScriptedPeer(path, granted_with(10, 10)), trio.fail_after(START_TIMEOUT):
         done = await trio.run_process(

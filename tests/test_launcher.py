@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import pytest
 import trio
-from support import START_TIMEOUT
+from support import OPEN_FDS_SOURCE, START_TIMEOUT
 from test_server import (
     no_systemd_environment,  # noqa: F401 (autouse: no sd_notify from here)
     public_dir,
@@ -28,24 +28,12 @@ from test_server import (
 
 from broker.launcher import LISTEN_FDS_START, listen_environment
 
-OPEN_FDS: Final = """
-def open_fds():
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue  # the directory's own fd, closed by now
-        found.append(int(name))
-    return sorted(found)
-"""
-
 PLACE: Final = (
     """
 import fcntl, json, os, socket, sys
 from broker.launcher import place_fds
 """
-    + OPEN_FDS
+    + OPEN_FDS_SOURCE
     + """
 positions, bystanders = json.loads(sys.argv[1])
 assert open_fds() == [0, 1, 2], open_fds()
@@ -86,7 +74,7 @@ PROBE: Final = (
     """
 import json, os, socket
 """
-    + OPEN_FDS
+    + OPEN_FDS_SOURCE
     + """
 fds = []
 for fd in range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))):
