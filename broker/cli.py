@@ -28,8 +28,10 @@ from broker.errors import (
     ConfigError,
     IntakeError,
     InterceptError,
+    PrivilegeError,
     UnknownSocket,
 )
+from broker.protocol import valid_name
 
 EXIT_FAILURE: Final = 1
 EXIT_UNKNOWN_SOCKET: Final = 66
@@ -81,7 +83,9 @@ def _port_map(values: Sequence[str]) -> dict[int, str]:
     mapping: dict[int, str] = {}
     for entry in _split_names(values):
         port, sep, name = entry.partition("=")
-        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536) or (
+            not valid_name(name)
+        ):
             raise ValueError(f"--map {entry!r}: expected PORT=NAME, e.g. 80=http")
         mapping[int(port)] = name
     return mapping
@@ -89,15 +93,19 @@ def _port_map(values: Sequence[str]) -> dict[int, str]:
 
 def _exec_arguments(args: argparse.Namespace) -> tuple[list[str], dict[int, str], list[str]]:
     """Return the socket names, the --map and the command; ValueError says what is wrong."""
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = list(args.command)  # main() took the "--" off
     mapping = _port_map(args.map)
     if mapping and not args.intercept:
         raise ValueError("--map only applies with --intercept")
     names = list(dict.fromkeys(_split_names([args.names or ""]) + list(mapping.values())))
     if not command or not names:
         raise ValueError(EXEC_USAGE)
+    for name in names:
+        if not valid_name(name):
+            raise ValueError(
+                f"{name!r} is not a socket name (letters, digits, '_.@-', up to 64 "
+                "characters); `port-broker list` shows the ones you may acquire"
+            )
     return names, mapping, command
 
 
@@ -303,7 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "set DynamicUser= or User= in port-broker.service"
                 )
             intake = activation.from_systemd()
-    except (ConfigError, IntakeError) as e:
+    except (ConfigError, IntakeError, PrivilegeError) as e:
         return _fail("serve", e.message, EXIT_CONFIG)
     except BrokerError as e:
         return _fail("serve", e.message, EXIT_FAILURE)

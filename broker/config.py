@@ -167,7 +167,8 @@ class IsolatedLoad:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(
                 f"{self.path}: the configuration loader failed (exit status "
-                f"{os.waitstatus_to_exitcode(status)}); run `port-broker check-config` to see why"
+                f"{os.waitstatus_to_exitcode(status)}); run `port-broker check-config "
+                f"{self.path}` to see why"
             ) from None
 
 

@@ -28,9 +28,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any, Final
+from functools import partial
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -69,31 +78,23 @@ def _resolve_id(entry: int | str, kind: str) -> int:
         ) from None
 
 
+# StrictInt: a TOML `true` or `1.0` is a mistake, not uid 1.
+UserId = Annotated[StrictInt | str, AfterValidator(partial(_resolve_id, kind="user"))]
+GroupId = Annotated[StrictInt | str, AfterValidator(partial(_resolve_id, kind="group"))]
+
+
 class RuleSettings(BaseModel):
     """Who may have a socket (or read the status): users, groups, units. Default: nobody."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # StrictInt: a TOML `true` or `1.0` is a mistake, not uid 1.
-    users: list[StrictInt | str] = Field(default_factory=list, description="user names or uids")
-    groups: list[StrictInt | str] = Field(default_factory=list, description="group names or gids")
+    # Names are resolved to ids as they are validated (each once: a user database that
+    # answers differently the second time cannot make the two disagree).
+    users: list[UserId] = Field(default_factory=list, description="user names or uids")
+    groups: list[GroupId] = Field(default_factory=list, description="group names or gids")
     units: list[str] = Field(
         default_factory=list, description="systemd services/scopes, glob patterns allowed"
     )
-
-    @field_validator("users")
-    @classmethod
-    def _known_users(cls, value: list[int | str]) -> list[int | str]:
-        for entry in value:
-            _resolve_id(entry, "user")
-        return value
-
-    @field_validator("groups")
-    @classmethod
-    def _known_groups(cls, value: list[int | str]) -> list[int | str]:
-        for entry in value:
-            _resolve_id(entry, "group")
-        return value
 
     @field_validator("units")
     @classmethod
@@ -109,8 +110,8 @@ class RuleSettings(BaseModel):
     def to_rule(self) -> Rule:
         """Return the policy rule with every name resolved to its id."""
         return Rule(
-            uids=frozenset(_resolve_id(u, "user") for u in self.users),
-            gids=frozenset(_resolve_id(g, "group") for g in self.groups),
+            uids=frozenset(map(int, self.users)),  # ids by now (see UserId)
+            gids=frozenset(map(int, self.groups)),
             units=tuple(self.units),
         )
 
@@ -155,6 +156,13 @@ class Settings(BaseSettings):
     client_timeout: float = Field(
         5.0, gt=0, le=300, description="seconds a client has to send each request"
     )
+
+    @field_validator("max_connections", "max_connections_per_user", "client_timeout", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # else pydantic takes `true` for 1
+            raise ValueError("expected a number, not true or false")  # noqa: TRY004 (pydantic reports ValueError)
+        return value
 
     @field_validator("sockets")
     @classmethod
@@ -219,11 +227,16 @@ def _check_environment(environ: Mapping[str, str]) -> None:
     for variable in environ:
         if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
             continue
-        head = variable.split("__", 1)[0]
+        head, nested, _ = variable.partition("__")
         if head not in known:
             raise ConfigError(
                 f"environment variable {variable}: unknown setting; known: "
                 f"{', '.join(sorted(known | CLIENT_ENV))}"
+            )
+        if nested and head not in _JSON_SETTINGS:
+            raise ConfigError(
+                f"environment variable {variable}: {head} is a single value, not a table; "
+                f"set {head} itself"
             )
         if head in _JSON_SETTINGS:  # else pydantic-settings raises, naming no variable
             try:

@@ -217,10 +217,13 @@ def test_exec_map_needs_intercept(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == "port-broker exec: --map only applies with --intercept\n"
 
 
-def test_exec_map_must_name_a_port(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["exec", "--intercept", "--map", "http=80", "--", "true"]) == 2
+@pytest.mark.parametrize("entry", ["http=80", "80=", "80=a b"])
+def test_exec_map_must_name_a_port_and_a_socket(
+    capsys: pytest.CaptureFixture[str], entry: str
+) -> None:
+    assert main(["exec", "--intercept", "--map", entry, "--", "true"]) == 2
     assert capsys.readouterr().err == (
-        "port-broker exec: --map 'http=80': expected PORT=NAME, e.g. 80=http\n"
+        f"port-broker exec: --map {entry!r}: expected PORT=NAME, e.g. 80=http\n"
     )
 
 
@@ -303,8 +306,11 @@ async def test_exec_refused_exits_before_running_anything(rundir: Path) -> None:
     )
     assert denied.returncode == 77
     assert "may not acquire socket 'secret'" in denied.stderr.decode()
-    assert malformed.returncode == 1
-    assert "'a b' is not a valid socket name" in malformed.stderr.decode()
+    assert malformed.returncode == 2  # a usage error, caught before asking the broker
+    assert malformed.stderr.decode() == (
+        "port-broker exec: 'a b' is not a socket name (letters, digits, '_.@-', up to 64 "
+        "characters); `port-broker list` shows the ones you may acquire\n"
+    )
     assert missing.returncode == 69
     assert missing.stderr.decode().startswith(f"port-broker exec: {rundir / 'none.sock'}: ")
 
@@ -513,8 +519,19 @@ def test_check_config(
             "refusing to serve as root: pass --user NAME",
             marks=pytest.mark.needs_root,
         ),
+        pytest.param(
+            ["--bind", "http=127.0.0.1:8080", "--control", "@pbtest", "--user", "pbtest-nobody"],
+            "--user pbtest-nobody: no such user",
+            marks=pytest.mark.needs_root,
+        ),
     ],
-    ids=["no sockets", "--user without --bind", "--bind without --control", "as root"],
+    ids=[
+        "no sockets",
+        "--user without --bind",
+        "--bind without --control",
+        "as root",
+        "unknown --user",
+    ],
 )
 def test_serve_refuses_to_start_wrongly(rundir: Path, args: list[str], message: str) -> None:
     config = rundir / "broker.toml"

@@ -11,6 +11,7 @@ import grp
 import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,9 @@ def test_unknown_keys_are_refused_with_the_known_ones(
         ("max_connections = 1.5\n", "max_connections", "valid integer"),
         ("max_connections = [1]\n", "max_connections", "valid integer"),
         ('client_timeout = "soon"\n', "client_timeout", "valid number"),
+        ("max_connections = true\n", "max_connections", "not true or false"),
+        ("max_connections_per_user = true\n", "max_connections_per_user", "not true or false"),
+        ("client_timeout = false\n", "client_timeout", "not true or false"),
         ("sockets = 5\n", "sockets", "valid dictionary"),
         ("[sockets]\nhttp = 5\n", "sockets.http", "valid dictionary"),
         ('status = "root"\n', "status", "valid dictionary"),
@@ -226,7 +230,7 @@ def test_values_of_the_wrong_type_are_refused(
 def test_an_unknown_user_is_refused(tmp_path: Path, table: str) -> None:
     path = write(tmp_path, f'[{table}]\nusers = ["www-data", "{NO_SUCH_USER}"]\n')
     assert error(path) == (
-        f"{path}: {table}.users: unknown user '{NO_SUCH_USER}': not in the user database; "
+        f"{path}: {table}.users[1]: unknown user '{NO_SUCH_USER}': not in the user database; "
         "create it, fix the spelling, or give a numeric id (for ids that exist only in "
         "containers)"
     )
@@ -236,14 +240,15 @@ def test_an_unknown_group_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, f'[sockets.http]\ngroups = ["{NO_SUCH_GROUP}"]\n')
     message = error(path)
     assert message.startswith(
-        f"{path}: sockets.http.groups: unknown group '{NO_SUCH_GROUP}': not in the group database"
+        f"{path}: sockets.http.groups[0]: unknown group '{NO_SUCH_GROUP}': "
+        "not in the group database"
     )
 
 
 @pytest.mark.parametrize("name", ["\uff11\uff12", "\u00b2"], ids=["fullwidth", "superscript"])
 def test_non_ascii_digits_are_names_not_ids(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, f'[sockets.http]\nusers = ["{name}"]\n')
-    assert f"sockets.http.users: unknown user '{name}'" in error(path)
+    assert f"sockets.http.users[0]: unknown user '{name}'" in error(path)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +258,7 @@ def test_non_ascii_digits_are_names_not_ids(tmp_path: Path, name: str) -> None:
 def test_ids_out_of_range_are_refused(tmp_path: Path, entry: int, kind: str) -> None:
     path = write(tmp_path, f"[sockets.http]\n{kind}s = [{entry}]\n")
     assert error(path) == (
-        f"{path}: sockets.http.{kind}s: {kind} id {entry} is out of range 0..{MAX_ID}"
+        f"{path}: sockets.http.{kind}s[0]: {kind} id {entry} is out of range 0..{MAX_ID}"
     )
 
 
@@ -448,7 +453,7 @@ def test_a_bad_value_from_the_file_is_not_blamed_on_the_environment(tmp_path: Pa
         "PORT_BROKER_SOCKETS__HTTPS__USERS": '["nobody"]',
         "PORT_BROKER_MAX_CONNECTIONS": "5",
     }
-    assert error(path, environ).startswith(f"{path}: sockets.http.users: unknown user")
+    assert error(path, environ).startswith(f"{path}: sockets.http.users[0]: unknown user")
 
 
 @pytest.mark.parametrize(
@@ -471,6 +476,37 @@ def test_an_unknown_port_broker_variable_is_refused(tmp_path: Path, variable: st
         "PORT_BROKER_CONFIG, PORT_BROKER_MAX_CONNECTIONS, PORT_BROKER_MAX_CONNECTIONS_PER_USER, "
         "PORT_BROKER_SOCKET, PORT_BROKER_SOCKETS, PORT_BROKER_STATUS"
     )
+
+
+@pytest.mark.parametrize(
+    "variable", ["PORT_BROKER_MAX_CONNECTIONS__X", "PORT_BROKER_CLIENT_TIMEOUT__SECONDS"]
+)
+def test_a_scalar_setting_has_no_nested_variables(tmp_path: Path, variable: str) -> None:
+    head = variable.partition("__")[0]
+    assert error(write(tmp_path, ""), {variable: "3"}) == (
+        f"environment variable {variable}: {head} is a single value, not a table; set {head} itself"
+    )
+
+
+def test_each_name_is_looked_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user database that answers only once (a flapping directory service, say) must
+    # not make validation and the policy disagree, nor crash the load.
+    asked: list[str] = []
+    real = pwd.getpwnam
+    nobody = real("nobody").pw_uid
+
+    def once(name: str) -> pwd.struct_passwd:
+        if name in asked:
+            raise KeyError(name)
+        asked.append(name)
+        return real(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", once)
+    path = write(tmp_path, '[sockets.http]\nusers = ["www-data"]\n[status]\nusers = ["nobody"]\n')
+    loaded = config.load(str(path), {})
+    assert loaded.policy.sockets["http"] == Rule(uids=frozenset({WWW_DATA}))
+    assert loaded.policy.status == Rule(uids=frozenset({nobody}))
+    assert sorted(asked) == ["nobody", "www-data"]
 
 
 def test_client_variables_and_other_prefixes_are_allowed(tmp_path: Path) -> None:
@@ -513,7 +549,7 @@ def test_check_config_reports_an_error_with_status_78(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(
-        f"port-broker check-config: {path}: sockets.http.users: unknown user '{NO_SUCH_USER}'"
+        f"port-broker check-config: {path}: sockets.http.users[0]: unknown user '{NO_SUCH_USER}'"
     )
 
 
@@ -597,6 +633,19 @@ def test_isolated_load_reports_the_childs_error(tmp_path: Path) -> None:
         config.load_isolated(str(path), environ={})
     assert there.value.message == here.value.message
     assert "no-such-user-here" in there.value.message
+
+
+def test_a_loader_that_dies_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    os.mkfifo(path)  # the child blocks opening it, until killed
+    loader = config.IsolatedLoad(str(path), {})
+    os.kill(loader.pid, signal.SIGKILL)
+    with pytest.raises(ConfigError) as failed:
+        loader.result()
+    assert failed.value.message == (
+        f"{path}: the configuration loader failed (exit status -9); run `port-broker "
+        f"check-config {path}` to see why"
+    )
 
 
 def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> None:
