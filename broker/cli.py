@@ -154,13 +154,13 @@ def _run_intercepted(grants: Sequence[Any], mapping: dict[int, str], command: li
 
     held = [sock for _, sock in grants]
     port_map: dict[int, list[Any]] | None = None
-    if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
-        port_map = {}
-        for sock in held:
-            port_map.setdefault(sock.getsockname()[1], []).append(sock)
-        for port, name in mapping.items():
-            port_map[port] = [sock for granted, sock in grants if granted == name]
     try:
+        if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
+            port_map = {}
+            for sock in held:
+                port_map.setdefault(sock.getsockname()[1], []).append(sock)
+            for port, name in mapping.items():
+                port_map[port] = [sock for granted, sock in grants if granted == name]
         return run_intercepted(command, held, port_map)
     except OSError as e:
         return _cannot_run(command, e)

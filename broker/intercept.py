@@ -69,7 +69,7 @@ import signal
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 from broker import seccomp
 from broker.errors import InterceptError, InterceptUnsupported
@@ -279,8 +279,15 @@ class _Notif(NamedTuple):
     args: tuple[int, ...]
 
 
+_NOT_INSPECTABLE: Final = (
+    " (it is non-dumpable, or Yama's ptrace_scope forbids it; run it under plain "
+    "`port-broker exec`, which passes the sockets as LISTEN_FDS)"
+)
+
+
 def _say(message: str) -> None:
-    """One line on stderr; never raises, never blocks the loop for long."""
+    """One line on stderr; never raises. Written at once: a stderr that nobody reads
+    (a full pipe) stalls the supervisor, and with it the program's next bind()."""
     with contextlib.suppress(OSError):
         os.write(2, (_MESSAGE_PREFIX + message + "\n").encode(errors="replace"))
 
@@ -419,8 +426,10 @@ class _Supervisor:
             fcntl.ioctl(
                 self.listener, seccomp.IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True
             )
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # the task died, or a signal interrupted it
+                return False
+            raise  # _on_notification passes the call on to the kernel
         return True
 
     def _pass(self, n: _Notif) -> None:
@@ -456,10 +465,13 @@ class _Supervisor:
                 int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
             )
             dup = seccomp.pidfd_getfd(pidfd, fd)
-            if not self._valid(n.id):  # what we read may predate an exit: drop it
-                os.close(dup)
-                return None
-            return dup, flags
+            valid = False
+            try:
+                valid = self._valid(n.id)  # what we read may predate an exit: then drop it
+            finally:
+                if not valid:
+                    os.close(dup)
+            return (dup, flags) if valid else None
         finally:
             for opened in (pidfd, fdinfo):
                 if opened >= 0:
@@ -491,7 +503,7 @@ class _Supervisor:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
                     f"cannot read the memory of {_task_name(n.pid)} ({exc.strerror}): "
-                    "its bind() goes to the kernel"
+                    f"its bind() goes to the kernel{_NOT_INSPECTABLE}"
                 )
             raw = b""  # EFAULT, EIO: a bad pointer, for the kernel to report
         if raw is None:
@@ -506,7 +518,7 @@ class _Supervisor:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
                     f"cannot inspect fd {fd} of {_task_name(n.pid)} ({exc.strerror}): "
-                    "its bind() goes to the kernel"
+                    f"its bind() goes to the kernel{_NOT_INSPECTABLE}"
                 )
             self._pass(n)  # EBADF, ESRCH: the kernel answers those itself
             return
@@ -560,7 +572,6 @@ class _Supervisor:
             return
         held = candidates[decision.choice]
         self._warn_v6only(sock, held, who)
-        self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
         addfd = seccomp.NOTIF_ADDFD.pack(
             n.id, seccomp.SECCOMP_ADDFD_FLAG_SETFD, held.sock.fileno(), fd, fd_flags & os.O_CLOEXEC
         )
@@ -574,6 +585,9 @@ class _Supervisor:
                 )
                 self._pass(n)
             return
+        # Now that it is the program's (which waits in bind() until the reply), and
+        # not before: a failed ADDFD leaves the flag as the other holders had it.
+        self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
         self._reply(n.id)
 
     def _warn_v6only(self, sock: socket.socket, held: _Held, who: str) -> None:

@@ -24,7 +24,7 @@ from broker.errors import InterceptUnsupported
 
 # Kernel ABI. Every number below is x86_64's; `check_supported` refuses anything else
 # rather than guess. Sources: arch/x86/entry/syscalls/syscall_64.tbl,
-# include/uapi/linux/_seccomp.h, include/uapi/linux/filter.h, seccomp_unotify(2).
+# include/uapi/linux/seccomp.h, include/uapi/linux/filter.h, seccomp_unotify(2).
 
 _MIN_KERNEL = (5, 9)
 """5.9 added SECCOMP_IOCTL_NOTIF_ADDFD (with SETFD); CONTINUE is 5.5, pidfd_getfd 5.6."""
@@ -43,7 +43,7 @@ _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_GET_ACTION_AVAIL = 2
 _SECCOMP_GET_NOTIF_SIZES = 3
 _SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
-"""_seccomp() returns a listener fd that receives the filter's user notifications."""
+"""seccomp() returns a listener fd that receives the filter's user notifications."""
 _SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 """5.19+: once we have received a notification, only a fatal signal interrupts the wait,
 so an ordinary signal cannot restart a bind() whose fd we have already replaced."""
@@ -165,7 +165,7 @@ def check_platform(release: str, machine: str, pointer_size: int) -> None:
         need = ".".join(map(str, _MIN_KERNEL))
         raise InterceptUnsupported(
             f"bind() interception needs Linux {need} or later "
-            f"(_seccomp SECCOMP_IOCTL_NOTIF_ADDFD), and this kernel is {release}; "
+            f"(seccomp SECCOMP_IOCTL_NOTIF_ADDFD), and this kernel is {release}; "
             "upgrade the kernel or pass sockets with LISTEN_FDS instead"
         )
 
@@ -173,12 +173,12 @@ def check_platform(release: str, machine: str, pointer_size: int) -> None:
 def check_supported() -> None:
     """Check that this machine can run `run_intercepted`, without starting anything.
 
-    Checks the architecture and kernel version, that the kernel offers _seccomp user
+    Checks the architecture and kernel version, that the kernel offers seccomp user
     notifications, and that its notification structures have the layout this module
     was written for.
 
     Raises:
-        InterceptUnsupported: The kernel, architecture or _seccomp support is missing or
+        InterceptUnsupported: The kernel, architecture or seccomp support is missing or
             different; the message says which and what to do.
     """
     uname = os.uname()
@@ -190,13 +190,13 @@ def check_supported() -> None:
         _seccomp(_SECCOMP_GET_NOTIF_SIZES, 0, ctypes.cast(sizes, ctypes.c_void_p))
     except OSError as exc:
         raise InterceptUnsupported(
-            f"this kernel offers no _seccomp user notifications ({exc.strerror}); "
+            f"this kernel offers no seccomp user notifications ({exc.strerror}); "
             "it needs CONFIG_SECCOMP_FILTER, or pass sockets with LISTEN_FDS instead"
         ) from exc
     expected = (NOTIF.size, NOTIF_RESP.size, _SECCOMP_DATA_SIZE)
     if tuple(sizes) != expected:
         raise InterceptUnsupported(
-            f"this kernel's _seccomp notification layout {tuple(sizes)} differs from the "
+            f"this kernel's seccomp notification layout {tuple(sizes)} differs from the "
             f"one this module speaks {expected}; pass sockets with LISTEN_FDS instead"
         )
 

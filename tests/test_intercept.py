@@ -327,6 +327,7 @@ for h in spec["held"]:
     if kind == socket.SOCK_STREAM:
         s.listen(h.get("backlog", 4096))
     s.setblocking(h.get("blocking", True))
+    s.set_inheritable(h.get("inheritable", False))
     held.append(s)
 port_map = None
 if spec.get("port_map") is not None:
@@ -395,6 +396,28 @@ TARGETS: dict[str, str] = {
         report(uid=os.getuid(), cap_eff=status["CapEff"].strip(),
                no_new_privs=status["NoNewPrivs"].strip(), seccomp=status["Seccomp"].strip(),
                fds=fds, bind=try_bind(s, ("0.0.0.0", int(sys.argv[1]))))
+    """,
+    "relisten.py": """
+        # The supervisor looks at each listen() through a copy of the program's fd; a
+        # copy kept would keep the program's closed socket bound.
+        import os, socket, sys
+        sys.path.insert(0, os.path.dirname(__file__))
+        from common import report, try_bind
+        first = socket.socket()
+        first.bind(("127.0.0.1", 8080))
+        first.listen(5)
+        first.close()
+        again = socket.socket()
+        report(rebind=try_bind(again, ("127.0.0.1", 8080)))
+    """,
+    "undumpable.py": """
+        # A program that forbids inspection keeps the kernel's answer, and is told why.
+        import ctypes, os, socket, sys
+        sys.path.insert(0, os.path.dirname(__file__))
+        from common import report, try_bind
+        PR_SET_DUMPABLE = 4
+        assert ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+        report(bind=try_bind(socket.socket(), ("0.0.0.0", 80)))
     """,
     "nonblock.py": """
         # Pitfall 1: the injected socket must carry the program's own O_NONBLOCK (and
@@ -836,7 +859,7 @@ def test_program_runs_unprivileged_and_inherits_no_extra_fds(
 ) -> None:
     """No capabilities, no_new_privs, the filter; no held socket, listener or pipe leaks;
     and a bind() to an unheld privileged port fails as it would without us."""
-    held = [V4_80, {"family": 4, "addr": "0.0.0.0", "port": 81, "backlog": 16}]
+    held = [V4_80, {"family": 4, "addr": "0.0.0.0", "port": 81, "inheritable": True}]
     run = scenario(py(stage, "probe.py", "79"), held)
     assert run.wait() == 0, run.stderr
     (report,) = run.reports()
@@ -846,6 +869,27 @@ def test_program_runs_unprivileged_and_inherits_no_extra_fds(
     assert report["seccomp"] == "2"
     assert sorted(report["fds"]) == ["0", "1", "2"], report["fds"]
     assert report["bind"] == errno.EACCES
+
+
+@needs_root
+def test_the_programs_own_closed_socket_is_not_kept_open(
+    stage: Path, scenario: Callable[..., Scenario]
+) -> None:
+    run = scenario(py(stage, "relisten.py"), [V4_80])
+    assert run.wait() == 0, run.stderr
+    assert run.reports() == [{"rebind": 0}]
+
+
+@needs_root
+def test_a_program_that_forbids_inspection_binds_by_itself_and_is_told_why(
+    stage: Path, scenario: Callable[..., Scenario]
+) -> None:
+    run = scenario(py(stage, "undumpable.py"), [V4_80])
+    assert run.wait() == 0, run.stderr
+    assert run.reports() == [{"bind": errno.EACCES}]
+    assert "its bind() goes to the kernel (it is non-dumpable, or Yama's ptrace_scope " in (
+        run.stderr
+    )
 
 
 @needs_root
