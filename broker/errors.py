@@ -21,7 +21,8 @@ class Code(enum.StrEnum):
     MALFORMED = "malformed"
     """The request is not a JSON object of the documented shape."""
     TOO_LARGE = "too-large"
-    """The request exceeded the broker's size limit before its end was seen."""
+    """The request is too large: longer than the broker reads before its end is seen,
+    or asking for more fds than one reply can carry."""
     UNSUPPORTED_VERSION = "unsupported-version"
     """The request names a protocol version the broker does not speak."""
     UNKNOWN_OPERATION = "unknown-operation"
@@ -31,7 +32,7 @@ class Code(enum.StrEnum):
     DENIED = "denied"
     """The policy does not allow this peer to have this socket (or to ask for status)."""
     BUSY = "busy"
-    """The broker is at its connection limit; retry shortly."""
+    """The broker is at its connection limit, or this uid at its own; retry shortly."""
     TIMEOUT = "timeout"
     """The peer did not send a complete request within the broker's deadline."""
     INTERNAL = "internal"

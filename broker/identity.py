@@ -55,7 +55,7 @@ CGROUP_FILE_MAX: Final = 65536
 
 
 class SupportsGetsockopt(Protocol):
-    """A socket, stdlib or trio: all `identify` needs of it."""
+    """A socket, stdlib or trio: all `peer_credentials` needs of it."""
 
     def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
 
@@ -69,8 +69,9 @@ class Peer:
         uid: Effective uid when it connected, as seen from the broker's user namespace.
         gid: Effective gid when it connected.
         user: User name from the user database, or None for a uid with no entry.
-        groups: gid, the supplementary groups the kernel recorded at connect, and the
-            user's groups in the user database.
+        groups: gid, the supplementary groups the kernel recorded at connect (when
+            asked for: see `peer_credentials`), and the user's groups in the user
+            database.
         unit: The systemd unit (service or scope) the process ran in, or None.
         cgroup: The process's cgroup path, or None if it could not be read safely.
         mapped: False if the peer's uid or gid has no mapping in the broker's user

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 
 from broker.identity import Peer
 
@@ -76,10 +77,10 @@ class Policy:
     status: Rule = field(default_factory=Rule)
     source: str = "(no configuration)"
 
-    @property
+    @cached_property
     def names_groups(self) -> bool:
         """Whether any rule names a group: if none does, a peer's groups need not be
-        asked of the kernel."""
+        asked of the kernel. (Worked out once: rules do not change.)"""
         return any(rule.gids for rule in (*self.sockets.values(), self.status))
 
     def check_acquire(self, name: str, peer: Peer) -> Decision:

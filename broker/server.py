@@ -32,7 +32,7 @@ from broker.activation import Intake
 from broker.audit import Audit
 from broker.config import Config
 from broker.errors import Code, ProtocolError
-from broker.identity import Peer, UserDatabase, peer_credentials
+from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credentials
 from broker.protocol import (
     MAX_REQUEST_BYTES,
     SCM_MAX_FD,
@@ -89,6 +89,7 @@ RECENT_EVENTS: Final = 32
 """Grants and denials kept for `port-broker status`; the journal keeps them all."""
 
 RECV_CHUNK: Final = MAX_REQUEST_BYTES
+"""Bytes asked of the kernel per recv(): a whole request in one call."""
 
 ACCEPT_BATCH: Final = 8
 """Connections accepted per wakeup of the accept loop before it yields: fewer wakeups
@@ -173,13 +174,18 @@ class Broker:
                         paused_since = trio.current_time()
                         self.audit.log(
                             "warning",
-                            f"accept: {e.strerror}; retrying every {ACCEPT_BACKOFF:g}s",
+                            f"accept on the control socket: {e.strerror}; retrying every "
+                            f"{ACCEPT_BACKOFF:g}s (raise LimitNOFILE= or lower "
+                            "max_connections)",
                         )
                     await trio.sleep(ACCEPT_BACKOFF)
                     break
                 if paused_since is not None:
                     paused = trio.current_time() - paused_since
-                    self.audit.log("notice", f"accept: accepting again after {paused:.1f}s")
+                    self.audit.log(
+                        "notice",
+                        f"accept on the control socket: accepting again after {paused:.1f}s",
+                    )
                     paused_since = None
                 conn.setblocking(False)
                 self._admit(conn, clients)
@@ -233,8 +239,11 @@ class Broker:
                     return  # gone before we could ask the kernel who it was
                 limit = self.config.max_connections_per_user
                 if self.per_uid[peer.uid] >= limit:
-                    self._refuse_busy(conn, f"uid {peer.uid} already has {limit} connections "
-                                            "to the broker, its limit; retry shortly")  # fmt: skip
+                    self._refuse_busy(
+                        conn,
+                        f"uid {peer.uid} already has {limit} connections to the broker, its "
+                        f"limit (max_connections_per_user in {self.policy.source}); retry shortly",
+                    )
                     return
                 self.per_uid[peer.uid] += 1
                 try:
@@ -263,14 +272,17 @@ class Broker:
             hit = await trio.to_thread.run_sync(
                 UserDatabase.query, peer.uid, limiter=self.lookups, abandon_on_cancel=True
             )
-            self.users.store(peer.uid, hit)
         if hit is None:
+            # Remembered like an answer, so that the next clients of this uid do not
+            # each wait (and log) again: uid and unit rules still hold meanwhile.
+            hit = (None, frozenset())
             self.audit.log(
                 "warning",
-                f"the user database did not answer for uid {peer.uid} in time; going on "
-                "without its user name and groups",
+                f"the user database did not answer for uid {peer.uid} within "
+                f"{self.config.client_timeout:g}s; going on without its user name and "
+                f"groups for {USER_CACHE_SECONDS:g}s (check NSS: sssd, LDAP, nscd)",
             )
-            return peer
+        self.users.store(peer.uid, hit)
         return peer.with_user(*hit)
 
     async def _converse(self, conn: socket.socket, peer: Peer) -> None:
@@ -295,6 +307,7 @@ class Broker:
                         return
                     request = parse_request(line)
                 except ProtocolError as e:
+                    reading = False  # one refusal: not a timeout too if this one is slow
                     await self._protocol_error(conn, peer, e)
                     return
                 reading = False
@@ -386,6 +399,7 @@ class Broker:
                 f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request: "
                 "ask for fewer names at a time"
             )
+            self._record(False, peer, ",".join(request.names), message, Code.TOO_LARGE)
             return Refusal(Code.TOO_LARGE, message), [], []
         return Granted(tuple(infos)), fds, reasons
 
@@ -525,7 +539,7 @@ async def _read_line(conn: socket.socket, buffer: LineBuffer) -> bytes | None:
         except BlockingIOError:
             await trio.lowlevel.wait_readable(conn)
             continue
-        except (ConnectionResetError, BrokenPipeError):
+        except OSError:  # ECONNRESET and the like: the peer is gone, as at EOF
             return None
         if not data:
             return None  # a half-sent request at EOF is dropped: nobody to answer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import grp
 import io
 import itertools
 import json
@@ -28,6 +29,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -984,6 +986,11 @@ async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: 
             await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
             assert served.broker.refusals == {"too-large": 1}
             assert served.broker.grants == {"most": 1}
+            # Audited like every refusal of an acquire.
+            assert [(e["decision"], e["socket"]) for e in served.broker.recent] == [
+                ("grant", "most"),
+                ("deny", "most,one"),
+            ]
 
 
 class ExplodingPolicy(Policy):
@@ -1037,11 +1044,78 @@ async def test_out_of_fds_the_broker_pauses_accepting_then_serves(
             assert (await wire.request(LIST))["ok"] is True
             assert served.broker.connections == 1
     log = capsys.readouterr().err
-    assert audit_lines(log, "port-broker: warning: accept:") == [
-        "port-broker: warning: accept: Too many open files; retrying every 0.1s"
+    assert audit_lines(log, "port-broker: warning: accept") == [
+        "port-broker: warning: accept on the control socket: Too many open files; retrying "
+        "every 0.1s (raise LimitNOFILE= or lower max_connections)"
     ]  # once, not at each of the ten retries
-    (resumed,) = audit_lines(log, "port-broker: notice: accept:")
-    assert re.fullmatch(r"port-broker: notice: accept: accepting again after 1\.\ds", resumed)
+    (resumed,) = audit_lines(log, "port-broker: notice: accept")
+    assert re.fullmatch(
+        r"port-broker: notice: accept on the control socket: accepting again after 1\.\ds",
+        resumed,
+    )
+
+
+@pytest.mark.needs_root
+async def test_a_group_the_kernel_alone_knows_of_counts(rundir: Path, launcher: Path) -> None:
+    # nobody is in no group of the user database; only the kernel (SO_PEERGROUPS) knows
+    # that this process of it was started with adm among its supplementary groups.
+    adm = grp.getgrnam("adm")
+    assert "nobody" not in adm.gr_mem
+    site = launcher.parent.parent / "site"
+    script = f"""
+import sys
+sys.path.insert(0, {str(site)!r})
+from broker import client
+print(",".join(s.name for s in client.list_sockets(path=sys.argv[1])))
+"""
+    rules = {"http": Rule(gids=frozenset({adm.gr_gid}))}
+    async with running_broker(rundir, rules=rules) as served:
+        listed = {}
+        for groups in [(adm.gr_gid,), ()]:
+            with trio.fail_after(START_TIMEOUT):
+                done = await trio.run_process(
+                    [*as_user(NOBODY, groups=groups), SYSTEM_PYTHON, "-I", "-c", script,
+                     served.path],
+                    capture_stdout=True, capture_stderr=True, check=False,
+                )  # fmt: skip
+            assert done.returncode == 0, done.stderr.decode()
+            listed[groups] = done.stdout.decode().strip()
+    assert listed == {(adm.gr_gid,): "http", (): ""}
+
+
+async def test_a_user_database_that_does_not_answer_delays_one_client_not_each(
+    rundir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NSS that hangs (an unreachable LDAP server) is not something a test can make. Real
+    # time: a MockClock does not jump while a thread runs.
+    release = threading.Event()
+    asked = []
+
+    def hangs(uid: int) -> tuple[str | None, frozenset[int]]:
+        asked.append(uid)
+        release.wait(START_TIMEOUT)
+        return "late", frozenset()
+
+    timeout = 0.5
+    try:
+        async with running_broker(rundir, client_timeout=timeout) as served:
+            monkeypatch.setattr(UserDatabase, "query", staticmethod(hangs))
+            served.broker.users = UserDatabase()  # forget this process's uid
+            start = trio.current_time()
+            for _ in range(3):
+                ask = client.acquire_trio("http", path=served.path, timeout=START_TIMEOUT)
+                with await ask:  # granted by a uid rule, names or not
+                    pass
+            assert trio.current_time() - start >= timeout  # the first one waited
+    finally:
+        release.set()
+    assert asked == [UID]  # once: the two after it were not kept waiting
+    (warning,) = audit_lines(capsys.readouterr().err, "port-broker: warning:")
+    assert warning == (
+        f"port-broker: warning: the user database did not answer for uid {UID} within "
+        f"{timeout:g}s; going on without its user name and groups for 5s (check NSS: "
+        "sssd, LDAP, nscd)"
+    )
 
 
 @pytest.mark.needs_root
@@ -1262,7 +1336,8 @@ async def test_one_uid_cannot_take_every_connection(rundir: Path) -> None:
                 assert fds == []
                 assert reply["code"] == "busy"
                 assert reply["message"] == (
-                    f"uid {UID} already has 2 connections to the broker, its limit; retry shortly"
+                    f"uid {UID} already has 2 connections to the broker, its limit "
+                    f"(max_connections_per_user in {CONFIG_PATH}); retry shortly"
                 )
             assert (await first.request(LIST))["ok"] is True
         await trio.testing.wait_all_tasks_blocked()
