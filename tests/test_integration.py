@@ -119,7 +119,7 @@ def test_node_worker_serves_port_80_through_exec(
     assert b"LISTEN_FDS=1" in env
     assert b"LISTEN_FDNAMES=http" in env
     assert f"LISTEN_PID={worker.pid}".encode() in env
-    # The broker itself never accepts: the connection went to the worker.
+    # The socket came from the broker (the answer above is the worker's own).
     assert "granted socket 'http' to user nobody" in broker.output()
 
 

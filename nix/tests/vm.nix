@@ -73,8 +73,10 @@ pkgs.testers.runNixOSTest {
         server.succeed("port-broker check-config /etc/port-broker/broker.toml")
 
     with subtest("alice cannot bind port 80 herself"):
-        server.fail("runuser -u alice -- ${pkgs.nodejs}/bin/node -e "
-                    "'require(\"net\").createServer().listen(80)'")
+        # EACCES, not EADDRINUSE: the kernel checks the privilege before the port.
+        denied = server.fail("runuser -u alice -- ${pkgs.nodejs}/bin/node -e "
+                             "'require(\"net\").createServer().listen(80)' 2>&1")
+        assert "EACCES" in denied, denied
 
     with subtest("alice's Node server answers on port 80, with no capability"):
         answer = server.wait_until_succeeds("curl -sSf --max-time 5 http://localhost/")
