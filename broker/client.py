@@ -67,6 +67,7 @@ Grant = tuple[str, socket.socket]
 """A granted socket with its name."""
 
 ReplyT = TypeVar("ReplyT", Listing, StatusReport)
+SocketT = TypeVar("SocketT", socket.socket, "trio.socket.SocketType")
 
 
 def socket_path(path: str | None = None) -> str:
@@ -136,8 +137,7 @@ class _ReplyReader:
         return reply, self.fds
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+        _close_all(self.fds)
         self.fds = []
 
 
@@ -281,7 +281,7 @@ def acquire(
     return _single(name, acquire_many([name], path=path, timeout=timeout))
 
 
-def _single(name: str, grants: list[Grant]) -> socket.socket:
+def _single(name: str, grants: list[tuple[str, SocketT]]) -> SocketT:
     if len(grants) != 1:
         for _, sock in grants:
             sock.close()
@@ -387,7 +387,4 @@ async def acquire_trio(
     Raises:
         As `acquire`.
     """
-    import trio  # noqa: PLC0415
-
-    reply, fds = await _exchange_trio(Acquire((name,)), path, timeout)
-    return trio.socket.from_stdlib_socket(_single(name, _granted(reply, fds, socket_path(path))))
+    return _single(name, await acquire_many_trio([name], path=path, timeout=timeout))

@@ -72,6 +72,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, NoReturn
 
 from broker import seccomp
+from broker.activation import format_address
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.seccomp import check_supported
 
@@ -159,8 +160,7 @@ def _parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
 
 
 def _format_address(family: int, ip: bytes, port: int) -> str:
-    text = socket.inet_ntop(family, ip)
-    return f"[{text}]:{port}" if family == socket.AF_INET6 else f"{text}:{port}"
+    return format_address(family, (socket.inet_ntop(family, ip), port))
 
 
 def _decide(candidates: Sequence[_Endpoint], want: _Endpoint, who: str) -> _Decision:

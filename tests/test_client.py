@@ -190,14 +190,19 @@ def refusal_with_fds(conn: socket.socket) -> None:
 
 
 def pipe_as_socket(conn: socket.socket) -> None:
+    """A grant of a real socket, then a pipe where the second socket should be."""
     read_end, write_end = os.pipe()
     try:
-        body = line(
-            ok=True,
-            op="acquire",
-            sockets=[{"name": "http", "family": "inet", "type": "stream", "address": ":80"}],
-        )
-        send_fds(conn, body, [read_end])
+        with tcp_listener() as real:
+            body = line(
+                ok=True,
+                op="acquire",
+                sockets=[
+                    entry("http", real),
+                    {"name": "http", "family": "inet", "type": "stream", "address": ":80"},
+                ],
+            )
+            send_fds(conn, body, [real.fileno(), read_end])
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -499,6 +504,24 @@ async def test_a_peer_that_never_answers_times_out_sync(rundir: Path) -> None:
     path = rundir / "peer.sock"
     with no_fd_left(), ScriptedPeer(path, never_answers), pytest.raises(BrokerUnavailable) as e:
         await acquire("sync", "http", str(path), timeout=SHORT_TIMEOUT)
+    assert e.value.message == f"{path}: the broker did not answer within {SHORT_TIMEOUT:g} s"
+
+
+def trickles(conn: socket.socket) -> None:
+    """A valid reply, one byte at a time, each well within the client's timeout."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+        for byte in line(ok=False, code="denied", message="no"):
+            conn.send(bytes([byte]))
+            time.sleep(SHORT_TIMEOUT / 4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_the_timeout_bounds_the_whole_exchange_not_each_read(
+    rundir: Path, variant: Variant
+) -> None:
+    path = rundir / "peer.sock"
+    with no_fd_left(), ScriptedPeer(path, trickles), pytest.raises(BrokerUnavailable) as e:
+        await acquire(variant, "http", str(path), timeout=SHORT_TIMEOUT)
     assert e.value.message == f"{path}: the broker did not answer within {SHORT_TIMEOUT:g} s"
 
 
