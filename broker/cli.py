@@ -440,7 +440,10 @@ def _parser() -> argparse.ArgumentParser:
         "as systemd does. Node: server.listen({fd: 3}). With --intercept, COMMAND "
         "needs to know nothing: it calls bind() as usual and gets the held socket.",
         epilog="examples: port-broker exec http,https -- node server.js\n"
-        "          port-broker exec --intercept https -- npx vite --host --port 443",
+        "          port-broker exec --intercept https -- npx vite --host --port 443\n\n"
+        "exit status: COMMAND's own once it runs; before that 2 usage error, 66 unknown "
+        "socket,\n69 broker unavailable, 77 access denied, 1 other refusal, 126/127 "
+        "COMMAND cannot be run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     client_options(run)
@@ -467,12 +470,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_exec)
 
-    lister = commands.add_parser("list", help="show the sockets you may acquire")
+    lister = commands.add_parser(
+        "list",
+        help="show the sockets you may acquire",
+        description="Show the sockets the broker would give you (your uid, groups and "
+        "unit, as the kernel reports them): name, protocol and address.",
+    )
     client_options(lister)
     lister.add_argument("--json", action="store_true", help="print JSON")
     lister.set_defaults(func=cmd_list)
 
-    stat = commands.add_parser("status", help="show what the broker holds and has granted")
+    stat = commands.add_parser(
+        "status",
+        help="show what the broker holds and has granted",
+        description="Show the broker's state: its sockets, grants and denials per socket, "
+        "connections, and recent decisions. Allowed by [status] in the configuration "
+        "(default: root only).",
+    )
     client_options(stat)
     stat.add_argument("--json", action="store_true", help="print the full report as JSON")
     stat.set_defaults(func=cmd_status)
@@ -481,10 +495,11 @@ def _parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a configuration file",
         description="Validate FILE (default: $PORT_BROKER_CONFIG, "
-        "else /etc/port-broker/broker.toml) without "
-        "serving; users and groups must exist here.",
+        "else /etc/port-broker/broker.toml) as `serve` would, PORT_BROKER_* overrides "
+        "included, without serving; users and groups must exist here. Exit status 78 "
+        "if it is invalid.",
     )
-    check.add_argument("file", nargs="?", metavar="FILE")
+    check.add_argument("file", nargs="?", metavar="FILE", help="the TOML policy file")
     check.set_defaults(func=cmd_check_config)
 
     serve = commands.add_parser(
@@ -506,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=ADDRESS",
         help="bind a socket here: http=[::]:80, http=0.0.0.0:80, http=80, "
-        "quic=udp:[::]:443 (repeatable)",
+        "quic=udp:[::]:443, api=/run/api.sock, api=@abstract-name (repeatable)",
     )
     serve.add_argument(
         "--control", metavar="PATH", help="bind the control socket here (with --bind)"
