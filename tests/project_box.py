@@ -12,14 +12,10 @@ import contextlib
 import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Final
 
 import pytest
 from box import Box, box_unavailable_reason
-from support import ROOT
-
-REQUEST_TIMEOUT: Final = 10
-"""Seconds for one curl inside the box; a request takes milliseconds."""
+from support import REQUEST_TIMEOUT, ROOT
 
 
 @contextlib.contextmanager

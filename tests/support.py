@@ -155,6 +155,18 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def interception_unsupported() -> str | None:
+    """Why this kernel or machine cannot run `exec --intercept`, or None if it can."""
+    from broker.errors import InterceptUnsupported  # noqa: PLC0415
+    from broker.seccomp import check_supported  # noqa: PLC0415
+
+    try:
+        check_supported()
+    except InterceptUnsupported as exc:
+        return str(exc)
+    return None
+
+
 def open_fds() -> list[int]:
     """This process's open fds, in order."""
     found = []

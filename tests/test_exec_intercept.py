@@ -26,12 +26,11 @@ from support import (
     Processes,
     as_user,
     http_get,
+    interception_unsupported,
     proc_status,
     start_broker,
     wait_for,
 )
-
-from broker.seccomp import check_supported
 
 POLICY: Final = '[sockets.http]\nusers = ["nobody"]\n'
 
@@ -58,15 +57,7 @@ os.wait()
 """
 
 
-def _unsupported() -> str | None:
-    try:
-        check_supported()
-    except Exception as e:  # InterceptUnsupported: the message says why
-        return str(e)
-    return None
-
-
-_REASON = _unsupported()
+_REASON = interception_unsupported()
 pytestmark = [
     pytest.mark.needs_root,
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),

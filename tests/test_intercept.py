@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import NOBODY, ROOT, SYSTEM_PYTHON, interception_unsupported
 
 from broker import intercept, seccomp
 from broker.intercept import (
@@ -49,8 +50,6 @@ from broker.intercept import (
     _Refuse,
 )
 
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"
 NODE = "/usr/bin/node"
 BUSYBOX = "/bin/busybox"
 HOLDER_BACKLOG = 4096
@@ -67,19 +66,10 @@ QUIET_PERIOD = 1.0
 """Seconds a target waits for a duplicate signal that must not come. A duplicate would
 follow within microseconds; waiting longer only makes a missed duplicate less likely."""
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "broker"
 
 
-def _interception_available() -> str | None:
-    try:
-        intercept.check_supported()
-    except InterceptUnsupported as exc:
-        return str(exc)
-    return None
-
-
-UNSUPPORTED = _interception_available()
+UNSUPPORTED = interception_unsupported()
 needs_kernel = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"{UNSUPPORTED}")
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or UNSUPPORTED is not None,

@@ -19,7 +19,8 @@ from typing import Any, Final
 
 import pytest
 from box import Box
-from project_box import REQUEST_TIMEOUT, configure, curl, installed_box, show, start_sockets, uid
+from project_box import configure, curl, installed_box, show, start_sockets, uid
+from support import REQUEST_TIMEOUT
 
 pytestmark = pytest.mark.needs_root
 
