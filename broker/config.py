@@ -54,7 +54,7 @@ class Config:
     policy: Policy
     max_connections: int
     client_timeout: float
-    max_connections_per_user: int = 64
+    max_connections_per_user: int
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-able form; `from_json` turns it back into an equal Config."""

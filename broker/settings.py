@@ -48,13 +48,14 @@ from pydantic_settings import (
 )
 
 from broker import config
+from broker.client import SOCKET_ENV
 from broker.config import PATH_ENV, Config
 from broker.errors import ConfigError
 from broker.policy import Policy, Rule
 from broker.protocol import CONTROL_NAME, valid_name
 
 ENV_PREFIX: Final = "PORT_BROKER_"
-CLIENT_ENV: Final = frozenset({"PORT_BROKER_SOCKET", PATH_ENV})
+CLIENT_ENV: Final = frozenset({SOCKET_ENV, PATH_ENV})
 """Variables with our prefix that are not settings (read elsewhere, so allowed)."""
 
 MAX_ID: Final = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
