@@ -17,7 +17,6 @@ included), so the broker only holds it and passes it on.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import pwd
@@ -27,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from broker import seccomp
 from broker.errors import IntakeError, PrivilegeError
 from broker.protocol import CONTROL_NAME, SocketInfo, valid_name
 
@@ -43,7 +43,6 @@ _FAMILIES: Final[dict[int, str]] = {
 }
 _TYPES: Final[dict[int, str]] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
 
-_PR_SET_NO_NEW_PRIVS: Final = 38
 _CAPABILITY_FIELDS: Final = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 
 
@@ -425,9 +424,10 @@ def drop_privileges(user: str) -> pwd.struct_passwd:
         os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
     except OSError as e:
         raise PrivilegeError(f"--user {user}: cannot change to it: {e.strerror}") from None
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise PrivilegeError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+    try:
+        seccomp.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)  # full-width arguments, as it insists
+    except OSError as e:
+        raise PrivilegeError(f"cannot set no_new_privs: {e.strerror}") from None
     left = {k: v for k, v in capabilities().items() if v}
     if left:
         raise PrivilegeError(f"capabilities remain after changing to {user}: {left}")
