@@ -74,8 +74,10 @@ class Peer:
             database.
         unit: The systemd unit (service or scope) the process ran in, or None.
         cgroup: The process's cgroup path, or None if it could not be read safely.
-        mapped: False if the peer's uid or gid has no mapping in the broker's user
-            namespace: the kernel then shows the overflow id, which identifies nobody.
+        mapped: False if the peer's uid has no mapping in the broker's user namespace:
+            the kernel then shows the overflow uid, which identifies nobody.
+        gid_mapped: The same for its gid. Supplementary groups that have no mapping
+            show as the overflow gid, and are left out of `groups`.
     """
 
     pid: int
@@ -86,6 +88,7 @@ class Peer:
     unit: str | None = None
     cgroup: str | None = None
     mapped: bool = True
+    gid_mapped: bool = True
 
     def describe(self) -> str:
         """Return a short human description: 'user nobody (uid 65534, pid 7, unit x)'."""
@@ -98,7 +101,7 @@ class Peer:
     def with_user(self, name: str | None, groups: frozenset[int]) -> Peer:
         """Return this peer with its user-database name and groups added."""
         return Peer(self.pid, self.uid, self.gid, name, self.groups | groups, self.unit,
-                    self.cgroup, self.mapped)  # fmt: skip
+                    self.cgroup, self.mapped, self.gid_mapped)  # fmt: skip
 
 
 def unit_from_cgroup(path: str) -> str | None:
@@ -273,10 +276,12 @@ def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> 
         raise OSError(errno.ENOTCONN, "no peer credentials: not a connected Unix socket")
     unit, cgroup = _unit_and_cgroup(sock, pid)
     overflow = overflow_ids()
-    mapped = overflow is None or (uid != overflow[0] and gid != overflow[1])
-    supplementary = _peer_groups(sock) if groups else frozenset()
-    return Peer(pid=pid, uid=uid, gid=gid, groups=supplementary | {gid}, unit=unit,
-                cgroup=cgroup, mapped=mapped)  # fmt: skip
+    kernel_groups = (_peer_groups(sock) if groups else frozenset()) | {gid}
+    if overflow is not None:  # an unmapped id shows as the overflow id: it names no one
+        kernel_groups -= {overflow[1]}
+    return Peer(pid=pid, uid=uid, gid=gid, groups=kernel_groups, unit=unit, cgroup=cgroup,
+                mapped=overflow is None or uid != overflow[0],
+                gid_mapped=overflow is None or gid != overflow[1])  # fmt: skip
 
 
 def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:

@@ -26,9 +26,11 @@ class Rule:
             and its user's groups in the user database).
         units: Allowed systemd units, exact names or fnmatch patterns.
 
-    A peer whose ids the kernel could not map into the broker's user namespace
-    (`Peer.mapped` false) matches no uid or gid: its overflow id names nobody in
-    particular. Its unit, read from its cgroup, still counts.
+    A peer whose uid the kernel could not map into the broker's user namespace
+    (`Peer.mapped` false) matches no uid or gid: its overflow uid names nobody in
+    particular, nor do the groups the user database gives that uid. Its unit, read
+    from its cgroup, still counts. An unmapped gid alone (`Peer.gid_mapped` false)
+    just does not count as a group.
     """
 
     uids: frozenset[int] = field(default_factory=frozenset)
@@ -40,7 +42,7 @@ class Rule:
         if peer.mapped:
             if peer.uid in self.uids:
                 return f"uid {peer.uid} is in users"
-            common = self.gids & (peer.groups | {peer.gid})
+            common = self.gids & (peer.groups | {peer.gid} if peer.gid_mapped else peer.groups)
             if common:
                 return f"gid {min(common)} is in groups"
         if peer.unit is not None:
@@ -106,8 +108,8 @@ class Policy:
         reason = f"not in users, groups or units of {section} in {self.source}"
         if not peer.mapped:
             reason = (
-                f"its uid and gid are not mapped into the broker's user namespace (they "
-                f"show as the overflow ids), so only a units rule can name it; {reason}"
+                f"its uid is not mapped into the broker's user namespace (it shows as the "
+                f"overflow uid), so only a units rule can name it; {reason}"
             )
         return Decision(False, f"{peer.describe()} may not {what}: {reason}")
 

@@ -35,6 +35,7 @@ from broker.identity import (
     peer_credentials,
     unit_from_cgroup,
 )
+from broker.policy import Rule
 
 WWW_DATA: Final = pwd.getpwnam("www-data")
 NOGROUP: Final = grp.getgrnam("nogroup").gr_gid
@@ -606,3 +607,28 @@ def test_a_peer_whose_ids_are_not_mapped_into_our_user_namespace_is_not_mapped()
     here, there = socket.socketpair()
     with here, there:
         assert peer_credentials(here).mapped  # in the initial user namespace, it is
+
+
+@pytest.mark.needs_root
+def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid() -> None:
+    # A user namespace that maps root's uid (its own, allowed without privilege in the
+    # parent) but no gid: the peer, root, shows as uid 0 and gid 65534.
+    a, b = socket.socketpair()
+
+    def look() -> dict[str, object]:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+        Path("/proc/self/uid_map").write_text("0 0 1\n")
+        overflow_ids.cache_clear()
+        peer = peer_credentials(b)
+        return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
+                "gid_mapped": peer.gid_mapped, "groups": sorted(peer.groups),
+                "by_uid": Rule(uids=frozenset({0})).match(peer),
+                "by_overflow_gid": Rule(gids=frozenset({65534})).match(peer)}  # fmt: skip
+
+    with a, b:
+        seen = support.run_in_child(look)
+    assert seen == {"result": {"uid": 0, "gid": 65534, "mapped": True, "gid_mapped": False,
+                               "groups": [], "by_uid": "uid 0 is in users",
+                               "by_overflow_gid": None}}  # fmt: skip
