@@ -89,18 +89,22 @@ def _where(path: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "broker" else parts[0]
 
 
+_IDLE_WORKER: Final = ("trio", "_work")
+"""The innermost Python frame of a trio thread-pool worker waiting for a job (a user
+database lookup runs deeper: `broker.identity.UserDatabase.query`)."""
+
+
 def summarize_collapsed(lines: Iterable[str]) -> str:
     """Summarise py-spy's collapsed stacks ('frame;frame;… count' per line)."""
     leaf: Counter[str] = Counter()
     module: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in lines:
         stack, _, count_text = line.rstrip("\n").rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
         names = []
         for frame in stack.split(";"):
             found = _FRAME.match(frame)
@@ -109,6 +113,10 @@ def summarize_collapsed(lines: Iterable[str]) -> str:
         if not names:
             continue
         function, where = names[-1]
+        if (where, function.rpartition(".")[2]) == _IDLE_WORKER:
+            idle += count
+            continue
+        total += count
         leaf[f"{where}.{function}"] += count
         module[where] += count
         for function, where in set(names):
@@ -123,7 +131,8 @@ def summarize_collapsed(lines: Iterable[str]) -> str:
 
     return "\n".join(
         [
-            f"{total} busy samples of the broker",
+            f"{total} busy samples of the broker ({idle} of idle trio worker threads left "
+            "out: py-spy cannot tell a paused process's idle threads from busy ones)",
             "",
             "by module (innermost Python frame):",
             *top(module),
