@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-# matplotlib comes with bench/requirements.txt, which .ci/setup does not install: where
-# it is missing, mypy checks this module against Any rather than failing the whole run.
+# matplotlib comes with the bench lock (.ci/requirements/bench.txt), which .ci/setup does
+# not install: where it is missing, mypy checks this module against Any rather than
+# failing the whole run.
 import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 from matplotlib.axes import Axes  # type: ignore[import-not-found, unused-ignore]
 from matplotlib.ticker import FuncFormatter  # type: ignore[import-not-found, unused-ignore]

@@ -228,7 +228,7 @@ def datapath_profile(stage: Stage, missed: list[str]) -> str:
 
 
 def py_spy() -> str | None:
-    """The py-spy beside this interpreter (bench/requirements.txt), or on PATH."""
+    """The py-spy beside this interpreter (.ci/requirements/bench.txt), or on PATH."""
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
@@ -237,7 +237,7 @@ def handoff_profile(stage: Stage) -> str:
     """py-spy on the broker under a 64-client load."""
     spy = py_spy()
     if spy is None:
-        return "py-spy is not installed (bench/requirements.txt): no profile"
+        return "py-spy is not installed (bench/run installs .ci/requirements/bench.txt): no profile"
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as output:
         argv = [spy, "record", "--pid", str(stage.main_broker.pid)]
         argv += ["--duration", f"{PROFILE_SECONDS:g}", "--rate", str(PROFILE_RATE)]

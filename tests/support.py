@@ -3,9 +3,10 @@
 - `enter_private_network()` moves the test session into a network namespace of its own
   (loopback only), so tests can use ports 80 and 443 without touching the host's.
 - `build_runtime()` lays out a world-readable copy of the working tree's `broker`
-  package and its runtime dependencies with a `bin/port-broker` that runs on Debian's
-  /usr/bin/python3: unprivileged workers and brokers cannot read a checkout or venv
-  under /root, and the interpreter first on PATH may be private too.
+  package and its runtime dependencies (as locked: .ci/setup installs
+  .ci/requirements/runtime.txt into .venv/runtime) with a `bin/port-broker` that runs on
+  Debian's /usr/bin/python3: unprivileged workers and brokers cannot read a checkout or
+  venv under /root, and the interpreter first on PATH may be private too.
 - `as_user()` prefixes a command so it runs as a given uid with no capabilities.
 - `BrokerProcess` is a broker started by the real `systemd-socket-activate`.
 
@@ -18,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
-import importlib.metadata
 import inspect
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -34,8 +33,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
-
-from packaging.requirements import Requirement
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON: Final = "/usr/bin/python3"
@@ -84,39 +81,34 @@ sys.exit(main())
 """
 
 
-def _runtime_distributions() -> list[importlib.metadata.Distribution]:
-    """port-broker's runtime dependencies, transitively (not port-broker itself)."""
-    found: dict[str, importlib.metadata.Distribution] = {}
-    todo = [Requirement(r) for r in importlib.metadata.requires("port-broker") or []]
-    while todo:
-        requirement = todo.pop()
-        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        key = re.sub(r"[-_.]+", "-", requirement.name).lower()
-        if key in found:
-            continue
-        dist = importlib.metadata.distribution(requirement.name)
-        found[key] = dist
-        todo += [Requirement(r) for r in dist.requires or []]
-    return list(found.values())
+RUNTIME_DEPENDENCIES: Final = ROOT / ".venv" / "runtime"
+"""port-broker's runtime dependencies and nothing else, installed from the lock
+(.ci/requirements/runtime.txt) by .ci/setup with `pip install --target`."""
 
 
 def build_runtime(dest: Path) -> Path:
-    """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker."""
+    """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker.
+
+    The dependencies are copied whole from RUNTIME_DEPENDENCIES, whatever their metadata
+    says; `broker` comes from the working tree.
+
+    Raises:
+        RuntimeError: if .ci/setup has not installed RUNTIME_DEPENDENCIES.
+    """
+    if not (RUNTIME_DEPENDENCIES / "trio").is_dir():
+        raise RuntimeError(
+            f"{RUNTIME_DEPENDENCIES} holds no runtime dependencies: run .ci/setup, which "
+            "installs .ci/requirements/runtime.txt there"
+        )
     site = dest / "site"
+    shutil.copytree(RUNTIME_DEPENDENCIES, site, symlinks=True)  # byte-compiled by pip
     shutil.copytree(ROOT / "broker", site / "broker", ignore=shutil.ignore_patterns("__pycache__"))
-    for dist in _runtime_distributions():
-        for file in dist.files or []:
-            if file.parts[0] == ".." or "__pycache__" in file.parts:
-                continue
-            target = site / file
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(str(dist.locate_file(file))), target)
     launcher = dest / "bin" / "port-broker"
     launcher.parent.mkdir(parents=True)
     launcher.write_text(_LAUNCHER)
     for path in [dest, *dest.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() or path == launcher else 0o644)
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or path == launcher else 0o644)
     return launcher
 
 
