@@ -288,7 +288,7 @@ class BindSpec:
         return cls(name, family, type_, (host, port))
 
     def bind(self, *, v6only: bool = False) -> socket.socket:
-        """Create, bind and (for streams) listen, as systemd would.
+        """Create, bind and (for streams) listen, as systemd would; non-blocking.
 
         Args:
             v6only: For IPv6, accept IPv6 only (else IPv4 too, like systemd's default).
@@ -305,6 +305,9 @@ class BindSpec:
             sock.bind(self.address)
             if self.type == socket.SOCK_STREAM:
                 sock.listen(BACKLOG)
+            # As the shipped unit's NonBlocking=yes: workers get non-blocking sockets
+            # either way (O_NONBLOCK is shared by every holder; see port-broker.service).
+            sock.setblocking(False)
         except OSError as e:
             sock.close()
             shown = format_address(self.family, self.address)

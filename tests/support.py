@@ -293,10 +293,19 @@ class Processes:
     started: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(
-        self, argv: Sequence[str], *, log: IO[str] | None = None, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        log: IO[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | Path = "/",
     ) -> subprocess.Popen[str]:
+        """Start `argv` in `cwd`: by default /, not the test's working directory, which
+        may be a checkout that the other users the tests run as cannot enter (a mode-0700
+        home): a program serving its working directory would answer 404 there."""
         proc = subprocess.Popen(
             list(argv),
+            cwd=cwd,
             stdout=log or subprocess.PIPE,
             stderr=subprocess.STDOUT if log else subprocess.PIPE,
             text=True,

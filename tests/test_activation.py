@@ -9,6 +9,7 @@ every fd open and ours. `from_systemd` runs under the real `systemd-socket-activ
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pwd
@@ -496,6 +497,8 @@ def test_bind_all_binds_every_kind_and_the_control_socket(tmp_path: Path) -> Non
             "web": [SocketInfo("web", "unix", "stream", str(tmp_path / "web.sock"))],
         }
         assert stat.S_IMODE(control_path.stat().st_mode) == CONTROL_MODE == 0o666
+        for held in (h for hs in intake.held.values() for h in hs):  # as NonBlocking=yes
+            assert fcntl.fcntl(held.sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK, held.info
         for held in intake.held["http"]:
             host = "::1" if held.info.family == "inet6" else "127.0.0.1"
             with socket.create_connection((host, port)):

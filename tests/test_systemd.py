@@ -33,14 +33,42 @@ implies a read-only rtc device ACL."""
 
 WORKER_UNIT: Final = """\
 [Unit]
-Description=Node worker on port 80 through port-broker
+Description=A worker on port 80 through port-broker
 
 [Service]
 User={user}
-ExecStart=/usr/local/bin/port-broker exec http -- /usr/bin/node /srv/hello.js
+ExecStart=/usr/local/bin/port-broker exec http -- {program}
 CapabilityBoundingSet=
 AmbientCapabilities=
 NoNewPrivileges=yes
+"""
+
+NODE_WORKER: Final = "/usr/bin/node /srv/hello.js"
+"""Debian's Node (18 on Debian 12, 20 on Debian 13) with docs/examples/hello.js."""
+
+ASYNCIO_WORKER: Final = "/usr/bin/python3 /srv/hello_asyncio.py"
+
+ASYNCIO_HELLO: Final = """\
+# hello.js in asyncio (uvicorn's and aiohttp's loop). asyncio, like Node 18's libuv,
+# accepts until EAGAIN on each wake-up: on a listening socket that is not O_NONBLOCK it
+# blocks in accept() and stops serving.
+import asyncio, os, socket
+
+async def answer(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    host, port = writer.get_extra_info("peername")[:2]
+    body = f"hello from asyncio: pid {os.getpid()}, uid {os.getuid()}, client {host}\\n"
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
+                 % len(body) + body.encode())
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, sock=socket.socket(fileno=3))
+    print("listening on fd 3", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
 """
 
 LOAD_SCRIPT: Final = """\
@@ -75,13 +103,17 @@ print(json.dumps({**counts, "pids": pids, "errors": errors[:5]}))
 @pytest.fixture
 def box(launcher: Path) -> Iterator[Box]:
     """A booted box with port-broker installed, users alice and bob, and /srv files."""
-    with installed_box(launcher, {"/srv/load.py": LOAD_SCRIPT}) as machine:
+    files = {"/srv/load.py": LOAD_SCRIPT, "/srv/hello_asyncio.py": ASYNCIO_HELLO}
+    with installed_box(launcher, files) as machine:
         yield machine
 
 
-def start_worker(box: Box, user: str = "alice", unit: str = "web.service") -> int:
-    """Start the Node worker as a service; return its main pid once it serves."""
-    box.install_unit(unit, WORKER_UNIT.format(user=user))
+def start_worker(
+    box: Box, user: str = "alice", unit: str = "web.service", program: str = NODE_WORKER
+) -> int:
+    """Start a worker (Node's hello.js by default) as a service; return its main pid once
+    it serves."""
+    box.install_unit(unit, WORKER_UNIT.format(user=user, program=program))
     box.run(["systemctl", "start", unit])
     box.run(
         [
@@ -250,10 +282,18 @@ def test_hardening(box: Box) -> None:
     assert show(box, "port-broker.service", "RestrictAddressFamilies") == "AF_UNIX"
 
 
-def test_killing_the_broker_does_not_interrupt_a_serving_worker(box: Box) -> None:
+def nonblocking(box: Box, pid: int, fd: int) -> bool:
+    """Whether O_NONBLOCK is set on `fd` of `pid` (its open file description's flags)."""
+    fdinfo = box.read_file(f"/proc/{pid}/fdinfo/{fd}")
+    flags = next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("flags:"))
+    return bool(int(flags, 8) & 0o4000)
+
+
+@pytest.mark.parametrize("program", [NODE_WORKER, ASYNCIO_WORKER], ids=["node", "asyncio"])
+def test_killing_the_broker_does_not_interrupt_a_serving_worker(box: Box, program: str) -> None:
     configure(box, '[sockets.http]\nusers = ["alice"]\n')
     start_sockets(box)
-    worker = start_worker(box)
+    worker = start_worker(box, program=program)
     broker = int(show(box, "port-broker.service", "MainPID"))
 
     box.run(["systemctl", "kill", "-s", "KILL", "port-broker.service"])
@@ -268,12 +308,18 @@ def test_killing_the_broker_does_not_interrupt_a_serving_worker(box: Box) -> Non
         ],
         timeout=REQUEST_TIMEOUT,
     )
+    # systemd set the shared O_NONBLOCK as it started the new broker (NonBlocking=):
+    # cleared, Node 18 and asyncio would block in accept() after their next connection.
+    assert nonblocking(box, worker, 3)
+    for _ in range(3):
+        assert f"pid {worker}," in curl(box)
 
     again = box.run(
         ["port-broker", "exec", "http", "--", "readlink", "/proc/self/fd/3"], user="alice"
     )
     assert again.stdout.strip() == socket_inode(box, worker, 3)  # the very same socket
-    assert f"pid {worker}," in curl(box)
+    for _ in range(3):
+        assert f"pid {worker}," in curl(box)
 
 
 def test_restarting_a_worker_under_load_refuses_no_connection(box: Box) -> None:
