@@ -2,7 +2,12 @@
 
     import broker.client
     sock = broker.client.acquire("http")        # a listening socket.socket for :80
-    conn, peer = sock.accept()
+    ...                                         # e.g. asyncio.start_server(sock=sock)
+
+Under the shipped units the socket is non-blocking (O_NONBLOCK, shared by every process
+holding it; docs/protocol.md): wait until it is readable (selectors, asyncio, trio)
+before accept(), and expect BlockingIOError when another holder was quicker. Do not
+make it blocking: that would change it for every other worker too.
 
 Synchronous functions use only the standard library, so a worker's start-up stays
 cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`.

@@ -28,11 +28,15 @@ OTHER_UID: Final = 2_100_000
 """Host uid of root in container "other"."""
 
 UDP_ECHO: Final = """\
-import socket, sys
+import select, socket, sys
 sock = socket.socket(fileno=3)  # the datagram socket `port-broker exec quic` passed
 print(sock.family.name, sock.type.name, sock.getsockname()[1], flush=True)
 while True:
-    data, peer = sock.recvfrom(2048)
+    select.select([sock], [], [])  # non-blocking, as every socket handed over
+    try:
+        data, peer = sock.recvfrom(2048)
+    except BlockingIOError:  # another holder took it
+        continue
     sock.sendto(b"echo " + data + f" from {peer[0]}".encode(), peer)
 """
 
