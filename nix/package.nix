@@ -42,7 +42,7 @@ python3Packages.buildPythonApplication {
     python3Packages.pydantic-settings
   ];
 
-  # pyproject.toml's `test` extra, plus `packaging` (tests/support.py imports it).
+  # pyproject.toml's `test` extra.
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
     pytest-trio

@@ -300,7 +300,6 @@ def test_the_package_depends_on_what_pyproject_says() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     runtime = {python_attr(r) for r in project["project"]["dependencies"]}
     check = {python_attr(r) for r in project["project"]["optional-dependencies"]["test"]}
-    check.add("packaging")  # tests/support.py imports it
     build = {python_attr(r) for r in project["build-system"]["requires"]}
     # Exactly these attributes exist in the stand-in: package.nix may name no other.
     names = " ".join(sorted(runtime | check | build))
