@@ -515,12 +515,19 @@ def test_check_config(
         (["--user", "nobody"], "--user only applies with --bind/--control"),
         (["--bind", "http=127.0.0.1:8080"], "--bind needs --control PATH"),
         pytest.param(
-            ["--bind", "http=127.0.0.1:8080", "--control", "@port-broker-test"],
+            ["--bind", "http=127.0.0.1:8080", "--control", "control.sock"],
             "refusing to serve as root: pass --user NAME",
             marks=pytest.mark.needs_root,
         ),
         pytest.param(
-            ["--bind", "http=127.0.0.1:8080", "--control", "@pbtest", "--user", "pbtest-nobody"],
+            [
+                "--bind",
+                "http=127.0.0.1:8080",
+                "--control",
+                "control.sock",
+                "--user",
+                "pbtest-nobody",
+            ],
             "--user pbtest-nobody: no such user",
             marks=pytest.mark.needs_root,
         ),
@@ -544,6 +551,7 @@ def test_serve_refuses_to_start_wrongly(rundir: Path, args: list[str], message: 
         timeout=START_TIMEOUT,
         check=False,
         env=env,
+        cwd=rundir,  # --control control.sock: never a file in the checkout
     )
     assert done.returncode == 78
     assert done.stderr.startswith("port-broker serve: ")
