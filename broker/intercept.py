@@ -35,7 +35,9 @@ Known limits (see also the docstring of `run_intercepted`):
 - O_NONBLOCK belongs to the open file description, which the holder, we and every
   process given the same held socket share. We set it to what the program's own socket
   had just before injecting; two programs wanting different settings on one held socket
-  cannot both be satisfied (the last bind() wins, and we say so on stderr).
+  cannot both be satisfied (the last bind() wins, and we say so on stderr), and we say so
+  too when a blocking program makes a non-blocking held socket blocking (the shipped
+  units hand them over non-blocking).
 - io_uring's IORING_OP_BIND / IORING_OP_LISTEN (Linux 6.11+) do not pass through
   seccomp: such binds are not intercepted and fail as they would without us.
 - Only x86_64 tasks are intercepted. x32 syscalls (nr | 0x40000000; same bind/listen
@@ -619,6 +621,15 @@ class _Supervisor:
                 "flag, and the last one wins"
             )
             self.nonblock_given[held.inode] = wanted
+        elif not wanted and not os.get_blocking(held.sock.fileno()):
+            where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+            _say(
+                f"{who}'s own socket is blocking, so the socket held on {where} is made "
+                "blocking for it; every worker holding that socket shares the flag: one "
+                "that accepts until EAGAIN (Node, asyncio) stops answering, and a restart "
+                "of the broker (NonBlocking=yes in port-broker.service) makes it "
+                "non-blocking again under this program"
+            )
         os.set_blocking(held.sock.fileno(), not wanted)
 
     def _on_listen(self, n: _Notif) -> None:

@@ -374,9 +374,14 @@ def test_documented_split_sockets_serve_an_ipv4_program_through_intercept(box: B
     ]
     server = ["port-broker", "exec", "--intercept", "http", "--",
               "/usr/bin/python3", "-m", "http.server", "80", "--directory", "/srv"]  # fmt: skip
-    with subprocess.Popen(box.command(server, user="alice"), stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen(
+        box.command(server, user="alice"), stderr=subprocess.PIPE, text=True
+    ) as proc:
         try:
             assert "hello.js" in curl(box)  # a directory listing of /srv, over IPv4
         finally:
             box.run(["pkill", "-u", "alice", "-f", "http.server"])
             proc.wait(REQUEST_TIMEOUT)
+        assert proc.stderr is not None
+        # The units hand it over non-blocking; http.server's own socket is blocking.
+        assert "0.0.0.0:80 is made blocking for it" in proc.stderr.read()
