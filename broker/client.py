@@ -7,7 +7,8 @@
 Under the shipped units the socket is non-blocking (O_NONBLOCK, shared by every process
 holding it; docs/protocol.md): wait until it is readable (selectors, asyncio, trio)
 before accept(), and expect BlockingIOError when another holder was quicker. Do not
-make it blocking: that would change it for every other worker too.
+make it blocking: that would change it for every other worker too. (Python does not
+read the flag of an fd it is given: `getblocking()` says True regardless.)
 
 Synchronous functions use only the standard library, so a worker's start-up stays
 cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`.

@@ -75,8 +75,8 @@ def test_every_pin_is_exact_and_hashed(lock: str) -> None:
     [
         ("build", ["build"]),
         ("runtime", ["runtime"]),
-        ("dev", ["runtime", "test", "lint", "lock"]),
-        ("bench", ["runtime", "test", "lint", "lock", "bench"]),
+        ("dev", ["runtime", "test", "lint", "lock", "dev"]),
+        ("bench", ["runtime", "test", "lint", "lock", "dev", "bench"]),
     ],
 )
 def test_each_lock_holds_what_pyproject_asks_for(lock: str, wanted: list[str]) -> None:
@@ -100,6 +100,14 @@ def test_each_lock_holds_what_pyproject_asks_for(lock: str, wanted: list[str]) -
 def test_a_lock_keeps_the_versions_of_the_one_below(lower: str, upper: str) -> None:
     below, above = pins(lower), pins(upper)
     assert {name: above.get(name) for name in below} == below
+
+
+@pytest.mark.parametrize("lock", LAYERS[1:])
+def test_the_build_tools_are_the_same_in_every_lock(lock: str) -> None:
+    build, other = pins("build"), pins(lock)
+    assert {name: other[name] for name in build if name in other} == {
+        name: version for name, version in build.items() if name in other
+    }
 
 
 def test_the_runtime_is_the_runtime_lock_installed_from_wheels() -> None:
