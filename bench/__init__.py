@@ -9,11 +9,5 @@ Module map: `stage` (namespace, runtime, processes), `stats`, `datapath` (wrk ag
 five contenders), `handoff` (grants, the exec CLI, cold start), `handoff_client` (the
 trio load client, run as nobody), `restart` (worker restarts under load), `profiling`
 (what dominates a missed budget), `report` (budgets, Markdown, JSON), `chart`, `runner`.
+The processes, runtime and helpers are the tests' own (`tests.harness`).
 """
-
-import sys
-from pathlib import Path
-
-# tests/support.py is not a package module; bench reuses it (build_runtime, as_user,
-# Processes, …) rather than keeping a second copy.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from support import NOBODY, START_TIMEOUT, SYSTEM_PYTHON, as_user, fd_count, settled_fd_count
-
 from bench.stage import Stage, cpu_seconds, rss_kib
 from broker.client import acquire
+from tests.harness.processes import NOBODY, START_TIMEOUT, as_user, fd_count, settled_fd_count
+from tests.harness.runtime import SYSTEM_PYTHON
 
 CONCURRENCY: Final = (1, 64, 512)
 """Clients acquiring at once: alone, a busy host, and half the broker's default

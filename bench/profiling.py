@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
-from support import NOBODY, SYSTEM_PYTHON, as_user, proc_status
-
 from bench.datapath import CONTENDERS, Contender, wrk
 from bench.handoff import load_once
 from bench.report import Budget
 from bench.stage import Stage, cpu_seconds, wait_http
+from tests.harness.processes import NOBODY, as_user, proc_status
+from tests.harness.runtime import SYSTEM_PYTHON
 
 PROFILE_SECONDS: Final = 5.0
 """Load time under py-spy: ~1000 samples at PROFILE_RATE, plenty for a top-15."""

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from support import http_get
-
 from bench.datapath import BROKER_PORT, DIRECT_PORT
 from bench.stage import Stage, wait_http
 from bench.stats import percentile
+from tests.harness.processes import http_get
 
 LOAD_THREADS: Final = 4
 """Requests in flight at once, as a small site sees; threads, as each request blocks."""

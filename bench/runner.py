@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from support import enter_private_network
-
 from bench import datapath, handoff, profiling, report, restart
 from bench.stage import BENCH, Stage, open_stage, rss_kib
 from broker.errors import InterceptError
 from broker.seccomp import check_supported
+from tests.harness.processes import enter_private_network
 
 RESULTS: Final = BENCH / "results"
 SECTIONS: Final = ("datapath", "handoff", "restart")

@@ -22,21 +22,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from support import (
+from tests.harness.processes import (
     BROKER_UID,
     NOBODY,
     START_TIMEOUT,
-    SYSTEM_PYTHON,
     BrokerProcess,
     Processes,
     as_user,
-    build_runtime,
     http_get,
-    make_public_dir,
     proc_status,
     stop_process,
     wait_for,
 )
+from tests.harness.runtime import SYSTEM_PYTHON, build_runtime, make_public_dir
 
 BENCH: Final = Path(__file__).resolve().parent
 ROOT: Final = BENCH.parent

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from support import Processes, build_runtime, enter_private_network, make_public_dir
+
+from tests.harness.inprocess import public_dir
+from tests.harness.processes import Processes, enter_private_network
+from tests.harness.runtime import build_runtime, make_public_dir
 
 IS_ROOT = os.geteuid() == 0
 
@@ -65,6 +68,19 @@ def workdir(public_root: Path, request: pytest.FixtureRequest) -> Path:
     """A world-readable directory for one test (short: Unix socket paths end at 107
     bytes)."""
     return make_public_dir(public_root, request.node.name[5:45].replace("/", "_"))
+
+
+@pytest.fixture
+def rundir(public_root: Path) -> Path:
+    """A fresh world-readable directory with a short path, for one test."""
+    return public_dir(public_root)
+
+
+@pytest.fixture(autouse=True)
+def no_systemd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker must not talk to a systemd that happens to run these tests."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

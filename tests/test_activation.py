@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from support import Processes, run_in_child, wait_for
 
 from broker.activation import (
     CONTROL_MODE,
@@ -39,6 +38,7 @@ from broker.activation import (
 )
 from broker.errors import IntakeError, PrivilegeError
 from broker.protocol import SocketInfo
+from tests.harness.processes import Processes, run_in_child, wait_for
 
 CHILD_TIMEOUT: Final = 30.0
 """Seconds a forked child or systemd-socket-activate gets to report: they take well

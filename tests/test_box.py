@@ -1,4 +1,4 @@
-"""Smoke tests of the systemd test box (tests/box.py) against the real systemd.
+"""Smoke tests of the systemd test box (tests/harness/box.py) against the real systemd.
 
 One box serves the module; two tests boot their own to check start-up failure reporting
 and that stopping leaves nothing behind on the host.
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from box import (
+
+from tests.harness.box import (
     STAGING_PARENT,
     Box,
     BoxCommandError,
@@ -159,7 +160,7 @@ def test_files_before_boot_after_boot_and_copy_in(box: Box) -> None:
     box.write_file("/etc/smoke/hello.txt", "hello\n", mode=0o600, owner="nobody")
     assert box.read_file("/etc/smoke/hello.txt") == "hello\n"
     assert box.run(["stat", "-c", "%a %U", "/etc/smoke/hello.txt"]).stdout == "600 nobody\n"
-    here = Path(__file__).parent
+    here = Path(__file__).parent / "harness"
     box.copy_in(here, "/opt/smoke-tests", exclude=["__pycache__"])
     assert box.read_file("/opt/smoke-tests/box.py") == (here / "box.py").read_text()
     # The host never sees what the box writes.

@@ -20,30 +20,22 @@ from typing import Any, Final
 
 import pytest
 import trio
-from support import START_TIMEOUT
-from test_launcher import PROBE
-from test_server import (
-    CONFIG_PATH,
-    UID,
-    USER,
-    me,
-    my_unit,
-    no_systemd_environment,  # noqa: F401 (autouse: no sd_notify from here)
-    public_dir,
-    running_broker,
-)
 
 from broker import __version__, client
 from broker.cli import format_status, main
 from broker.errors import UnknownSocket
 from broker.policy import Rule
+from tests.harness.inprocess import (
+    CONFIG_PATH,
+    UID,
+    USER,
+    me,
+    my_unit,
+    running_broker,
+)
+from tests.harness.processes import LISTEN_FDS_PROBE, START_TIMEOUT
 
 PORT_BROKER: Final = [sys.executable, "-I", "-m", "broker"]
-
-
-@pytest.fixture
-def rundir(public_root: Path) -> Path:
-    return public_dir(public_root)
 
 
 @pytest.fixture
@@ -230,7 +222,15 @@ def test_exec_map_must_name_a_port_and_a_socket(
 async def test_exec_runs_the_command_with_the_sockets_at_3_and_up(rundir: Path) -> None:
     async with running_broker(rundir) as served:
         done = await run(
-            "exec", "--socket", served.path, "http,dual", "--", sys.executable, "-I", "-c", PROBE
+            "exec",
+            "--socket",
+            served.path,
+            "http,dual",
+            "--",
+            sys.executable,
+            "-I",
+            "-c",
+            LISTEN_FDS_PROBE,
         )
         assert done.returncode == 0, done.stderr.decode()
         assert done.stderr == b""

@@ -27,16 +27,6 @@ from typing import Any, Final, Literal
 import pytest
 import trio
 import trio.testing
-from support import NOBODY, OPEN_FDS_SOURCE, START_TIMEOUT, SYSTEM_PYTHON, as_user
-from test_server import (
-    ino,
-    no_systemd_environment,  # noqa: F401 (autouse: no sd_notify from here)
-    open_fds,
-    owned,
-    public_dir,
-    running_broker,
-    tcp_listener,
-)
 
 from broker import client
 from broker.errors import (
@@ -49,6 +39,16 @@ from broker.errors import (
 )
 from broker.policy import Rule
 from broker.protocol import MAX_REPLY_BYTES, SocketInfo
+from tests.harness.inprocess import (
+    ino,
+    open_fds,
+    owned,
+    public_dir,
+    running_broker,
+    tcp_listener,
+)
+from tests.harness.processes import NOBODY, OPEN_FDS_SOURCE, START_TIMEOUT, as_user
+from tests.harness.runtime import SYSTEM_PYTHON
 
 PEER_TIMEOUT: Final = 10.0
 """Seconds a scripted peer waits on the client, which takes microseconds: this only

@@ -1,4 +1,4 @@
-"""Container workers and UDP, under a real systemd (tests/project_box.py).
+"""Container workers and UDP, under a real systemd (tests/harness/installed.py).
 
 A socket handed over by the broker belongs to the host's network namespace: a worker in
 a container with a private network and private users accepts on the host's port 80
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from box import Box
-from project_box import configure, curl, installed_box, show, start_sockets, uid
-from support import REQUEST_TIMEOUT
+
+from tests.harness.box import Box
+from tests.harness.installed import configure, curl, installed_box, show, start_sockets, uid
+from tests.harness.processes import REQUEST_TIMEOUT
 
 pytestmark = pytest.mark.needs_root
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from support import (
+
+from tests.harness.processes import (
     NOBODY,
     OUTSIDER,
     START_TIMEOUT,
-    SYSTEM_PYTHON,
     BrokerProcess,
     Processes,
     as_user,
@@ -31,6 +31,7 @@ from support import (
     start_broker,
     wait_for,
 )
+from tests.harness.runtime import SYSTEM_PYTHON
 
 POLICY: Final = '[sockets.http]\nusers = ["nobody"]\n'
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-import support
 
 from broker.identity import (
     Peer,
@@ -36,6 +35,7 @@ from broker.identity import (
     unit_from_cgroup,
 )
 from broker.policy import Rule
+from tests.harness import processes
 
 WWW_DATA: Final = pwd.getpwnam("www-data")
 NOGROUP: Final = grp.getgrnam("nogroup").gr_gid
@@ -185,7 +185,7 @@ def become(uid: int, gid: int, groups: list[int]) -> Callable[[], None]:
 
 def run_in_child(function: Callable[[], Any]) -> Any:
     """Run `function` in a forked child and return its JSON-able result (or raise)."""
-    report = support.run_in_child(function)
+    report = processes.run_in_child(function)
     if "error" in report:
         raise AssertionError(f"in the child: {report['error']}: {report['message']}")
     return report["result"]
@@ -601,7 +601,7 @@ def test_a_peer_whose_ids_are_not_mapped_into_our_user_namespace_is_not_mapped()
                 "overflow": list(overflow_ids() or ())}  # fmt: skip
 
     with a, b:
-        seen = support.run_in_child(look)
+        seen = processes.run_in_child(look)
     assert seen == {"result": {"uid": 65534, "gid": 65534, "mapped": False,
                                "overflow": [65534, 65534]}}  # fmt: skip
     here, there = socket.socketpair()
@@ -628,7 +628,7 @@ def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid
                 "by_overflow_gid": Rule(gids=frozenset({65534})).match(peer)}  # fmt: skip
 
     with a, b:
-        seen = support.run_in_child(look)
+        seen = processes.run_in_child(look)
     assert seen == {"result": {"uid": 0, "gid": 65534, "mapped": True, "gid_mapped": False,
                                "groups": [], "by_uid": "uid 0 is in users",
                                "by_overflow_gid": None}}  # fmt: skip

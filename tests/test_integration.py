@@ -17,13 +17,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from support import (
+
+from broker import client
+from tests.harness.processes import (
     BROKER_UID,
     NOBODY,
     OUTSIDER,
-    ROOT,
     START_TIMEOUT,
-    SYSTEM_PYTHON,
     BrokerProcess,
     Processes,
     as_user,
@@ -33,8 +33,7 @@ from support import (
     start_broker,
     wait_for,
 )
-
-from broker import client
+from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 pytestmark = pytest.mark.needs_root
 

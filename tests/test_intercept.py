@@ -14,7 +14,6 @@ stage directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import itertools
@@ -37,7 +36,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import NOBODY, ROOT, SYSTEM_PYTHON, interception_unsupported
 
 from broker import intercept, seccomp
 from broker.intercept import (
@@ -49,6 +47,8 @@ from broker.intercept import (
     _Pass,
     _Refuse,
 )
+from tests.harness.processes import NOBODY, interception_unsupported
+from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 NODE = "/usr/bin/node"
 BUSYBOX = "/bin/busybox"
@@ -208,7 +208,7 @@ def test_rejects_a_held_unix_socket() -> None:
 def _in_a_fresh_process(code: str) -> None:
     """Run `code` in a new single-threaded interpreter (run_intercepted takes over the
     process's signals and children: the test process has threads of its own)."""
-    prelude = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+    prelude = f"import sys; sys.path[:0] = [{str(ROOT)!r}]\n"
     done = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
         capture_output=True,
@@ -236,7 +236,7 @@ def test_exec_failure_raises_and_restores_the_process() -> None:
     _in_a_fresh_process("""
         import signal
         from broker import intercept
-        from test_intercept import _subreaper
+        from tests.harness.processes import child_subreaper
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         handler = signal.getsignal(signal.SIGCHLD)
         try:
@@ -247,7 +247,7 @@ def test_exec_failure_raises_and_restores_the_process() -> None:
             raise AssertionError("no FileNotFoundError")
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
         assert signal.getsignal(signal.SIGCHLD) is handler
-        assert _subreaper() == 0
+        assert child_subreaper() == 0
     """)
 
 
@@ -255,10 +255,10 @@ def test_exec_failure_raises_and_restores_the_process() -> None:
 def test_returns_the_status_in_process() -> None:
     _in_a_fresh_process("""
         from broker import intercept
-        from test_intercept import _subreaper
+        from tests.harness.processes import child_subreaper
         assert intercept.run_intercepted(["sh", "-c", "exit 0"], []) == 0
         assert intercept.run_intercepted(["sh", "-c", "exit 42"], []) == 42
-        assert _subreaper() == 0
+        assert child_subreaper() == 0
     """)
 
 
@@ -286,13 +286,6 @@ def test_interception_does_not_nest(tmp_path: Path) -> None:
         assert status == 3, status
     """)
     assert "do not nest" in out.read_text()
-
-
-def _subreaper() -> int:
-    value = ctypes.c_int(-1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(seccomp.PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0
-    return value.value
 
 
 # --------------------------------------------------------------------------------------

@@ -19,14 +19,13 @@ from typing import Any, Final
 
 import pytest
 import trio
-from support import OPEN_FDS_SOURCE, START_TIMEOUT
-from test_server import (
-    no_systemd_environment,  # noqa: F401 (autouse: no sd_notify from here)
+
+from broker.launcher import LISTEN_FDS_START, listen_environment
+from tests.harness.inprocess import (
     public_dir,
     running_broker,
 )
-
-from broker.launcher import LISTEN_FDS_START, listen_environment
+from tests.harness.processes import LISTEN_FDS_PROBE, OPEN_FDS_SOURCE, START_TIMEOUT
 
 PLACE: Final = (
     """
@@ -66,32 +65,6 @@ print(json.dumps({
     "inheritable": [os.get_inheritable(3 + i) for i in range(len(positions))],
     "open": open_fds(),
     "bystanders": {fd: [before[fd], ino(fd)] for fd in bystanders},
-}))
-"""
-)
-
-PROBE: Final = (
-    """
-import json, os, socket
-"""
-    + OPEN_FDS_SOURCE
-    + """
-fds = []
-for fd in range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))):
-    sock = socket.socket(fileno=fd)
-    fds.append({
-        "ino": os.fstat(fd).st_ino,
-        "type": sock.type.name,
-        "address": list(sock.getsockname()),
-        "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
-    })
-    sock.detach()
-keys = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "KEEP")
-print(json.dumps({
-    "pid": os.getpid(),
-    "env": {k: os.environ.get(k) for k in keys},
-    "open": open_fds(),
-    "fds": fds,
 }))
 """
 )
@@ -194,7 +167,7 @@ exec_with([("http", http), ("dns", dns)], [sys.executable, "-I", "-c", sys.argv[
 @pytest.mark.parametrize("mode", ["inherit", "environ"])
 def test_exec_with_replaces_the_process_with_the_sockets_at_3_and_up(mode: str) -> None:
     env = {**os.environ, "LISTEN_FDS": "9", "LISTEN_FDNAMES": "stale", "KEEP": "inherited"}
-    done = run_child(EXEC_WITH, mode, PROBE, env=env)
+    done = run_child(EXEC_WITH, mode, LISTEN_FDS_PROBE, env=env)
     assert done.returncode == 0, done.stderr
     before, after = (json.loads(line) for line in done.stdout.splitlines())
     assert after["pid"] == before["pid"]  # replaced in place
@@ -272,7 +245,7 @@ exec_with(grants, [sys.executable, "-I", "-c", sys.argv[2]])
     async with running_broker(rundir) as served:
         with trio.fail_after(START_TIMEOUT):
             done = await trio.run_process(
-                [sys.executable, "-I", "-c", script, served.path, PROBE],
+                [sys.executable, "-I", "-c", script, served.path, LISTEN_FDS_PROBE],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

@@ -17,7 +17,8 @@ from typing import Final
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from support import ROOT, RUNTIME_DEPENDENCIES
+
+from tests.harness.runtime import ROOT, RUNTIME_DEPENDENCIES
 
 LOCKS: Final = ROOT / ".ci" / "requirements"
 LAYERS: Final = ("build", "runtime", "dev", "bench")

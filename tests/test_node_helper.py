@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from support import (
+
+from tests.harness.processes import (
     NOBODY,
-    ROOT,
     START_TIMEOUT,
     Processes,
     as_user,
     http_get,
     start_broker,
 )
+from tests.harness.runtime import ROOT
 
 SERVER: Final = """
 const http = require('node:http');

@@ -8,44 +8,35 @@ nothing. Because the broker runs in this process, /proc/self/fd counts its fds t
 
 Also here: the audit trail (broker/audit.py), whose lines the broker writes to stderr.
 
-The in-process broker (`running_broker`) and the fd helpers are imported by
-test_client, test_launcher and test_cli.
+The in-process broker (`running_broker`) and the fd helpers are the harness's
+(tests/harness/inprocess.py), shared with test_client, test_launcher and test_cli.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import functools
 import grp
 import io
-import itertools
 import json
 import os
-import pwd
 import re
 import resource
 import signal
 import socket
 import sys
-import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Final
 
 import pytest
 import trio
 import trio.testing
-from support import NOBODY, START_TIMEOUT, SYSTEM_PYTHON, as_user
 
 from broker import __version__, client, server
-from broker.activation import BACKLOG, HeldSocket, Intake, inspect
 from broker.audit import Audit
-from broker.config import Config
 from broker.errors import AccessDenied, RequestRefused
-from broker.identity import Peer, UserDatabase, cgroup_of, unit_from_cgroup
+from broker.identity import Peer, UserDatabase
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
 from broker.server import (
@@ -55,321 +46,33 @@ from broker.server import (
     REFUSAL_LOG_WINDOW,
     SHUTDOWN_GRACE,
     STATUS_INTERVAL,
-    Broker,
 )
-
-CONFIG_PATH: Final = "/etc/port-broker/test-broker.toml"
-"""Only named in messages: the policy is built here, never read from a file."""
-CLIENT_TIMEOUT: Final = 5.0
-"""The default client_timeout. Tests that wait for it run on the autojump clock."""
-LONG_TIMEOUT: Final = 600.0
-"""client_timeout for tests on the real clock whose idle clients must stay connected for
-the whole test; no test waits for it."""
-UID: Final = os.geteuid()
-GID: Final = os.getegid()
-USER: Final = pwd.getpwuid(UID).pw_name
-"""Who this test process is (root in CI, but nothing here depends on it unless marked)."""
-ME: Final = Rule(uids=frozenset({UID}))
-DEFAULT_RULES: Final[Mapping[str, Rule]] = {
-    "http": ME,
-    "dual": ME,
-    "dns": Rule(gids=frozenset({GID})),
-    "secret": Rule(uids=frozenset({NOBODY})),
-    # "norule" is held but has no rule: nobody may have it.
-}
-HELD_NAMES: Final = "dns, dual, http, norule, secret"
-MINE: Final = "dns, dual, http"
-"""What this process may acquire under DEFAULT_RULES: all an unknown-socket refusal names."""
-ANCILLARY: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-
-LIST: Final = b'{"v":1,"op":"list"}\n'
-STATUS: Final = b'{"v":1,"op":"status"}\n'
-
-
-def acquire_line(*names: str) -> bytes:
-    return json.dumps({"v": 1, "op": "acquire", "names": list(names)}).encode() + b"\n"
-
-
-# --- sockets and fds --------------------------------------------------------------
-
-
-def tcp_listener(host: str = "127.0.0.1") -> socket.socket:
-    """A TCP socket listening on an ephemeral port of `host`."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((host, 0))
-        sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def udp_socket(host: str = "127.0.0.1") -> socket.socket:
-    """A UDP socket bound to an ephemeral port of `host`."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.bind((host, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def default_held() -> dict[str, list[socket.socket]]:
-    """http (IPv4), dual (IPv4 + IPv6), dns (UDP), secret (nobody's), norule (no rule)."""
-    held: dict[str, list[socket.socket]] = {}
-    try:
-        for name, make, host in (
-            ("http", tcp_listener, "127.0.0.1"),
-            ("dual", tcp_listener, "127.0.0.1"),
-            ("dual", tcp_listener, "::1"),
-            ("dns", udp_socket, "127.0.0.1"),
-            ("secret", tcp_listener, "127.0.0.1"),
-            ("norule", tcp_listener, "127.0.0.1"),
-        ):
-            held.setdefault(name, []).append(make(host))
-    except BaseException:
-        for socks in held.values():
-            for sock in socks:
-                sock.close()
-        raise
-    return held
-
-
-def ino(sock: socket.socket | int) -> int:
-    """The socket's inode: equal for two fds of the same open socket, and only then."""
-    return os.fstat(sock if isinstance(sock, int) else sock.fileno()).st_ino
-
-
-def open_fds() -> dict[int, str]:
-    """This process's open fds and what each is (readlink of /proc/self/fd/N)."""
-    found = {}
-    for name in os.listdir("/proc/self/fd"):
-        # FileNotFoundError: the fd os.listdir itself had open, closed by now.
-        with contextlib.suppress(FileNotFoundError):
-            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-    return found
-
-
-async def settled_fds() -> dict[int, str]:
-    """`open_fds()` once every task (the broker's too) is blocked: it has closed what a
-    finished client left it."""
-    await trio.testing.wait_all_tasks_blocked()
-    return open_fds()
-
-
-def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return list(fds)
-
-
-class Closable(Protocol):
-    def close(self) -> None: ...
-
-
-SocketT = TypeVar("SocketT", bound=Closable)
-
-
-@contextlib.contextmanager
-def owned(socks: Sequence[SocketT]) -> Iterator[Sequence[SocketT]]:
-    """Close every socket in `socks` afterwards."""
-    try:
-        yield socks
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-class Wire:
-    """A raw control connection: bytes (and fds) out, reply lines and fds in."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.pending = b""
-
-    @classmethod
-    async def open(cls, path: str) -> Wire:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def __aenter__(self) -> Wire:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        view = memoryview(data)
-        if fds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            view = view[await self.sock.sendmsg([view], ancillary) :]
-        while view:
-            view = view[await self.sock.send(view) :]
-
-    async def reply(self) -> tuple[dict[str, Any], list[socket.socket]]:
-        """Read one reply line; return it parsed, with the fds that came with it."""
-        fds: list[int] = []
-        while b"\n" not in self.pending:
-            data, ancdata, flags, _ = await self.sock.recvmsg(65536, ANCILLARY)
-            fds += fds_from(ancdata)
-            if not data or flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
-                raise AssertionError(f"no complete reply: {self.pending!r}, flags {flags}")
-            self.pending += data
-        line, _, self.pending = self.pending.partition(b"\n")
-        return json.loads(line), [socket.socket(fileno=fd) for fd in fds]
-
-    async def request(self, data: bytes) -> dict[str, Any]:
-        """Send `data`, return the reply; it must carry no fds."""
-        await self.send(data)
-        reply, fds = await self.reply()
-        with owned(fds):
-            assert fds == [], reply
-        return reply
-
-    async def rest(self) -> bytes:
-        """Everything else the broker sends until it closes; it must carry no fds."""
-        data = self.pending
-        while True:
-            try:
-                chunk, ancdata, _, _ = await self.sock.recvmsg(65536, ANCILLARY)
-            except ConnectionResetError:  # it closed with our bytes still unread
-                return data
-            assert fds_from(ancdata) == []
-            if not chunk:
-                return data
-            data += chunk
-
-
-# --- the broker under test --------------------------------------------------------
-
-
-@dataclass
-class Served:
-    """A broker serving in this process.
-
-    Attributes:
-        broker: The `Broker`.
-        path: Its control socket.
-        held: The sockets it holds, by name (owned by its intake).
-        stopped: Set when `serve` has ended, for whatever reason.
-        returned: True if `serve` returned by itself (SIGTERM), not cancelled.
-    """
-
-    broker: Broker
-    path: str
-    held: dict[str, list[socket.socket]]
-    stopped: trio.Event = field(default_factory=trio.Event)
-    returned: bool = False
-
-    def inos(self, *names: str) -> list[int]:
-        return [ino(sock) for name in names for sock in self.held[name]]
-
-
-_broker_numbers = itertools.count()
-
-
-def make_intake(control: socket.socket, held: Mapping[str, Sequence[socket.socket]]) -> Intake:
-    return Intake(
-        control=control,
-        held={
-            name: [
-                HeldSocket(name, sock, inspect(sock, name, f"test socket {name}")) for sock in socks
-            ]
-            for name, socks in held.items()
-        },
-    )
-
-
-@contextlib.asynccontextmanager
-async def running_broker(
-    directory: Path,
-    *,
-    held: Mapping[str, Sequence[socket.socket]] | None = None,
-    rules: Mapping[str, Rule] = DEFAULT_RULES,
-    status: Rule = ME,
-    policy: Policy | None = None,
-    max_connections: int = 64,
-    max_connections_per_user: int = 64,
-    client_timeout: float = CLIENT_TIMEOUT,
-) -> AsyncIterator[Served]:
-    """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
-
-    The body must finish within START_TIMEOUT seconds (virtual ones on a MockClock).
-
-    The control socket is `directory`/brokerN.sock, mode 0666 (as port-broker.socket),
-    so processes of other uids can connect when `directory` is world-readable.
-    """
-    sockets = default_held() if held is None else {k: list(v) for k, v in held.items()}
-    path = directory / f"broker{next(_broker_numbers)}.sock"
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    intake = Intake(control=control)
-    try:
-        control.bind(str(path))
-        path.chmod(0o666)
-        control.listen(BACKLOG)
-        intake = make_intake(control, sockets)
-        config = Config(
-            path=CONFIG_PATH,
-            exists=True,
-            policy=policy or Policy(sockets=rules, status=status, source=CONFIG_PATH),
-            max_connections=max_connections,
-            max_connections_per_user=max_connections_per_user,
-            client_timeout=client_timeout,
-        )
-        served = Served(Broker(intake, config, Audit(journal=False)), str(path), sockets)
-        # This process's uid is looked up now: otherwise the broker asks in a thread,
-        # and wait_all_tasks_blocked() would count a handler waiting on it as settled.
-        served.broker.users.store(UID, UserDatabase.query(UID))
-
-        async def serve(*, task_status: trio.TaskStatus[None]) -> None:
-            try:
-                await served.broker.serve(task_status=task_status)
-                served.returned = True
-            finally:
-                served.stopped.set()
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve)
-            with trio.fail_after(START_TIMEOUT):  # a hang fails the test, on either clock
-                yield served
-            nursery.cancel_scope.cancel()
-    finally:
-        intake.close()
-        for socks in sockets.values():
-            for sock in socks:
-                sock.close()
-        path.unlink(missing_ok=True)
-
-
-def public_dir(public_root: Path) -> Path:
-    """A fresh world-readable directory with a short path (Unix socket paths end at 107
-    bytes; conftest's `workdir` is named after the test, which parametrized tests share)."""
-    path = Path(tempfile.mkdtemp(prefix="t", dir=public_root))
-    path.chmod(0o755)
-    return path
-
-
-@pytest.fixture
-def rundir(public_root: Path) -> Path:
-    return public_dir(public_root)
-
-
-@pytest.fixture(autouse=True)
-def no_systemd_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The broker must not talk to a systemd that happens to run these tests."""
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
-        monkeypatch.delenv(name, raising=False)
+from tests.harness.inprocess import (
+    ANCILLARY,
+    CLIENT_TIMEOUT,
+    CONFIG_PATH,
+    DEFAULT_RULES,
+    GID,
+    LIST,
+    LONG_TIMEOUT,
+    ME,
+    MINE,
+    STATUS,
+    UID,
+    USER,
+    Wire,
+    acquire_line,
+    fds_from,
+    ino,
+    me,
+    open_fds,
+    owned,
+    running_broker,
+    settled_fds,
+    udp_socket,
+)
+from tests.harness.processes import NOBODY, START_TIMEOUT, as_user
+from tests.harness.runtime import SYSTEM_PYTHON
 
 
 def audit_fields(line: str) -> dict[str, str]:
@@ -596,18 +299,6 @@ async def test_denied_names_the_peer_the_socket_and_the_rule(
             assert len(fds) == 1
     err = capsys.readouterr().err
     assert len(audit_lines(err, "denied socket")) == 2
-
-
-def my_unit() -> str | None:
-    """The systemd unit this process runs in, if any, as the broker finds it."""
-    path = cgroup_of(os.getpid())
-    return unit_from_cgroup(path) if path else None
-
-
-def me() -> str:
-    """How the broker describes this process (`Peer.describe`)."""
-    unit = my_unit()
-    return f"user {USER} (uid {UID}, pid {os.getpid()}{f', unit {unit}' if unit else ''})"
 
 
 async def test_status_is_refused_to_peers_outside_the_status_rule(rundir: Path) -> None:

@@ -1,7 +1,7 @@
 """The shipped units under a real systemd: socket activation, workers as services and
 from login shells, unit-based policy, the journal, the hardening, and faults.
 
-Each test boots its own box (tests/box.py: systemd as PID 1 in fresh namespaces on an
+Each test boots its own box (tests/harness/box.py: systemd as PID 1 in fresh namespaces on an
 overlay of this machine's root, about a quarter of a second) and installs the project
 into it the way README's "Install on a systemd host" does: the package at
 /opt/port-broker linked as /usr/local/bin/port-broker, `units/*` unchanged in
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from box import Box
-from project_box import configure, curl, installed_box, show, start_sockets, uid
-from support import REQUEST_TIMEOUT
+
+from tests.harness.box import Box
+from tests.harness.installed import configure, curl, installed_box, show, start_sockets, uid
+from tests.harness.processes import REQUEST_TIMEOUT
 
 pytestmark = pytest.mark.needs_root
 

@@ -1,14 +1,11 @@
-"""Shared helpers for tests that run real processes as real users.
+"""Real processes as real users, real sockets, and a broker under the real
+`systemd-socket-activate`.
 
 - `enter_private_network()` moves the test session into a network namespace of its own
   (loopback only), so tests can use ports 80 and 443 without touching the host's.
-- `build_runtime()` lays out a world-readable copy of the working tree's `broker`
-  package and its runtime dependencies (as locked: .ci/setup installs
-  .ci/requirements/runtime.txt into .venv/runtime) with a `bin/port-broker` that runs on
-  Debian's /usr/bin/python3: unprivileged workers and brokers cannot read a checkout or
-  venv under /root, and the interpreter first on PATH may be private too.
 - `as_user()` prefixes a command so it runs as a given uid with no capabilities.
-- `BrokerProcess` is a broker started by the real `systemd-socket-activate`.
+- `Processes` tracks what a test starts and stops it by pid.
+- `BrokerProcess` / `start_broker()`: a broker started by `systemd-socket-activate`.
 
 Must never: signal a process the tests did not start, or send traffic anywhere but the
 session's own loopback.
@@ -23,7 +20,6 @@ import inspect
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,10 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
-
-ROOT: Final = Path(__file__).resolve().parents[1]
-SYSTEM_PYTHON: Final = "/usr/bin/python3"
-"""The interpreter every unprivileged process uses: reachable by all users."""
 
 NOBODY: Final = 65534
 BROKER_UID: Final = 61234
@@ -53,6 +45,7 @@ REQUEST_TIMEOUT: Final = 10.0
 """Seconds for one HTTP request to a worker on loopback."""
 
 _CLONE_NEWNET: Final = 0x40000000
+_PR_GET_CHILD_SUBREAPER: Final = 37
 
 
 def enter_private_network() -> None:
@@ -67,57 +60,6 @@ def enter_private_network() -> None:
     if libc.unshare(_CLONE_NEWNET) != 0:
         raise RuntimeError(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-
-
-# --- the world-readable runtime ---------------------------------------------------
-
-_LAUNCHER: Final = """\
-#!/usr/bin/python3 -I
-import os, sys
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
-                             "site")]
-from broker.cli import main
-sys.exit(main())
-"""
-
-
-RUNTIME_DEPENDENCIES: Final = ROOT / ".venv" / "runtime"
-"""port-broker's runtime dependencies and nothing else, installed from the lock
-(.ci/requirements/runtime.txt) by .ci/setup with `pip install --target`."""
-
-
-def build_runtime(dest: Path) -> Path:
-    """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker.
-
-    The dependencies are copied whole from RUNTIME_DEPENDENCIES, whatever their metadata
-    says; `broker` comes from the working tree.
-
-    Raises:
-        RuntimeError: if .ci/setup has not installed RUNTIME_DEPENDENCIES.
-    """
-    if not (RUNTIME_DEPENDENCIES / "trio").is_dir():
-        raise RuntimeError(
-            f"{RUNTIME_DEPENDENCIES} holds no runtime dependencies: run .ci/setup, which "
-            "installs .ci/requirements/runtime.txt there"
-        )
-    site = dest / "site"
-    shutil.copytree(RUNTIME_DEPENDENCIES, site, symlinks=True)  # byte-compiled by pip
-    shutil.copytree(ROOT / "broker", site / "broker", ignore=shutil.ignore_patterns("__pycache__"))
-    launcher = dest / "bin" / "port-broker"
-    launcher.parent.mkdir(parents=True)
-    launcher.write_text(_LAUNCHER)
-    for path in [dest, *dest.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(0o755 if path.is_dir() or path == launcher else 0o644)
-    return launcher
-
-
-def make_public_dir(parent: Path, name: str) -> Path:
-    """Create a directory every user can enter and read."""
-    path = parent / name
-    path.mkdir(mode=0o755)
-    path.chmod(0o755)
-    return path
 
 
 # --- processes --------------------------------------------------------------------
@@ -140,6 +82,15 @@ def proc_status(pid: int) -> dict[str, str]:
     """Return /proc/PID/status as a dict."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def child_subreaper() -> int:
+    """This process's PR_GET_CHILD_SUBREAPER (1 while it adopts orphaned descendants)."""
+    value = ctypes.c_int(-1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_GET_CHILD_SUBREAPER)")
+    return value.value
 
 
 def fd_count(pid: int) -> int:
@@ -173,6 +124,35 @@ def open_fds() -> list[int]:
 
 OPEN_FDS_SOURCE: Final = inspect.getsource(open_fds)
 """`open_fds` as source, for scripts run in other processes (they must import os)."""
+
+
+LISTEN_FDS_PROBE: Final = (
+    """
+import json, os, socket
+"""
+    + OPEN_FDS_SOURCE
+    + """
+fds = []
+for fd in range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))):
+    sock = socket.socket(fileno=fd)
+    fds.append({
+        "ino": os.fstat(fd).st_ino,
+        "type": sock.type.name,
+        "address": list(sock.getsockname()),
+        "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+    })
+    sock.detach()
+keys = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "KEEP")
+print(json.dumps({
+    "pid": os.getpid(),
+    "env": {k: os.environ.get(k) for k in keys},
+    "open": open_fds(),
+    "fds": fds,
+}))
+"""
+)
+"""A program (python3 -I -c) that prints, as JSON, its pid, LISTEN_* environment, open
+fds and each inherited socket (inode, type, address, listening): what `exec` gave it."""
 
 
 def settled_fd_count(pid: int, readings: int = 10) -> int:

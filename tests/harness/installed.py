@@ -1,4 +1,4 @@
-"""A test box (tests/box.py) with port-broker installed as README's "Install on a
+"""A test box (tests/harness/box.py) with port-broker installed as README's "Install on a
 systemd host" says, and the small helpers the real-systemd tests share.
 
 Installed: the package at /opt/port-broker linked as /usr/local/bin/port-broker, every
@@ -14,8 +14,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from box import Box, box_unavailable_reason
-from support import REQUEST_TIMEOUT, ROOT
+
+from tests.harness.box import Box, box_unavailable_reason
+from tests.harness.processes import REQUEST_TIMEOUT
+from tests.harness.runtime import ROOT
 
 
 @contextlib.contextmanager
