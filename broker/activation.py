@@ -28,20 +28,14 @@ from typing import Final
 
 from broker import seccomp
 from broker.errors import IntakeError, PrivilegeError
-from broker.protocol import CONTROL_NAME, SocketInfo, valid_name
+from broker.names import CONTROL_NAME, DEFAULT_SOCKET, NAME_RULE, Family, SocketType, valid_name
+from broker.protocol import SocketInfo
 
 BACKLOG: Final = 4096
 """Listen backlog for sockets bound here: SOMAXCONN, as systemd's Backlog= default."""
 
 CONTROL_MODE: Final = 0o666
 """Everyone may connect to the control socket; the policy decides (SocketMode= default)."""
-
-_FAMILIES: Final[dict[int, str]] = {
-    socket.AF_INET: "inet",
-    socket.AF_INET6: "inet6",
-    socket.AF_UNIX: "unix",
-}
-_TYPES: Final[dict[int, str]] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
 
 _CAPABILITY_FIELDS: Final = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 
@@ -106,11 +100,12 @@ def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:
     """
     family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
     type_ = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    if family not in _FAMILIES:
+    kind = Family.from_kernel(family), SocketType.from_kernel(type_)
+    if kind[0] is None:
         raise IntakeError(
             f"{what} has address family {family}; port-broker serves IPv4, IPv6 and Unix sockets"
         )
-    if type_ not in _TYPES:
+    if kind[1] is None:
         raise IntakeError(
             f"{what} has socket type {type_}; port-broker serves stream "
             "(ListenStream=) and datagram (ListenDatagram=) sockets"
@@ -125,10 +120,9 @@ def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:
     if name == CONTROL_NAME and (family, type_) != (socket.AF_UNIX, socket.SOCK_STREAM):
         raise IntakeError(
             f"{what}: the control socket must be a Unix stream socket "
-            "(ListenStream=/run/port-broker.sock), not "
-            f"{_FAMILIES[family]} {_TYPES[type_]} {address}"
+            f"(ListenStream={DEFAULT_SOCKET}), not {kind[0]} {kind[1]} {address}"
         )
-    return SocketInfo(name, _FAMILIES[family], _TYPES[type_], address)
+    return SocketInfo(name, kind[0], kind[1], address)
 
 
 def describe_fd(fd: int, name: str) -> tuple[socket.socket, SocketInfo]:
@@ -177,8 +171,7 @@ def intake_fds(fds: Mapping[int, str], *, control: socket.socket | None = None) 
             )
         if not valid_name(name):
             raise IntakeError(
-                f"fd {fd} is named {name!r}, which is not a valid socket name "
-                "(letters, digits, '_.@-', up to 64 characters)"
+                f"fd {fd} is named {name!r}, which is not a valid socket name ({NAME_RULE})"
             )
     taken: list[socket.socket] = []
     try:

@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from typing import Final, Protocol
 
 from broker.identity import Peer
+from broker.names import Level
 
 GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"
 """MESSAGE_ID of grant events: `journalctl MESSAGE_ID=5c8a1f3e…a01`."""
 DENIAL_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a02"
 """MESSAGE_ID of denial events."""
-
-_PRIORITY: Final = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3}
 
 
 class _Send(Protocol):
@@ -65,12 +64,12 @@ class Audit:
 
             self._send = _journal.send
 
-    def log(self, level: str, message: str, **fields: object) -> None:
+    def log(self, level: Level, message: str, **fields: object) -> None:
         """Record `message` at `level` with extra structured `fields` (UPPER_CASE keys)."""
         try:
             if self._send is not None:
                 self._send(
-                    message, PRIORITY=_PRIORITY[level], SYSLOG_IDENTIFIER="port-broker", **fields
+                    message, PRIORITY=level.priority, SYSLOG_IDENTIFIER="port-broker", **fields
                 )
                 return
             extras = "".join(
@@ -101,7 +100,7 @@ class Audit:
         if code is not None:
             fields = {**fields, "REFUSAL_CODE": code}
         self.log(
-            "info" if allowed else "notice",
+            Level.INFO if allowed else Level.NOTICE,
             f"{verb} socket {socket!r} to {peer.describe()}",
             **fields,
         )

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -31,22 +32,18 @@ from broker.errors import (
     PrivilegeError,
     UnknownSocket,
 )
-from broker.protocol import valid_name
-
-EXIT_FAILURE: Final = 1
-EXIT_UNKNOWN_SOCKET: Final = 66
-EXIT_UNAVAILABLE: Final = 69
-EXIT_DENIED: Final = 77
-EXIT_CONFIG: Final = 78
-EXIT_CANNOT_EXECUTE: Final = 126
-EXIT_NOT_FOUND: Final = 127
-
-_PROTO: Final = {
-    ("inet", "stream"): "tcp",
-    ("inet6", "stream"): "tcp6",
-    ("inet", "datagram"): "udp",
-    ("inet6", "datagram"): "udp6",
-}
+from broker.names import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    SOCKET_ENV,
+    Exit,
+    Level,
+    exit_statuses,
+    grantable_name_problem,
+    transport,
+    valid_name,
+)
 
 
 def _fail(command: str, message: str, status: int) -> int:
@@ -55,13 +52,13 @@ def _fail(command: str, message: str, status: int) -> int:
 
 
 def _client_failure(command: str, error: Exception) -> int:
-    status = EXIT_FAILURE
+    status = Exit.FAILURE
     if isinstance(error, AccessDenied):
-        status = EXIT_DENIED
+        status = Exit.DENIED
     elif isinstance(error, UnknownSocket):
-        status = EXIT_UNKNOWN_SOCKET
+        status = Exit.UNKNOWN_SOCKET
     elif isinstance(error, BrokerUnavailable):
-        status = EXIT_UNAVAILABLE
+        status = Exit.UNAVAILABLE
     message = error.message if isinstance(error, BrokerError) else str(error)
     return _fail(command, message, status)
 
@@ -101,11 +98,9 @@ def _exec_arguments(args: argparse.Namespace) -> tuple[list[str], dict[int, str]
     if not command or not names:
         raise ValueError(EXEC_USAGE)
     for name in names:
-        if not valid_name(name):
-            raise ValueError(
-                f"{name!r} is not a socket name (letters, digits, '_.@-', up to 64 "
-                "characters); `port-broker list` shows the ones you may acquire"
-            )
+        problem = grantable_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{problem}; `port-broker list` shows the ones you may acquire")
     return names, mapping, command
 
 
@@ -122,7 +117,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         try:
             check_supported()  # before asking the broker for anything
         except InterceptError as e:
-            return _fail("exec", e.message, EXIT_FAILURE)
+            return _fail("exec", e.message, Exit.FAILURE)
     try:
         grants = acquire_many(names, path=args.socket, timeout=args.timeout)
     except ClientError as e:
@@ -134,8 +129,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def _cannot_run(command: list[str], error: OSError) -> int:
     if isinstance(error, FileNotFoundError):
-        return _fail("exec", f"{command[0]}: command not found", EXIT_NOT_FOUND)
-    return _fail("exec", f"{command[0]}: cannot execute: {error.strerror}", EXIT_CANNOT_EXECUTE)
+        return _fail("exec", f"{command[0]}: command not found", Exit.NOT_FOUND)
+    return _fail("exec", f"{command[0]}: cannot execute: {error.strerror}", Exit.CANNOT_EXECUTE)
 
 
 def _exec_in_place(grants: Sequence[Any], command: list[str]) -> int:
@@ -165,17 +160,13 @@ def _run_intercepted(grants: Sequence[Any], mapping: dict[int, str], command: li
     except OSError as e:
         return _cannot_run(command, e)
     except InterceptError as e:
-        return _fail("exec", e.message, EXIT_FAILURE)
+        return _fail("exec", e.message, Exit.FAILURE)
     finally:
         for sock in held:
             sock.close()
 
 
 # --- list / status ----------------------------------------------------------------
-
-
-def _proto(family: str, type_: str) -> str:
-    return _PROTO.get((family, type_), f"unix-{type_}")
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -199,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no socket may be acquired by this user")
     else:
         rows = [["NAME", "PROTO", "ADDRESS"]]
-        rows += [[s.name, _proto(s.family, s.type), s.address] for s in sockets]
+        rows += [[s.name, transport(s.family, s.type), s.address] for s in sockets]
         print(_table(rows))
     return 0
 
@@ -228,7 +219,7 @@ def format_status(report: dict[str, Any]) -> str:
         rows.append(
             [
                 s["name"],
-                _proto(s["family"], s["type"]),
+                transport(s["family"], s["type"]),
                 s["address"],
                 str(s["grants"]),
                 str(s["denials"]),
@@ -269,9 +260,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         loaded = config.load(args.file)
     except ConfigError as e:
-        return _fail("check-config", e.message, EXIT_CONFIG)
+        return _fail("check-config", e.message, Exit.CONFIG)
     if not loaded.exists:
-        return _fail("check-config", f"{loaded.path}: no such file", EXIT_CONFIG)
+        return _fail("check-config", f"{loaded.path}: no such file", Exit.CONFIG)
     print(f"{loaded.path}: OK")
     for name, rule in loaded.policy.sockets.items():
         who = [
@@ -312,9 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
             intake = activation.from_systemd()
     except (ConfigError, IntakeError, PrivilegeError) as e:
-        return _fail("serve", e.message, EXIT_CONFIG)
+        return _fail("serve", e.message, Exit.CONFIG)
     except BrokerError as e:
-        return _fail("serve", e.message, EXIT_FAILURE)
+        return _fail("serve", e.message, Exit.FAILURE)
     try:
         missing = sorted(set(loaded.policy.sockets) - set(intake.held))
         if missing:
@@ -325,17 +316,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"such socket was passed (passed: {held}); add a .socket unit "
                 "with that FileDescriptorName= and Service=port-broker.service,"
                 " or remove the rule",
-                EXIT_CONFIG,
+                Exit.CONFIG,
             )
         if not loaded.exists:
-            audit.log("warning", f"{loaded.path} does not exist: every request will be denied")
+            audit.log(Level.WARNING, f"{loaded.path} does not exist: every request will be denied")
         for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
             audit.log(
-                "warning", f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it"
+                Level.WARNING,
+                f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it",
             )
         if os.geteuid() == 0:
             audit.log(
-                "warning",
+                Level.WARNING,
                 "serving as root: run the broker under DynamicUser= or "
                 "--user instead; it needs no privilege at all",
             )
@@ -343,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         summary = "; ".join(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
         )
-        audit.log("info", f"serving {summary or 'no sockets'} under {loaded.path}")
+        audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
         trio.run(server.Broker(intake, loaded, audit).serve)
     finally:
         intake.close()
@@ -368,7 +360,7 @@ def _fit_open_files(max_connections: int, intake: Any, audit: Any) -> None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < needed:
         audit.log(
-            "warning",
+            Level.WARNING,
             f"max_connections = {max_connections} needs about {needed} open files, but "
             f"RLIMIT_NOFILE allows {soft}: clients beyond that wait until others finish; "
             "raise LimitNOFILE= or lower max_connections",
@@ -421,8 +413,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--socket",
             metavar="PATH",
-            help="the broker's control socket (default: $PORT_BROKER_SOCKET, "
-            "else /run/port-broker.sock)",
+            help=f"the broker's control socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
         )
         sub.add_argument(
             "--timeout",
@@ -441,9 +432,9 @@ def _parser() -> argparse.ArgumentParser:
         "needs to know nothing: it calls bind() as usual and gets the held socket.",
         epilog="examples: port-broker exec http,https -- node server.js\n"
         "          port-broker exec --intercept https -- npx vite --host --port 443\n\n"
-        "exit status: COMMAND's own once it runs; before that 2 usage error, 66 unknown "
-        "socket,\n69 broker unavailable, 77 access denied, 1 other refusal, 126/127 "
-        "COMMAND cannot be run",
+        + textwrap.fill(
+            f"exit status: COMMAND's own once it runs; before that {exit_statuses()}", 79
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     client_options(run)
@@ -494,10 +485,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file",
-        description="Validate FILE (default: $PORT_BROKER_CONFIG, "
-        "else /etc/port-broker/broker.toml) as `serve` would, PORT_BROKER_* overrides "
-        "included, without serving; users and groups must exist here. Exit status 78 "
-        "if it is invalid.",
+        description=f"Validate FILE (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}) as "
+        "`serve` would, PORT_BROKER_* overrides included, without serving; users and "
+        f"groups must exist here. Exit status {int(Exit.CONFIG)} if it is invalid.",
     )
     check.add_argument("file", nargs="?", metavar="FILE", help="the TOML policy file")
     check.set_defaults(func=cmd_check_config)
@@ -513,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config",
         metavar="FILE",
-        help="policy file (default: $PORT_BROKER_CONFIG, else /etc/port-broker/broker.toml)",
+        help=f"policy file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
     )
     serve.add_argument(
         "--bind",

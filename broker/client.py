@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from broker.errors import BrokerUnavailable, ClientError, ProtocolError, refusal
+from broker.names import DEFAULT_SOCKET, SOCKET_ENV
 from broker.protocol import (
     MAX_REPLY_BYTES,
     SCM_MAX_FD,
@@ -60,8 +61,6 @@ from broker.protocol import (
 if TYPE_CHECKING:
     import trio
 
-DEFAULT_SOCKET: Final = "/run/port-broker.sock"
-SOCKET_ENV: Final = "PORT_BROKER_SOCKET"
 DEFAULT_TIMEOUT: Final = 5.0
 """Seconds for a whole exchange: a grant takes well under a millisecond; this only
 bounds a broker that is starting (socket activation) or stuck."""

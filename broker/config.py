@@ -25,11 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from broker import names
 from broker.errors import ConfigError
 from broker.policy import Policy, Rule
-
-DEFAULT_PATH: Final = "/etc/port-broker/broker.toml"
-PATH_ENV: Final = "PORT_BROKER_CONFIG"
 
 MAX_RESULT_BYTES: Final = 16 << 20
 """Most a loader child may send back: a policy with a million uids is about 10 MB."""
@@ -107,9 +105,9 @@ def resolve_path(path: str | None, environ: Mapping[str, str] = os.environ) -> t
     """Return the config path to use and whether it was asked for explicitly."""
     if path:
         return path, True
-    if environ.get(PATH_ENV):
-        return environ[PATH_ENV], True
-    return DEFAULT_PATH, False
+    if environ.get(names.CONFIG_ENV):
+        return environ[names.CONFIG_ENV], True
+    return names.DEFAULT_CONFIG, False
 
 
 def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:

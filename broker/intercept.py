@@ -76,6 +76,7 @@ from typing import Final, NamedTuple, NoReturn
 from broker import seccomp
 from broker.activation import format_address
 from broker.errors import InterceptError, InterceptUnsupported
+from broker.names import Family
 from broker.seccomp import check_supported
 
 __all__ = [
@@ -139,10 +140,6 @@ class _Pass(NamedTuple):
 
 _Decision = _Inject | _Refuse | _Pass
 _WILDCARD: dict[int, bytes] = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
-_FAMILY_NAME: dict[int, str] = {
-    socket.AF_INET: "IPv4 (AF_INET)",
-    socket.AF_INET6: "IPv6 (AF_INET6)",
-}
 
 
 def _parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
@@ -191,9 +188,10 @@ def _decide(candidates: Sequence[_Endpoint], want: _Endpoint, who: str) -> _Deci
     if not usable:
         held = ", ".join(_format_address(c.family, c.ip, c.port) for c in same_type)
         other = "IPv4" if want.family == socket.AF_INET else "IPv6"
+        family = Family.from_kernel(want.family)
         return _Refuse(
             errno.EAFNOSUPPORT,
-            f"refused bind() of an {_FAMILY_NAME.get(want.family, str(want.family))} "
+            f"refused bind() of an {family.label if family else want.family} "
             f"socket to {asked} by {who}: the sockets held for port {want.port} are "
             f"{held}, another family. Hold an {other} socket for port {want.port} too "
             "(for systemd, a ListenStream= line for it), or make the program bind an "

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
-
-from broker.client import Grant
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -47,7 +46,9 @@ def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[st
 
 
 def exec_with(
-    grants: Sequence[Grant], argv: Sequence[str], environ: Mapping[str, str] | None = None
+    grants: Sequence[tuple[str, socket.socket]],
+    argv: Sequence[str],
+    environ: Mapping[str, str] | None = None,
 ) -> NoReturn:
     """Place the granted sockets at fd 3.. and replace this process with `argv`.
 

@@ -16,18 +16,18 @@ Standard library only: the client imports this module.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.errors import Code, ProtocolError
+from broker.names import Family, SocketType, valid_name
 
 PROTOCOL_VERSION: Final = 1
 
 MAX_REQUEST_BYTES: Final = 4096
 """Largest request line, newline included. The biggest legitimate request (MAX_NAMES
-names of NAME_MAX_LENGTH characters) is about 2.2 KiB; for comparison h11 allows 16 KiB
+names of names.NAME_MAX_LENGTH characters) is about 2.2 KiB; for comparison h11 allows 16 KiB
 of HTTP headers and s6-fdholderd 4 KiB per request."""
 
 MAX_REPLY_BYTES: Final = 1 << 20
@@ -38,23 +38,6 @@ MAX_NAMES: Final = 32
 
 SCM_MAX_FD: Final = 253
 """The kernel's limit on fds in one SCM_RIGHTS message (include/net/scm.h)."""
-
-NAME_MAX_LENGTH: Final = 64
-NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-"""Socket names (systemd's FileDescriptorName=). Stricter than systemd's own rule so a
-name is safe in a comma-separated list, a journal field, a TOML key and a message."""
-
-CONTROL_NAME: Final = "control"
-"""The name of the broker's own Unix control socket; never grantable."""
-
-FAMILIES: Final = ("inet", "inet6", "unix")
-TYPES: Final = ("stream", "datagram")
-
-
-def valid_name(name: str) -> bool:
-    """Return whether `name` is acceptable as a socket name."""
-    return NAME_PATTERN.fullmatch(name) is not None
-
 
 # --- messages ---------------------------------------------------------------------
 
@@ -85,8 +68,8 @@ class SocketInfo:
 
     Attributes:
         name: The socket's name (FileDescriptorName=).
-        family: "inet", "inet6" or "unix".
-        type: "stream" or "datagram".
+        family: a `names.Family` value: "inet", "inet6" or "unix".
+        type: a `names.SocketType` value: "stream" or "datagram".
         address: Printable local address: "[::]:80", "127.0.0.1:443" or a path.
     """
 
@@ -312,7 +295,7 @@ def _parse_info(item: Any) -> SocketInfo:
         and isinstance(address, str)
     ):
         raise _malformed("socket entry lacks name, family, type or address")
-    if not valid_name(name) or family not in FAMILIES or type_ not in TYPES:
+    if not valid_name(name) or family not in set(Family) or type_ not in set(SocketType):
         raise _malformed(f"socket entry {item!r:.200} has an invalid value")
     return SocketInfo(name, family, type_, address)
 

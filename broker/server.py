@@ -33,6 +33,7 @@ from broker.audit import Audit
 from broker.config import Config
 from broker.errors import Code, ProtocolError
 from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credentials
+from broker.names import Level
 from broker.protocol import (
     MAX_REQUEST_BYTES,
     SCM_MAX_FD,
@@ -150,7 +151,7 @@ class Broker:
                     _notify(f"READY=1\nSTATUS={self.status_line()}")
                     task_status.started()
                     async for signum in signals:
-                        self.audit.log("info", f"stopping on {signal.Signals(signum).name}")
+                        self.audit.log(Level.INFO, f"stopping on {signal.Signals(signum).name}")
                         break
                     main.cancel_scope.cancel()
                 _notify("STOPPING=1")
@@ -173,7 +174,7 @@ class Broker:
                     if paused_since is None:
                         paused_since = trio.current_time()
                         self.audit.log(
-                            "warning",
+                            Level.WARNING,
                             f"accept on the control socket: {e.strerror}; retrying every "
                             f"{ACCEPT_BACKOFF:g}s (raise LimitNOFILE= or lower "
                             "max_connections)",
@@ -183,7 +184,7 @@ class Broker:
                 if paused_since is not None:
                     paused = trio.current_time() - paused_since
                     self.audit.log(
-                        "notice",
+                        Level.NOTICE,
                         f"accept on the control socket: accepting again after {paused:.1f}s",
                     )
                     paused_since = None
@@ -257,7 +258,7 @@ class Broker:
         except Exception as e:  # one client's trouble must never stop the others
             self.refusals[Code.INTERNAL] += 1
             self.audit.log(
-                "error",
+                Level.ERROR,
                 f"internal error serving a client: {e!r}",
                 EXCEPTION=traceback.format_exc(limit=20),
             )
@@ -277,7 +278,7 @@ class Broker:
             # each wait (and log) again: uid and unit rules still hold meanwhile.
             hit = (None, frozenset())
             self.audit.log(
-                "warning",
+                Level.WARNING,
                 f"the user database did not answer for uid {peer.uid} within "
                 f"{self.config.client_timeout:g}s; going on without its user name and "
                 f"groups for {USER_CACHE_SECONDS:g}s (check NSS: sssd, LDAP, nscd)",
@@ -315,7 +316,7 @@ class Broker:
                 try:
                     await self._answer(conn, peer, request)
                 except OSError as e:
-                    self.audit.log("notice", f"dropped {peer.describe()}: {e.strerror}")
+                    self.audit.log(Level.NOTICE, f"dropped {peer.describe()}: {e.strerror}")
                     return
         if deadline.cancelled_caught and reading:
             message = f"no complete request within {timeout:g} seconds"
@@ -326,7 +327,7 @@ class Broker:
         self.refusals[error.code] += 1
         if self._may_log_refusal(peer.uid):
             self.audit.log(
-                "notice",
+                Level.NOTICE,
                 f"refused {peer.describe()}: {error.message}",
                 REFUSAL_CODE=str(error.code),
                 PEER_UID=peer.uid,
@@ -349,7 +350,7 @@ class Broker:
         except Exception as e:  # a bug of ours: say so (docs/protocol.md), keep serving
             self.refusals[Code.INTERNAL] += 1
             self.audit.log(
-                "error",
+                Level.ERROR,
                 f"internal error answering {peer.describe()}: {e!r}",
                 EXCEPTION=traceback.format_exc(limit=20),
             )
@@ -409,7 +410,7 @@ class Broker:
             if not decision.allowed:
                 self.refusals[Code.DENIED] += 1
                 if self._may_log_refusal(peer.uid):
-                    self.audit.log("notice", f"denied the status report to {peer.describe()}",
+                    self.audit.log(Level.NOTICE, f"denied the status report to {peer.describe()}",
                                    DECISION="deny", OPERATION="status", PEER_UID=peer.uid,
                                    PEER_PID=peer.pid, REASON=decision.reason[:512])  # fmt: skip
                 return Refusal(Code.DENIED, decision.reason)
@@ -463,7 +464,7 @@ class Broker:
         del self.refusal_log[uid]
         if window[2]:
             self.audit.log(
-                "notice",
+                Level.NOTICE,
                 f"{int(window[2])} more refusals of uid {uid} in {REFUSAL_LOG_WINDOW:g} s "
                 "were not logged",
                 PEER_UID=uid,

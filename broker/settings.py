@@ -48,14 +48,11 @@ from pydantic_settings import (
 )
 
 from broker import config
-from broker.client import SOCKET_ENV
-from broker.config import PATH_ENV, Config
+from broker.config import Config
 from broker.errors import ConfigError
+from broker.names import CONFIG_ENV, ENV_PREFIX, LOCATION_ENV, grantable_name_problem
 from broker.policy import Policy, Rule
-from broker.protocol import CONTROL_NAME, valid_name
 
-ENV_PREFIX: Final = "PORT_BROKER_"
-CLIENT_ENV: Final = frozenset({SOCKET_ENV, PATH_ENV})
 """Variables with our prefix that are not settings (read elsewhere, so allowed)."""
 
 MAX_ID: Final = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
@@ -169,15 +166,10 @@ class Settings(BaseSettings):
     @classmethod
     def _socket_names(cls, value: dict[str, RuleSettings]) -> dict[str, RuleSettings]:
         for name in value:
-            if name == CONTROL_NAME:
+            problem = grantable_name_problem(name)
+            if problem is not None:
                 raise ValueError(
-                    f"{CONTROL_NAME!r} is the broker's own control socket and cannot be "
-                    "granted; give the socket another FileDescriptorName="
-                )
-            if not valid_name(name):
-                raise ValueError(
-                    f"{name!r} is not a valid socket name (letters, digits, '_.@-', up to "
-                    "64 characters, as in FileDescriptorName=)"
+                    f"{problem}; a socket's name is its .socket unit's FileDescriptorName="
                 )
         return value
 
@@ -226,13 +218,13 @@ _JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"
 def _check_environment(environ: Mapping[str, str]) -> None:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     for variable in environ:
-        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+        if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
             continue
         head, nested, _ = variable.partition("__")
         if head not in known:
             raise ConfigError(
                 f"environment variable {variable}: unknown setting; known: "
-                f"{', '.join(sorted(known | CLIENT_ENV))}"
+                f"{', '.join(sorted(known | LOCATION_ENV))}"
             )
         if nested and head not in _JSON_SETTINGS:
             raise ConfigError(
@@ -253,7 +245,7 @@ def _source_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> 
     """Return the `PORT_BROKER_*` variable in `environ` that set the key at `loc`, if any."""
     key = [str(part).lower() for part in loc]
     for variable in environ:
-        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_ENV:
+        if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
             continue
         parts = variable.removeprefix(ENV_PREFIX).lower().split("__")
         shorter = min(len(parts), len(key))  # one names the other's table, or the same key
@@ -266,7 +258,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     """Load, validate and resolve the configuration.
 
     Args:
-        path: The TOML file; None means $PORT_BROKER_CONFIG, else DEFAULT_PATH.
+        path: The TOML file; None means $PORT_BROKER_CONFIG, else names.DEFAULT_CONFIG.
         environ: Where `PORT_BROKER_*` overrides are read from.
 
     Raises:
@@ -282,7 +274,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     except FileNotFoundError:
         if explicit:
             raise ConfigError(
-                f"{path}: no such file (asked for with --config or {PATH_ENV})"
+                f"{path}: no such file (asked for with --config or {CONFIG_ENV})"
             ) from None
         exists = False
     except tomllib.TOMLDecodeError as e:

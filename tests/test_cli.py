@@ -24,6 +24,7 @@ import trio
 from broker import __version__, client
 from broker.cli import format_status, main
 from broker.errors import UnknownSocket
+from broker.names import exit_statuses
 from broker.policy import Rule
 from tests.harness.inprocess import (
     CONFIG_PATH,
@@ -34,6 +35,7 @@ from tests.harness.inprocess import (
     running_broker,
 )
 from tests.harness.processes import LISTEN_FDS_PROBE, START_TIMEOUT
+from tests.harness.runtime import ROOT
 
 PORT_BROKER: Final = [sys.executable, "-I", "-m", "broker"]
 
@@ -308,7 +310,7 @@ async def test_exec_refused_exits_before_running_anything(rundir: Path) -> None:
     assert "may not acquire socket 'secret'" in denied.stderr.decode()
     assert malformed.returncode == 2  # a usage error, caught before asking the broker
     assert malformed.stderr.decode() == (
-        "port-broker exec: 'a b' is not a socket name (letters, digits, '_.@-', up to 64 "
+        "port-broker exec: 'a b' is not a valid socket name (letters, digits, '_.@-', up to 64 "
         "characters); `port-broker list` shows the ones you may acquire\n"
     )
     assert missing.returncode == 69
@@ -467,6 +469,15 @@ def test_help_mentions_the_key_options(
     assert out.startswith(f"usage: port-broker {' '.join(command)}".rstrip())
     for word in mentions:
         assert word in out, word
+
+
+def test_exit_statuses_are_the_same_in_help_and_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["exec", "--help"])
+    said = exit_statuses()
+    assert said.startswith("2 usage error, 66 unknown socket")
+    assert said in " ".join(capsys.readouterr().out.split())
+    assert said in " ".join((ROOT / "README.md").read_text().split())
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

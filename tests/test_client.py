@@ -28,7 +28,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import client
+from broker import client, names
 from broker.errors import (
     AccessDenied,
     BrokerUnavailable,
@@ -653,7 +653,7 @@ async def test_the_path_argument_then_the_environment_then_the_default(
 ) -> None:
     missing = str(rundir / "missing.sock")
     monkeypatch.delenv("PORT_BROKER_SOCKET", raising=False)
-    assert client.socket_path() == client.DEFAULT_SOCKET == "/run/port-broker.sock"
+    assert client.socket_path() == names.DEFAULT_SOCKET == "/run/port-broker.sock"
     monkeypatch.setenv("PORT_BROKER_SOCKET", "")
     assert client.socket_path() == "/run/port-broker.sock"
     async with running_broker(rundir) as served:

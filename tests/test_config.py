@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import cli, config
+from broker import cli, config, names
 from broker.config import Config
 from broker.errors import ConfigError
 from broker.policy import Rule
@@ -277,7 +277,7 @@ def test_the_control_socket_cannot_have_a_rule(tmp_path: Path) -> None:
     path = write(tmp_path, '[sockets.control]\nusers = ["www-data"]\n')
     assert error(path) == (
         f"{path}: sockets: 'control' is the broker's own control socket and cannot be "
-        "granted; give the socket another FileDescriptorName="
+        "granted; a socket's name is its .socket unit's FileDescriptorName="
     )
 
 
@@ -286,7 +286,7 @@ def test_invalid_socket_names_are_refused(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, f'[sockets."{name}"]\n')
     assert error(path) == (
         f"{path}: sockets: {name!r} is not a valid socket name (letters, digits, '_.@-', "
-        "up to 64 characters, as in FileDescriptorName=)"
+        "up to 64 characters); a socket's name is its .socket unit's FileDescriptorName="
     )
 
 
@@ -340,7 +340,7 @@ def test_a_missing_default_file_means_deny_everything(
     # The real default (/etc/port-broker/broker.toml) may exist on a machine running
     # this, so point the default at a path that surely does not.
     default = tmp_path / "etc" / "broker.toml"
-    monkeypatch.setattr(config, "DEFAULT_PATH", str(default))
+    monkeypatch.setattr(names, "DEFAULT_CONFIG", str(default))
     loaded = config.load(None, {})
     assert loaded.path == str(default)
     assert not loaded.exists
@@ -355,8 +355,8 @@ def test_a_missing_default_file_means_deny_everything(
 @pytest.mark.parametrize(
     ("path", "environ", "expected"),
     [
-        (None, {}, (config.DEFAULT_PATH, False)),
-        (None, {"PORT_BROKER_CONFIG": ""}, (config.DEFAULT_PATH, False)),
+        (None, {}, (names.DEFAULT_CONFIG, False)),
+        (None, {"PORT_BROKER_CONFIG": ""}, (names.DEFAULT_CONFIG, False)),
         (None, {"PORT_BROKER_CONFIG": "/e.toml"}, ("/e.toml", True)),
         ("/a.toml", {}, ("/a.toml", True)),
         ("/a.toml", {"PORT_BROKER_CONFIG": "/e.toml"}, ("/a.toml", True)),
@@ -545,7 +545,7 @@ def test_check_config_reports_an_error_with_status_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path, f'[sockets.http]\nusers = ["{NO_SUCH_USER}"]\n')
-    assert cli.main(["check-config", str(path)]) == cli.EXIT_CONFIG == 78
+    assert cli.main(["check-config", str(path)]) == 78
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(
@@ -557,7 +557,7 @@ def test_check_config_without_a_file_needs_the_default_to_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     default = tmp_path / "broker.toml"
-    monkeypatch.setattr(config, "DEFAULT_PATH", str(default))
+    monkeypatch.setattr(names, "DEFAULT_CONFIG", str(default))
     monkeypatch.delenv("PORT_BROKER_CONFIG", raising=False)
     assert cli.main(["check-config"]) == 78
     assert capsys.readouterr().err == f"port-broker check-config: {default}: no such file\n"

@@ -18,13 +18,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import Code, ProtocolError
+from broker.names import NAME_MAX_LENGTH, NAME_PATTERN, Family, SocketType, valid_name
 from broker.protocol import (
-    FAMILIES,
     MAX_NAMES,
     MAX_REQUEST_BYTES,
-    NAME_MAX_LENGTH,
-    NAME_PATTERN,
-    TYPES,
     Acquire,
     Granted,
     LineBuffer,
@@ -40,7 +37,6 @@ from broker.protocol import (
     encode_request,
     parse_reply,
     parse_request,
-    valid_name,
 )
 
 FUZZ = settings(database=None, deadline=None, max_examples=400)
@@ -66,8 +62,8 @@ requests: st.SearchStrategy[Request] = st.one_of(
 infos = st.builds(
     SocketInfo,
     name=names,
-    family=st.sampled_from(FAMILIES),
-    type=st.sampled_from(TYPES),
+    family=st.sampled_from([str(f) for f in Family]),
+    type=st.sampled_from([str(t) for t in SocketType]),
     address=st.text(max_size=40),
 )
 json_values: st.SearchStrategy[Any] = st.recursive(
@@ -95,8 +91,8 @@ socket_entries = st.fixed_dictionaries(
     {},
     optional={
         "name": names | json_values,
-        "family": st.sampled_from(FAMILIES) | json_values,
-        "type": st.sampled_from(TYPES) | json_values,
+        "family": st.sampled_from([str(f) for f in Family]) | json_values,
+        "type": st.sampled_from([str(t) for t in SocketType]) | json_values,
         "address": st.text(max_size=20) | json_values,
         "x": json_values,
     },

@@ -37,6 +37,7 @@ from broker import __version__, client, server
 from broker.audit import Audit
 from broker.errors import AccessDenied, RequestRefused
 from broker.identity import Peer, UserDatabase
+from broker.names import Level
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
 from broker.server import (
@@ -1007,7 +1008,7 @@ def test_audit_never_raises_into_the_server(monkeypatch: pytest.MonkeyPatch) -> 
     closed = io.StringIO()
     closed.close()
     monkeypatch.setattr(sys, "stderr", closed)
-    Audit(journal=False).log("error", "nobody hears this", DETAIL="x")
+    Audit(journal=False).log(Level.ERROR, "nobody hears this", DETAIL="x")
 
 
 # --- one user's share ---------------------------------------------------------------
