@@ -33,21 +33,16 @@ import pytest
 import trio
 import trio.testing
 
-from broker import __version__, client, server
+from broker import __version__, client, connection
 from broker.audit import Audit
+from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, RequestRefused
 from broker.identity import Peer, UserDatabase
+from broker.ledger import RECENT_EVENTS, REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
 from broker.names import Level
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
-from broker.server import (
-    MAX_REQUESTS_PER_CONNECTION,
-    RECENT_EVENTS,
-    REFUSAL_LOG_BURST,
-    REFUSAL_LOG_WINDOW,
-    SHUTDOWN_GRACE,
-    STATUS_INTERVAL,
-)
+from broker.server import SHUTDOWN_GRACE, STATUS_INTERVAL
 from tests.harness.inprocess import (
     ANCILLARY,
     CLIENT_TIMEOUT,
@@ -210,7 +205,7 @@ async def test_all_or_none_a_refused_name_means_no_fd_at_all(
             assert fds == []
         assert (reply["ok"], reply["code"]) == (False, code)
         assert await settled_fds() == before
-        assert served.broker.grants.total() == 0
+        assert served.broker.ledger.grants.total() == 0
         # Nothing was granted, so nothing is reported as granted.
         report = (await wire.request(STATUS))["status"]
         assert report["grants"] == 0
@@ -265,7 +260,7 @@ async def test_a_protocol_error_is_refused_with_its_code_then_the_connection_clo
         assert reply["code"] == code
         assert words in reply["message"]
         assert await wire.rest() == b""
-        assert served.broker.refusals == {code: 1}
+        assert served.broker.ledger.refusals == {code: 1}
         (line,) = audit_lines(capsys.readouterr().err, f"refused {me()}")
         fields = audit_fields(line)
         assert (fields["refusal_code"], fields["peer_uid"]) == (code, str(UID))
@@ -315,8 +310,8 @@ async def test_status_is_refused_to_peers_outside_the_status_rule(rundir: Path) 
             f"in {CONFIG_PATH}"
         )
         assert (await wire.request(LIST))["ok"] is True  # still open
-        assert served.broker.refusals == {"denied": 1}
-        assert served.broker.denials.total() == 0  # not a socket denial
+        assert served.broker.ledger.refusals == {"denied": 1}
+        assert served.broker.ledger.denials.total() == 0  # not a socket denial
 
 
 async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> None:
@@ -325,7 +320,7 @@ async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> 
         second = await Wire.open(served.path)
         async with first, second:
             await trio.testing.wait_all_tasks_blocked()
-            assert served.broker.active == 2
+            assert served.broker.admission.active == 2
             async with await Wire.open(served.path) as third:
                 # The broker answers "busy" and closes at once, without reading: the
                 # request may find the connection closed already.
@@ -344,12 +339,12 @@ async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> 
             # The two connected clients are served as usual meanwhile.
             assert (await first.request(LIST))["ok"] is True
         await trio.testing.wait_all_tasks_blocked()
-        assert served.broker.active == 0
+        assert served.broker.admission.active == 0
         # With room again, the next client is served.
         with await client.acquire_trio("http", path=served.path):
             pass
-        assert served.broker.refusals == {"busy": 1}
-        assert served.broker.connections == 4
+        assert served.broker.ledger.refusals == {"busy": 1}
+        assert served.broker.admission.connections == 4
 
 
 async def test_a_silent_client_is_refused_with_timeout_after_client_timeout(
@@ -368,7 +363,7 @@ async def test_a_silent_client_is_refused_with_timeout_after_client_timeout(
             "message": "no complete request within 5 seconds",
         }
         assert await wire.rest() == b""
-        assert served.broker.refusals == {"timeout": 1}
+        assert served.broker.ledger.refusals == {"timeout": 1}
 
 
 async def test_the_deadline_is_per_request_and_counts_a_half_sent_request(
@@ -416,7 +411,7 @@ async def test_silent_half_sent_garbage_and_vanishing_clients_do_not_stop_a_legi
         )
         sock.close()
         await trio.testing.wait_all_tasks_blocked()
-        assert served.broker.active == 2  # the silent and the half-sent one wait
+        assert served.broker.admission.active == 2  # the silent and the half-sent one wait
         err = capsys.readouterr().err
         assert len(audit_lines(err, "granted socket 'http'")) == 1  # only the legitimate one
         (dropped,) = audit_lines(err, f"dropped {me()}")
@@ -424,8 +419,8 @@ async def test_silent_half_sent_garbage_and_vanishing_clients_do_not_stop_a_legi
         for sock in bad:
             sock.close()
         assert await settled_fds() == baseline
-        assert served.broker.active == 0
-        assert served.broker.grants == {"http": 1}
+        assert served.broker.admission.active == 0
+        assert served.broker.ledger.grants == {"http": 1}
 
 
 async def test_fds_sent_to_the_broker_are_not_kept(rundir: Path) -> None:
@@ -465,8 +460,8 @@ async def test_many_grants_leak_no_fd(rundir: Path) -> None:
             for _, sock in grants:
                 sock.close()
         assert await settled_fds() == baseline
-        assert served.broker.grants == {"http": 300, "dual": 20, "dns": 20}
-        assert served.broker.active == 0
+        assert served.broker.ledger.grants == {"http": 300, "dual": 20, "dns": 20}
+        assert served.broker.admission.active == 0
 
 
 async def test_several_requests_on_one_connection_are_answered_in_order(
@@ -491,7 +486,7 @@ async def test_several_requests_on_one_connection_are_answered_in_order(
         ops = [(await wire.request(b""))["op"] for _ in range(rest)]
         assert ops == ["list"] * (rest // 2) + ["status"] * (rest - rest // 2)
         assert await wire.rest() == b""
-        assert served.broker.connections == 1
+        assert served.broker.admission.connections == 1
 
 
 async def test_list_shows_only_what_the_caller_may_acquire(rundir: Path) -> None:
@@ -627,7 +622,7 @@ async def test_a_client_that_stops_reading_is_dropped_without_affecting_others(
     rundir: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Lift the per-connection request cap, which would end this client first.
-    monkeypatch.setattr(server, "MAX_REQUESTS_PER_CONNECTION", 10**6)
+    monkeypatch.setattr(connection, "MAX_REQUESTS_PER_CONNECTION", 10**6)
     async with running_broker(rundir) as served, await Wire.open(served.path) as slow:
 
         async def flood() -> None:
@@ -640,21 +635,21 @@ async def test_a_client_that_stops_reading_is_dropped_without_affecting_others(
             nursery.start_soon(flood)
             await trio.testing.wait_all_tasks_blocked()
             start = trio.current_time()
-            assert served.broker.active == 1  # stuck writing replies nobody reads
+            assert served.broker.admission.active == 1  # stuck writing replies nobody reads
 
             # Others are served meanwhile, at once.
             sock = await client.acquire_trio("http", path=served.path)
             sock.close()
             await trio.testing.wait_all_tasks_blocked()
             assert trio.current_time() == start
-            assert served.broker.active == 1
+            assert served.broker.admission.active == 1
         # flood() has ended: the broker hung up on the slow client at its deadline.
         assert trio.current_time() - start == pytest.approx(CLIENT_TIMEOUT)
         replies = (await slow.rest()).count(b"\n")
         assert 0 < replies < 20000
         await trio.testing.wait_all_tasks_blocked()
-        assert served.broker.active == 0
-        assert served.broker.grants == {"http": 1}
+        assert served.broker.admission.active == 0
+        assert served.broker.ledger.grants == {"http": 1}
 
 
 async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: Path) -> None:
@@ -676,10 +671,10 @@ async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: 
             # The connection stays open: the request was well-formed, only too big.
             assert (await wire.request(LIST))["ok"] is True
             await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
-            assert served.broker.refusals == {"too-large": 1}
-            assert served.broker.grants == {"most": 1}
+            assert served.broker.ledger.refusals == {"too-large": 1}
+            assert served.broker.ledger.grants == {"most": 1}
             # Audited like every refusal of an acquire.
-            assert [(e["decision"], e["socket"]) for e in served.broker.recent] == [
+            assert [(e["decision"], e["socket"]) for e in served.broker.ledger.recent] == [
                 ("grant", "most"),
                 ("deny", "most,one"),
             ]
@@ -711,8 +706,8 @@ async def test_an_internal_error_is_refused_as_internal_and_the_connection_stays
             assert len(fds) == 2
         assert granted["ok"] is True
         await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
-        assert served.broker.refusals == {"internal": 1}
-        assert served.broker.grants == {"dual": 1}
+        assert served.broker.ledger.refusals == {"internal": 1}
+        assert served.broker.ledger.grants == {"dual": 1}
     (line,) = audit_lines(capsys.readouterr().err, "port-broker: error:")
     assert line.startswith(f"port-broker: error: internal error answering {me()}: ")
     assert "RuntimeError('the policy exploded')" in line
@@ -734,7 +729,7 @@ async def test_out_of_fds_the_broker_pauses_accepting_then_serves(
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             wire = Wire(sock)
             assert (await wire.request(LIST))["ok"] is True
-            assert served.broker.connections == 1
+            assert served.broker.admission.connections == 1
     log = capsys.readouterr().err
     assert audit_lines(log, "port-broker: warning: accept") == [
         "port-broker: warning: accept on the control socket: Too many open files; retrying "
@@ -877,7 +872,7 @@ async def test_serve_returns_on_sigterm_after_the_shutdown_grace(
         idle = await Wire.open(served.path)
         async with idle:
             await trio.testing.wait_all_tasks_blocked()
-            assert served.broker.active == 1
+            assert served.broker.admission.active == 1
             start = trio.current_time()
             send_signal_to_self(signum)
             with trio.fail_after(CLIENT_TIMEOUT):
@@ -886,7 +881,7 @@ async def test_serve_returns_on_sigterm_after_the_shutdown_grace(
             # A client in the middle of a conversation had the grace, and no more.
             assert trio.current_time() - start == pytest.approx(SHUTDOWN_GRACE)
             assert await idle.rest() == b""
-        assert served.broker.active == 0
+        assert served.broker.admission.active == 0
         # Nobody is served any more, but what the broker does not own stays open.
         async with await Wire.open(served.path) as late:
             await late.send(LIST)
@@ -1033,7 +1028,7 @@ async def test_one_uid_cannot_take_every_connection(rundir: Path) -> None:
                 )
             assert (await first.request(LIST))["ok"] is True
         await trio.testing.wait_all_tasks_blocked()
-        assert served.broker.per_uid == {}  # every slot given back
+        assert served.broker.admission.per_uid == {}  # every slot given back
         with await client.acquire_trio("http", path=served.path):
             pass
 
@@ -1049,7 +1044,7 @@ async def test_a_flood_of_refusals_is_logged_in_part_and_summed_up(
         granted = await client.acquire_trio("http", path=served.path)  # grants: always
         granted.close()
         await trio.sleep(REFUSAL_LOG_WINDOW + STATUS_INTERVAL)  # the window ends
-        assert served.broker.refusals == {"denied": REFUSAL_LOG_BURST + 30}
+        assert served.broker.ledger.refusals == {"denied": REFUSAL_LOG_BURST + 30}
     err = capsys.readouterr().err
     assert len(audit_lines(err, "denied socket 'secret'")) == REFUSAL_LOG_BURST
     assert len(audit_lines(err, "granted socket 'http'")) == 1

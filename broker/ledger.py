@@ -1,0 +1,173 @@
+"""What the broker has done, counted and logged in one place: grants, denials, every
+refusal by its code, the recent events for `port-broker status`, and the rate limit on
+logging refusals.
+
+Every outcome of a connection (broker/connection.py) and every busy refusal comes
+through `record`: the counters, the audit trail and the `recent` list cannot disagree.
+
+Must never: suppress or delay a grant's record (only refusals are rate-limited), or
+raise into the server (the audit trail itself never does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from broker.audit import Audit
+from broker.connection import Kind, Outcome
+from broker.errors import Code
+from broker.identity import Peer
+from broker.names import Level
+
+REFUSAL_LOG_BURST: Final = 20
+REFUSAL_LOG_WINDOW: Final = 10.0
+"""At most REFUSAL_LOG_BURST refusals per uid are logged in each REFUSAL_LOG_WINDOW
+seconds, the rest only counted and summed up: one user's flood of refused requests must
+not push grants past journald's rate limit. Grants are always logged."""
+
+REFUSAL_LOG_UIDS: Final = 4096
+"""uids whose refusal-log windows are tracked at once; past that all windows end early."""
+
+RECENT_EVENTS: Final = 32
+"""Grants and denials kept for `port-broker status`; the journal keeps them all."""
+
+
+@dataclass
+class _Window:
+    """One uid's refusal-log window."""
+
+    start: float
+    logged: int = 0
+    dropped: int = 0
+
+
+class RefusalLimiter:
+    """Per-uid budget for logging refusals (REFUSAL_LOG_BURST per REFUSAL_LOG_WINDOW).
+
+    Args:
+        clock: Seconds, monotonic (trio's clock in the broker, so tests can jump it).
+        summarize: Called with (uid, how many were not logged) when a window that
+            dropped some ends.
+    """
+
+    def __init__(self, clock: Callable[[], float], summarize: Callable[[int, int], None]) -> None:
+        self._clock = clock
+        self._summarize = summarize
+        self._windows: dict[int, _Window] = {}
+
+    def allow(self, uid: int) -> bool:
+        """Whether another refusal of `uid` may be logged now; if not, it is counted."""
+        now = self._clock()
+        window = self._windows.get(uid)
+        if window is not None and now - window.start >= REFUSAL_LOG_WINDOW:
+            self._end(uid, window)
+            window = None
+        if window is None:
+            if len(self._windows) >= REFUSAL_LOG_UIDS:
+                self.flush(everything=True)
+            window = self._windows[uid] = _Window(now)
+        if window.logged < REFUSAL_LOG_BURST:
+            window.logged += 1
+            return True
+        window.dropped += 1
+        return False
+
+    def flush(self, *, everything: bool = False) -> None:
+        """End the windows that are over (all of them, if `everything`)."""
+        now = self._clock()
+        for uid, window in list(self._windows.items()):
+            if everything or now - window.start >= REFUSAL_LOG_WINDOW:
+                self._end(uid, window)
+
+    def _end(self, uid: int, window: _Window) -> None:
+        del self._windows[uid]
+        if window.dropped:
+            self._summarize(uid, window.dropped)
+
+
+class Ledger:
+    """The broker's counters, recent events and audit records.
+
+    Args:
+        audit: Where records go.
+        clock: For the refusal-log windows (see `RefusalLimiter`).
+    """
+
+    def __init__(self, audit: Audit, clock: Callable[[], float]) -> None:
+        self.audit = audit
+        self.grants: Counter[str] = Counter()
+        self.denials: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.limiter = RefusalLimiter(clock, self._summarize)
+
+    def record(self, outcome: Outcome, peer: Peer) -> None:
+        """Count `outcome` and log it (refusals within the per-uid budget)."""
+        name = outcome.socket or ""
+        if outcome.kind is Kind.GRANT:
+            self.grants[name] += 1
+            self.audit.decision(True, peer, name, outcome.reason)
+            self._remember(True, peer, name, outcome.reason)
+            return
+        if outcome.code is not None:
+            self.refusals[outcome.code] += 1
+        if outcome.kind is Kind.INTERNAL:  # always logged: a bug of ours
+            self.audit.log(Level.ERROR, outcome.reason, EXCEPTION=outcome.detail or "")
+            return
+        logged = self.limiter.allow(peer.uid)
+        if outcome.kind is Kind.DENIAL:
+            if outcome.code is Code.DENIED:
+                self.denials[name] += 1
+            if logged:
+                code = None if outcome.code is None else str(outcome.code)
+                self.audit.decision(False, peer, name, outcome.reason, code)
+            self._remember(False, peer, name, outcome.reason)
+        elif not logged:
+            pass
+        elif outcome.kind is Kind.STATUS_DENIAL:
+            self.audit.log(Level.NOTICE, f"denied the status report to {peer.describe()}",
+                           DECISION="deny", OPERATION="status", PEER_UID=peer.uid,
+                           PEER_PID=peer.pid, REASON=outcome.reason[:512])  # fmt: skip
+        else:
+            self.audit.log(
+                Level.NOTICE,
+                f"refused {peer.describe()}: {outcome.reason}",
+                REFUSAL_CODE=str(outcome.code),
+                PEER_UID=peer.uid,
+                PEER_PID=peer.pid,
+            )
+
+    def busy(self) -> None:
+        """Count a connection refused for a limit (not logged: it costs nothing)."""
+        self.refusals[Code.BUSY] += 1
+
+    def failure(self, message: str, detail: str) -> None:
+        """Count and log a failure of the broker's own outside any request."""
+        self.refusals[Code.INTERNAL] += 1
+        self.audit.log(Level.ERROR, message, EXCEPTION=detail)
+
+    def _remember(self, allowed: bool, peer: Peer, name: str, reason: str) -> None:
+        self.recent.append(
+            {
+                "time": time.time(),
+                "decision": "grant" if allowed else "deny",
+                "socket": name,
+                "uid": peer.uid,
+                "user": peer.user,
+                "pid": peer.pid,
+                "unit": peer.unit,
+                "reason": reason,
+            }
+        )
+
+    def _summarize(self, uid: int, dropped: int) -> None:
+        self.audit.log(
+            Level.NOTICE,
+            f"{dropped} more refusals of uid {uid} in {REFUSAL_LOG_WINDOW:g} s were not logged",
+            PEER_UID=uid,
+            SUPPRESSED=dropped,
+        )
