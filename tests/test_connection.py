@@ -1,0 +1,339 @@
+"""Tests for `broker.connection`: one connection's rules, without I/O.
+
+Each numbered rule of the module has its own tests, and hypothesis checks the
+invariants over arbitrary input, whole and in arbitrary chunks: every `Send` is one
+reply line; a refusal that closes is the last thing sent; fds travel only with a grant,
+exactly those of the names asked for; a grant is recorded only as a grant; nothing is
+answered after the connection closes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.activation import HeldSocket, inspect
+from broker.connection import (
+    CLOSE,
+    NEED_DATA,
+    Action,
+    Connection,
+    Holdings,
+    Kind,
+    Phase,
+    Send,
+)
+from broker.errors import Code
+from broker.identity import Peer
+from broker.policy import Policy, Rule
+from broker.protocol import (
+    MAX_NAMES,
+    MAX_REQUEST_BYTES,
+    SCM_MAX_FD,
+    Acquire,
+    Granted,
+    Listing,
+    ListSockets,
+    Refusal,
+    Status,
+    StatusReport,
+    encode_request,
+    parse_reply,
+)
+
+PEER = Peer(pid=4242, uid=1000, gid=1000, user="alice")
+POLICY = Policy(
+    sockets={"http": Rule(uids=frozenset({1000})), "https": Rule(uids=frozenset({1000})),
+             "secret": Rule(uids=frozenset({0}))},
+    status=Rule(uids=frozenset({0})),
+    source="/etc/port-broker/test.toml",
+)  # fmt: skip
+TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def held() -> Iterator[dict[str, list[HeldSocket]]]:
+    """http (IPv4 and IPv6), https and secret: real listening sockets on loopback."""
+    made: dict[str, list[HeldSocket]] = {}
+    socks = []
+    for name, family, host in [
+        ("http", socket.AF_INET, "127.0.0.1"),
+        ("http", socket.AF_INET6, "::1"),
+        ("https", socket.AF_INET, "127.0.0.1"),
+        ("secret", socket.AF_INET, "127.0.0.1"),
+    ]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        socks.append(sock)
+        sock.bind((host, 0))
+        sock.listen()
+        made.setdefault(name, []).append(HeldSocket(name, sock, inspect(sock, name, name)))
+    yield made
+    for sock in socks:
+        sock.close()
+
+
+def holdings(held: dict[str, list[HeldSocket]], report: Any = None) -> Holdings:
+    return Holdings(POLICY, held, report or (lambda: {"grants": 0}))
+
+
+def connection(held: dict[str, list[HeldSocket]], peer: Peer = PEER, **kw: Any) -> Connection:
+    return Connection(peer, holdings(held, kw.pop("report", None)), timeout=TIMEOUT, **kw)
+
+
+def fds_of(held: dict[str, list[HeldSocket]], names: Sequence[str]) -> tuple[int, ...]:
+    return tuple(h.sock.fileno() for name in names for h in held[name])
+
+
+def drive(conn: Connection, chunks: Sequence[bytes], *, eof: bool = True) -> list[Action]:
+    """Feed `chunks` (then end of stream), sending each reply at once; return every
+    action but NEED_DATA, up to and including CLOSE."""
+    actions: list[Action] = []
+    pending = list(chunks)
+    while True:
+        action = conn.next_action()
+        if action is NEED_DATA:
+            if pending:
+                conn.receive_data(pending.pop(0))
+            elif eof:
+                conn.receive_data(b"")
+                eof = False
+            else:
+                return actions
+            continue
+        actions.append(action)
+        if action is CLOSE:
+            return actions
+        conn.sent()
+
+
+def sends(actions: Sequence[Action]) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send)]
+
+
+def line(request: Any) -> bytes:
+    return encode_request(request)
+
+
+# --- rule 1: framing and the request count ----------------------------------------
+
+
+def test_each_request_gets_one_reply_in_order(held: dict[str, list[HeldSocket]]) -> None:
+    actions = drive(connection(held), [line(ListSockets()) + line(Acquire(("http",)))])
+    listing, granted = (parse_reply(s.data.rstrip(b"\n")) for s in sends(actions))
+    assert isinstance(listing, Listing)
+    assert isinstance(granted, Granted)
+    assert actions[-1] is CLOSE
+
+
+def test_the_connection_closes_after_its_last_request(held: dict[str, list[HeldSocket]]) -> None:
+    conn = connection(held, max_requests=3)
+    actions = drive(conn, [line(ListSockets()) * 5], eof=False)
+    assert len(sends(actions)) == 3
+    assert actions[-1] is CLOSE
+    assert conn.phase is Phase.CLOSED
+
+
+# --- rule 2: one refusal, then close ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"not json\n", Code.MALFORMED),
+        (b'{"v":2,"op":"list"}\n', Code.UNSUPPORTED_VERSION),
+        (b'{"v":1,"op":"steal"}\n', Code.UNKNOWN_OPERATION),
+        (b"x" * MAX_REQUEST_BYTES, Code.TOO_LARGE),
+    ],
+)
+def test_a_bad_request_gets_one_refusal_and_nothing_after_it(
+    held: dict[str, list[HeldSocket]], data: bytes, code: Code
+) -> None:
+    actions = drive(connection(held), [data + line(Acquire(("http",)))])
+    [refusal] = sends(actions)
+    assert refusal.final
+    assert refusal.fds == ()
+    assert parse_reply(refusal.data.rstrip(b"\n")) == Refusal(code, refusal.outcomes[0].reason)
+    assert [o.kind for o in refusal.outcomes] == [Kind.PROTOCOL]
+    assert actions[-1] is CLOSE
+
+
+# --- rule 3: all or none ----------------------------------------------------------
+
+
+@given(names=st.lists(st.sampled_from(["http", "https", "secret", "nope"]), min_size=1,
+                      max_size=4, unique=True))  # fmt: skip
+@settings(max_examples=60, deadline=None)
+def test_an_acquire_is_all_or_none(held: dict[str, list[HeldSocket]], names: list[str]) -> None:
+    [send] = sends(drive(connection(held), [line(Acquire(tuple(names)))], eof=False))
+    reply = parse_reply(send.data.rstrip(b"\n"))
+    if set(names) <= {"http", "https"}:
+        assert isinstance(reply, Granted)
+        assert send.fds == fds_of(held, names)
+        assert [g.socket for g in send.grants] == names
+        assert [info.name for info in reply.sockets] == [n for n in names for _ in held[n]]
+    else:
+        assert isinstance(reply, Refusal)
+        first_bad = next(n for n in names if n not in {"http", "https"})
+        assert reply.code == (Code.UNKNOWN_SOCKET if first_bad == "nope" else Code.DENIED)
+        assert (send.fds, send.grants) == ((), ())
+        [denial] = send.outcomes
+        assert (denial.kind, denial.socket, denial.code) == (Kind.DENIAL, first_bad, reply.code)
+
+
+def test_more_fds_than_one_message_carries_is_refused(held: dict[str, list[HeldSocket]]) -> None:
+    many = {f"s{i}": held["http"] * 4 for i in range(MAX_NAMES)}  # 32 names, 8 fds each
+    assert MAX_NAMES * 8 > SCM_MAX_FD
+    policy = Policy(sockets={n: Rule(uids=frozenset({1000})) for n in many})
+    conn = Connection(PEER, Holdings(policy, many, dict), timeout=TIMEOUT)
+    [send] = sends(drive(conn, [line(Acquire(tuple(many)))], eof=False))
+    assert parse_reply(send.data.rstrip(b"\n")).code == Code.TOO_LARGE  # type: ignore[union-attr]
+    assert (send.fds, send.grants) == ((), ())
+
+
+def test_unknown_names_reveal_only_what_the_peer_may_have(
+    held: dict[str, list[HeldSocket]],
+) -> None:
+    [send] = sends(drive(connection(held), [line(Acquire(("nope",)))], eof=False))
+    assert send.outcomes[0].reason == "no socket named 'nope' (you may acquire: http, https)"
+
+
+# --- rule 4: grants are recorded apart ---------------------------------------------
+
+
+def test_grants_ride_apart_from_other_outcomes(held: dict[str, list[HeldSocket]]) -> None:
+    [send] = sends(drive(connection(held), [line(Acquire(("https", "http")))], eof=False))
+    assert send.outcomes == ()
+    assert [(g.kind, g.socket) for g in send.grants] == [
+        (Kind.GRANT, "https"),
+        (Kind.GRANT, "http"),
+    ]
+    assert send.grants[0].reason == "uid 1000 is in users"
+
+
+# --- rule 5: the deadline's meaning -----------------------------------------------
+
+
+def test_a_late_request_is_refused_with_timeout(held: dict[str, list[HeldSocket]]) -> None:
+    conn = connection(held)
+    conn.receive_data(b'{"v":1,')
+    assert conn.next_action() is NEED_DATA
+    late = conn.timed_out()
+    assert isinstance(late, Send)
+    assert late.final
+    assert parse_reply(late.data.rstrip(b"\n")) == Refusal(
+        Code.TIMEOUT, "no complete request within 5 seconds"
+    )
+    conn.sent()
+    assert conn.next_action() is CLOSE
+
+
+def test_a_reply_not_taken_in_time_closes_without_a_word(
+    held: dict[str, list[HeldSocket]],
+) -> None:
+    conn = connection(held)
+    conn.receive_data(line(ListSockets()))
+    assert isinstance(conn.next_action(), Send)
+    assert conn.phase is Phase.SENDING
+    assert conn.timed_out() is CLOSE
+    assert conn.next_action() is CLOSE
+
+
+def test_the_driver_must_finish_a_send_before_the_next(
+    held: dict[str, list[HeldSocket]],
+) -> None:
+    conn = connection(held)
+    with pytest.raises(RuntimeError, match="sent"):
+        conn.sent()
+    conn.receive_data(line(ListSockets()) * 2)
+    conn.next_action()
+    with pytest.raises(RuntimeError, match="before sent"):
+        conn.next_action()
+
+
+# --- rule 6: end of stream --------------------------------------------------------
+
+
+def test_a_partial_request_at_end_of_stream_is_dropped(held: dict[str, list[HeldSocket]]) -> None:
+    assert drive(connection(held), [line(ListSockets())[:-3]]) == [CLOSE]
+
+
+# --- rule 7: our own failures -----------------------------------------------------
+
+
+def test_a_failure_of_ours_is_refused_and_the_connection_goes_on(
+    held: dict[str, list[HeldSocket]],
+) -> None:
+    def broken() -> dict[str, Any]:
+        raise KeyError("a bug")
+
+    root = Peer(pid=1, uid=0, gid=0, user="root")
+    actions = drive(connection(held, root, report=broken), [line(Status()) + line(Status())])
+    first, second = sends(actions)
+    assert parse_reply(first.data.rstrip(b"\n")).code == Code.INTERNAL  # type: ignore[union-attr]
+    [failure] = first.outcomes
+    assert failure.kind is Kind.INTERNAL
+    assert "KeyError('a bug')" in failure.reason
+    assert failure.detail is not None
+    assert "Traceback" in failure.detail
+    assert not first.final
+    assert parse_reply(second.data.rstrip(b"\n")).code == Code.INTERNAL  # type: ignore[union-attr]
+
+
+def test_status_is_for_the_status_rule_only(held: dict[str, list[HeldSocket]]) -> None:
+    [denied] = sends(drive(connection(held), [line(Status())]))
+    assert [o.kind for o in denied.outcomes] == [Kind.STATUS_DENIAL]
+    root = Peer(pid=1, uid=0, gid=0, user="root")
+    report = {"grants": 7}
+    [shown] = sends(drive(connection(held, root, report=lambda: report), [line(Status())]))
+    assert parse_reply(shown.data.rstrip(b"\n")) == StatusReport(report)
+
+
+# --- invariants over arbitrary input ----------------------------------------------
+
+valid = st.sampled_from(
+    [line(ListSockets()), line(Status()), line(Acquire(("http",))), line(Acquire(("secret",))),
+     line(Acquire(("http", "https"))), line(Acquire(("nope",)))]
+)  # fmt: skip
+garbage = st.binary(max_size=80)
+streams = st.lists(valid | garbage, max_size=8).map(b"".join)
+
+
+@st.composite
+def chunked(draw: st.DrawFn) -> list[bytes]:
+    data = draw(streams)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=10)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+
+
+@given(chunks=chunked())
+@settings(max_examples=300, deadline=None)
+def test_any_input_gives_replies_then_at_most_one_refusal_then_close(
+    held: dict[str, list[HeldSocket]], chunks: list[bytes]
+) -> None:
+    actions = drive(connection(held), chunks)
+    assert actions[-1] is CLOSE
+    assert all(isinstance(a, Send) for a in actions[:-1])
+    replies = sends(actions)
+    finals = [i for i, s in enumerate(replies) if s.final]
+    assert finals in ([], [len(replies) - 1])  # a refusal that closes is the last word
+    for send in replies:
+        assert send.data.endswith(b"\n")
+        assert send.data.count(b"\n") == 1
+        reply = parse_reply(send.data[:-1])
+        if send.fds:
+            assert isinstance(reply, Granted)
+            names = [g.socket for g in send.grants]
+            assert send.fds == fds_of(held, [n for n in names if n])
+            assert set(names) <= {"http", "https"}
+        else:
+            assert send.grants == ()
+        assert all(o.kind is not Kind.GRANT for o in send.outcomes)
+    # The same input in one piece gives the same replies.
+    assert [s.data for s in sends(drive(connection(held), [b"".join(chunks)]))] == [
+        s.data for s in replies
+    ]
