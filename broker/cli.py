@@ -255,10 +255,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from broker import config
+    from broker import loader
 
     try:
-        loaded = config.load(args.file)
+        loaded = loader.load(args.file)
     except ConfigError as e:
         return _fail("check-config", e.message, Exit.CONFIG)
     if not loaded.exists:
@@ -275,12 +275,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker import config
+    from broker.loader import IsolatedLoad
 
     try:
         # A child reads the configuration (with pydantic) while this process imports
         # trio: neither waits for the other, and pydantic never enters the broker.
-        loader = config.IsolatedLoad(args.config)
+        loader = IsolatedLoad(args.config)
     except OSError as e:
         return _fail("serve", f"cannot start the configuration loader: {e.strerror}", 1)
     # Everything the server needs is imported now, before any privilege change: after

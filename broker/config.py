@@ -1,11 +1,9 @@
 """The broker's configuration as the server uses it, and where it comes from.
 
-`Config` is plain data: the resolved `Policy` plus the limits. It is read from a TOML
-file and `PORT_BROKER_*` environment overrides by `broker.settings` (pydantic-settings).
-The serving broker calls `load_isolated`, which does that in a short-lived child
-process and receives the result as JSON, so that pydantic (about 15 MB of memory and
-150 ms of imports) never enters the long-running broker; while the child works, the
-broker imports its own modules.
+`Config` is plain data: the resolved `Policy` plus the limits, with its JSON form. It is
+made from a TOML file and `PORT_BROKER_*` environment overrides by `broker.settings`
+(validation, pydantic-settings), which `broker.loader` runs (in a child process for the
+serving broker). The layers go one way: data ← validation ← loader.
 
 Example (docs/configuration.md has the whole reference)::
 
@@ -19,18 +17,13 @@ Standard library only.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from broker import names
-from broker.errors import ConfigError
 from broker.policy import Policy, Rule
-
-MAX_RESULT_BYTES: Final = 16 << 20
-"""Most a loader child may send back: a policy with a million uids is about 10 MB."""
 
 
 @dataclass(frozen=True)
@@ -108,89 +101,3 @@ def resolve_path(path: str | None, environ: Mapping[str, str] = os.environ) -> t
     if environ.get(names.CONFIG_ENV):
         return environ[names.CONFIG_ENV], True
     return names.DEFAULT_CONFIG, False
-
-
-def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """Load, validate and resolve the configuration in this process (imports pydantic).
-
-    Raises:
-        ConfigError: see `broker.settings.load`.
-    """
-    from broker import settings  # noqa: PLC0415 (pydantic only when asked for)
-
-    return settings.load(path, environ)
-
-
-class IsolatedLoad:
-    """`load` run in a forked child; `result()` collects it.
-
-    Start it before importing anything heavy: the child then loads while this process
-    imports. The calling process must be single-threaded (it forks).
-    """
-
-    def __init__(self, path: str | None = None, environ: Mapping[str, str] = os.environ) -> None:
-        self.path = resolve_path(path, environ)[0]
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.pid = os.fork()
-        except BaseException:
-            os.close(read_end)
-            os.close(write_end)
-            raise
-        if self.pid == 0:  # pragma: no cover - the child reports through the pipe
-            os.close(read_end)
-            _child(write_end, path, environ)
-        os.close(write_end)
-        self._read_end = read_end
-
-    def result(self) -> Config:
-        """Wait for the child and return what it loaded.
-
-        Raises:
-            ConfigError: what the child's `load` raised, or that the child failed.
-        """
-        chunks, size = [], 0
-        with open(self._read_end, "rb") as pipe:
-            while chunk := pipe.read(65536):
-                size += len(chunk)
-                if size > MAX_RESULT_BYTES:
-                    break
-                chunks.append(chunk)
-        _, status = os.waitpid(self.pid, 0)
-        try:
-            reply = json.loads(b"".join(chunks))
-            if "error" in reply:
-                raise ConfigError(str(reply["error"]))
-            return Config.from_json(reply["config"])
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                f"{self.path}: the configuration loader failed (exit status "
-                f"{os.waitstatus_to_exitcode(status)}); run `port-broker check-config "
-                f"{self.path}` to see why"
-            ) from None
-
-
-def _child(write_end: int, path: str | None, environ: Mapping[str, str]) -> None:
-    """In the forked child: load, write the result as JSON, exit. Never returns."""
-    try:
-        status = 1
-        try:
-            reply: dict[str, Any] = {"config": load(path, environ).to_json()}
-            status = 0
-        except ConfigError as e:
-            reply = {"error": e.message}
-        except Exception as e:
-            reply = {"error": f"{resolve_path(path, environ)[0]}: cannot load: {e!r}"}
-        with open(write_end, "wb") as pipe:
-            pipe.write(json.dumps(reply).encode())
-    finally:
-        os._exit(status)
-
-
-def load_isolated(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """`load` in a child process, so that its imports stay out of this one.
-
-    Raises:
-        ConfigError: as `load`.
-    """
-    return IsolatedLoad(path, environ).result()

@@ -14,7 +14,7 @@ Example (docs/configuration.md has the whole reference)::
     units = ["node-app.service", "machine-*.scope"]
 
 Must never: be imported on the client path, nor by the serving broker, which reads the
-configuration through `broker.config.load_isolated` so that pydantic's ~15 MB stay out
+configuration through `broker.loader.load_isolated` so that pydantic's ~15 MB stay out
 of its memory.
 """
 

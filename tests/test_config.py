@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import cli, config, names
+from broker import cli, config, loader, names
 from broker.config import Config
 from broker.errors import ConfigError
 from broker.policy import Rule
@@ -60,12 +60,12 @@ def write(tmp_path: Path, text: str | bytes, name: str = "broker.toml") -> Path:
 
 
 def load(path: Path, environ: dict[str, str] | None = None) -> Config:
-    return config.load(str(path), environ or {})
+    return loader.load(str(path), environ or {})
 
 
 def error(path: Path, environ: dict[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as caught:
-        config.load(str(path), environ or {})
+        loader.load(str(path), environ or {})
     return caught.value.message
 
 
@@ -325,12 +325,12 @@ def test_a_missing_file_named_explicitly_is_an_error(tmp_path: Path) -> None:
 def test_a_missing_file_named_by_the_environment_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
     with pytest.raises(ConfigError, match="no such file"):
-        config.load(None, {"PORT_BROKER_CONFIG": str(path)})
+        loader.load(None, {"PORT_BROKER_CONFIG": str(path)})
 
 
 def test_the_environment_names_the_file_when_no_path_is_given(tmp_path: Path) -> None:
     path = write(tmp_path, "max_connections = 9\n")
-    loaded = config.load(None, {"PORT_BROKER_CONFIG": str(path)})
+    loaded = loader.load(None, {"PORT_BROKER_CONFIG": str(path)})
     assert (loaded.path, loaded.max_connections) == (str(path), 9)
 
 
@@ -341,7 +341,7 @@ def test_a_missing_default_file_means_deny_everything(
     # this, so point the default at a path that surely does not.
     default = tmp_path / "etc" / "broker.toml"
     monkeypatch.setattr(names, "DEFAULT_CONFIG", str(default))
-    loaded = config.load(None, {})
+    loaded = loader.load(None, {})
     assert loaded.path == str(default)
     assert not loaded.exists
     assert dict(loaded.policy.sockets) == {}
@@ -349,7 +349,7 @@ def test_a_missing_default_file_means_deny_everything(
     assert loaded.policy.status == Rule(uids=frozenset({0}))
     default.parent.mkdir()
     write(default.parent, "max_connections = 3\n")
-    assert config.load(None, {}).max_connections == 3  # and is read once it exists
+    assert loader.load(None, {}).max_connections == 3  # and is read once it exists
 
 
 @pytest.mark.parametrize(
@@ -407,9 +407,9 @@ def test_load_reads_overrides_from_environ_and_not_from_os_environ(
 ) -> None:
     path = write(tmp_path, "")
     monkeypatch.setenv("PORT_BROKER_MAX_CONNECTIONS", "77")
-    assert config.load(str(path)).max_connections == 77  # the default is os.environ
-    assert config.load(str(path), {}).max_connections == 1024
-    assert config.load(str(path), {"PORT_BROKER_MAX_CONNECTIONS": "5"}).max_connections == 5
+    assert loader.load(str(path)).max_connections == 77  # the default is os.environ
+    assert loader.load(str(path), {}).max_connections == 1024
+    assert loader.load(str(path), {"PORT_BROKER_MAX_CONNECTIONS": "5"}).max_connections == 5
 
 
 @pytest.mark.parametrize(
@@ -503,7 +503,7 @@ def test_each_name_is_looked_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(pwd, "getpwnam", once)
     path = write(tmp_path, '[sockets.http]\nusers = ["www-data"]\n[status]\nusers = ["nobody"]\n')
-    loaded = config.load(str(path), {})
+    loaded = loader.load(str(path), {})
     assert loaded.policy.sockets["http"] == Rule(uids=frozenset({WWW_DATA}))
     assert loaded.policy.status == Rule(uids=frozenset({nobody}))
     assert sorted(asked) == ["nobody", "www-data"]
@@ -618,8 +618,8 @@ def test_isolated_load_gives_what_load_gives(tmp_path: Path) -> None:
         '[sockets.http]\nusers = ["nobody", 1234]\ngroups = ["www-data"]\n'
         'units = ["web.service", "machine-*.scope"]\n[status]\nusers = ["root"]\n'
     )
-    here = config.load(str(path), environ={})
-    there = config.load_isolated(str(path), environ={})
+    here = loader.load(str(path), environ={})
+    there = loader.load_isolated(str(path), environ={})
     assert there == here
     assert Config.from_json(json.loads(json.dumps(here.to_json()))) == here
 
@@ -628,9 +628,9 @@ def test_isolated_load_reports_the_childs_error(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     path.write_text('[sockets.http]\nusers = ["no-such-user-here"]\n')
     with pytest.raises(ConfigError) as here:
-        config.load(str(path), environ={})
+        loader.load(str(path), environ={})
     with pytest.raises(ConfigError) as there:
-        config.load_isolated(str(path), environ={})
+        loader.load_isolated(str(path), environ={})
     assert there.value.message == here.value.message
     assert "no-such-user-here" in there.value.message
 
@@ -638,10 +638,10 @@ def test_isolated_load_reports_the_childs_error(tmp_path: Path) -> None:
 def test_a_loader_that_dies_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     os.mkfifo(path)  # the child blocks opening it, until killed
-    loader = config.IsolatedLoad(str(path), {})
-    os.kill(loader.pid, signal.SIGKILL)
+    child = loader.IsolatedLoad(str(path), {})
+    os.kill(child.pid, signal.SIGKILL)
     with pytest.raises(ConfigError) as failed:
-        loader.result()
+        child.result()
     assert failed.value.message == (
         f"{path}: the configuration loader failed (exit status -9); run `port-broker "
         f"check-config {path}` to see why"
@@ -652,8 +652,8 @@ def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> No
     path = tmp_path / "broker.toml"
     path.write_text('[sockets.http]\nusers = ["nobody"]\n')
     code = (
-        "import sys; from broker import config; "
-        f"config.load_isolated({str(path)!r}, environ={{}}); "
+        "import sys; from broker import loader; "
+        f"loader.load_isolated({str(path)!r}, environ={{}}); "
         "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'broker.settings'))))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -667,15 +667,15 @@ def test_only_capital_port_broker_variables_count(tmp_path: Path) -> None:
         "port_broker_max_connections": "99",
         "Port_Broker_Sockets__http__users": '["nobody"]',
     }
-    loaded = config.load(str(path), environ)
+    loaded = loader.load(str(path), environ)
     assert loaded.max_connections == 10
     assert loaded.policy.sockets == {}
 
 
 def test_max_connections_per_user(tmp_path: Path) -> None:
-    assert config.load(str(write(tmp_path, "")), {}).max_connections_per_user == 64
-    loaded = config.load(str(write(tmp_path, "max_connections_per_user = 3\n")), {})
+    assert loader.load(str(write(tmp_path, "")), {}).max_connections_per_user == 64
+    loaded = loader.load(str(write(tmp_path, "max_connections_per_user = 3\n")), {})
     assert loaded.max_connections_per_user == 3
-    assert config.load_isolated(str(tmp_path / "broker.toml"), {}) == loaded
+    assert loader.load_isolated(str(tmp_path / "broker.toml"), {}) == loaded
     message = error(write(tmp_path, "max_connections_per_user = 0\n"))
     assert message.startswith(f"{tmp_path / 'broker.toml'}: max_connections_per_user: ")
