@@ -212,8 +212,16 @@ def format_status(report: dict[str, Any]) -> str:
         f"clients: {conns.get('active', 0)} connected, {conns.get('total', 0)} served "
         f"(limit {conns.get('limit', '?')}); {report.get('grants', 0)} grants, "
         f"{report.get('denials', 0)} denials",
-        "",
     ]
+    configuration = report.get("configuration")
+    if isinstance(configuration, dict):
+        loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(configuration["loaded"]))
+        lines.append(f"configuration: generation {configuration['generation']}, loaded {loaded}")
+        refused = configuration.get("refused")
+        if refused:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused["time"]))
+            lines.append(f"  last reload refused at {when}: {refused['reason']}")
+    lines.append("")
     rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
     for s in report.get("sockets", []):
         rows.append(
@@ -248,6 +256,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     except ClientError as e:
         return _client_failure("status", e)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    import signal
+
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return _fail("reload", f"no process {args.pid}: is the broker running?", Exit.FAILURE)
+    except PermissionError:
+        return _fail("reload", f"may not signal process {args.pid}: run as its user or root",
+                     Exit.FAILURE)  # fmt: skip
     return 0
 
 
@@ -491,6 +512,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", nargs="?", metavar="FILE", help="the TOML policy file")
     check.set_defaults(func=cmd_check_config)
+
+    reload = commands.add_parser(
+        "reload",
+        help="make a running broker read its configuration again",
+        description="Tell the broker running as PID to read its configuration again "
+        "(SIGHUP): what `systemctl reload port-broker.service` runs. A valid new "
+        "configuration applies to every request from then on, connected clients "
+        "included; an invalid one is refused with the reason in the broker's log, and "
+        "the one in force stays. `port-broker status` shows which is in force.",
+    )
+    reload.add_argument("pid", type=int, metavar="PID", help="the broker's process id")
+    reload.set_defaults(func=cmd_reload)
 
     serve = commands.add_parser(
         "serve",

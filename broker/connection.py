@@ -161,7 +161,8 @@ class Connection:
 
     Args:
         peer: Who connected, from the kernel (and the user database).
-        holdings: What to answer from.
+        holdings: What to answer from, asked at each request: a reload between two
+            requests of one connection applies to the second.
         timeout: Seconds each deadline of rule 5 lasts (the driver keeps the time).
         max_requests: Rule 1's limit (default MAX_REQUESTS_PER_CONNECTION).
     """
@@ -169,7 +170,7 @@ class Connection:
     def __init__(
         self,
         peer: Peer,
-        holdings: Holdings,
+        holdings: Callable[[], Holdings],
         *,
         timeout: float,
         max_requests: int | None = None,
@@ -271,7 +272,8 @@ class Connection:
 
     def _acquire(self, request: Acquire) -> Send:
         """Rule 3: every name, or one refusal and no fd."""
-        policy, held = self._holdings.policy, self._holdings.held
+        holdings = self._holdings()
+        policy, held = holdings.policy, holdings.held
         fds: list[int] = []
         infos = []
         grants = []
@@ -301,18 +303,20 @@ class Connection:
         return self._reply(Refusal(code, reason), Outcome(Kind.DENIAL, reason, name, code))
 
     def _status(self) -> Send:
-        decision = self._holdings.policy.check_status(self.peer)
+        holdings = self._holdings()
+        decision = holdings.policy.check_status(self.peer)
         if not decision.allowed:
             denial = Outcome(Kind.STATUS_DENIAL, decision.reason, code=Code.DENIED)
             return self._reply(Refusal(Code.DENIED, decision.reason), denial)
-        return self._reply(StatusReport(self._holdings.report()))
+        return self._reply(StatusReport(holdings.report()))
 
     def _listing(self) -> Listing:
-        policy = self._holdings.policy
+        holdings = self._holdings()
+        policy = holdings.policy
         return Listing(
             tuple(
                 held.info
-                for name, sockets in self._holdings.held.items()
+                for name, sockets in holdings.held.items()
                 if policy.may_acquire(name, self.peer)
                 for held in sockets
             )

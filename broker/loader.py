@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -70,34 +71,71 @@ class IsolatedLoad:
                     break
                 chunks.append(chunk)
         _, status = os.waitpid(self.pid, 0)
-        try:
-            reply = json.loads(b"".join(chunks))
-            if "error" in reply:
-                raise ConfigError(str(reply["error"]))
-            return Config.from_json(reply["config"])
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                f"{self.path}: the configuration loader failed (exit status "
-                f"{os.waitstatus_to_exitcode(status)}); run `port-broker check-config "
-                f"{self.path}` to see why"
-            ) from None
+        return parse_result(b"".join(chunks), os.waitstatus_to_exitcode(status), self.path)
+
+
+def parse_result(output: bytes, exit_status: int, path: str) -> Config:
+    """The `Config` a loader child sent, or the error it reported.
+
+    Raises:
+        ConfigError: the child's own error, or that it failed (exit status, and how to
+            see why).
+    """
+    try:
+        reply = json.loads(output)
+        if "error" in reply:
+            raise ConfigError(str(reply["error"]))
+        return Config.from_json(reply["config"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{path}: the configuration loader failed (exit status {exit_status}); run "
+            f"`port-broker check-config {path}` to see why"
+        ) from None
+
+
+def _result_of(path: str | None, environ: Mapping[str, str]) -> tuple[bytes, int]:
+    """Load; return the JSON a loader child sends back, and its exit status."""
+    status = 1
+    try:
+        reply: dict[str, Any] = {"config": load(path, environ).to_json()}
+        status = 0
+    except ConfigError as e:
+        reply = {"error": e.message}
+    except Exception as e:
+        reply = {"error": f"{resolve_path(path, environ)[0]}: cannot load: {e!r}"}
+    return json.dumps(reply).encode(), status
 
 
 def _child(write_end: int, path: str | None, environ: Mapping[str, str]) -> None:
     """In the forked child: load, write the result as JSON, exit. Never returns."""
+    status = 1
     try:
-        status = 1
-        try:
-            reply: dict[str, Any] = {"config": load(path, environ).to_json()}
-            status = 0
-        except ConfigError as e:
-            reply = {"error": e.message}
-        except Exception as e:
-            reply = {"error": f"{resolve_path(path, environ)[0]}: cannot load: {e!r}"}
+        output, status = _result_of(path, environ)
         with open(write_end, "wb") as pipe:
-            pipe.write(json.dumps(reply).encode())
+            pipe.write(output)
     finally:
         os._exit(status)
+
+
+def subprocess_command(path: str) -> list[str]:
+    """The command that runs `load(path)` in a new interpreter and prints the result
+    for `parse_result`: how a serving broker reloads, since forking a process with
+    threads (trio's, NSS lookups') is unsafe. The broker's own package is found where
+    this one was loaded from."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from broker.loader import main; "
+        "sys.exit(main(sys.argv[2]))"
+    )
+    return [sys.executable, "-I", "-c", script, package_parent, path]
+
+
+def main(path: str) -> int:
+    """Run by `subprocess_command`'s interpreter: load `path` (with the environment's
+    PORT_BROKER_* overrides), print the result as JSON, return the exit status."""
+    output, status = _result_of(path, os.environ)
+    sys.stdout.buffer.write(output)
+    return status
 
 
 def load_isolated(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:

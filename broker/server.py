@@ -27,14 +27,14 @@ from typing import Any, Final
 
 import trio
 
-from broker import __version__
+from broker import __version__, loader
 from broker.accepting import accept_loop
 from broker.activation import Intake
 from broker.admission import Admission
 from broker.audit import Audit
 from broker.config import Config
 from broker.connection import CLOSE, NEED_DATA, Connection, Holdings, Phase, Send
-from broker.errors import Code
+from broker.errors import Code, ConfigError
 from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credentials
 from broker.ledger import Ledger
 from broker.names import Level
@@ -51,6 +51,11 @@ before giving up: such a client gets no more of our time than that."""
 STATUS_INTERVAL: Final = 1.0
 """Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
 rare enough to cost nothing under a storm of grants."""
+
+RELOAD_TIMEOUT: Final = 30.0
+"""Seconds a configuration reload may take (the loader imports pydantic, ~0.2 s, and
+asks NSS for every user and group named): past that the reload is refused and the
+configuration in force stays."""
 
 USER_LOOKUP_THREADS: Final = 4
 """User-database lookups running at once, each in a thread: NSS may wait on LDAP or
@@ -90,6 +95,38 @@ class Broker:
         self.ledger = Ledger(audit, trio.current_time)
         self.holdings = Holdings(config.policy, intake.held, self.report)
         self.started = time.monotonic()
+        self.generation = 1
+        self.loaded = time.time()
+        self.refused: dict[str, Any] | None = None  # the last reload refused, if any
+        self._reloading = False
+        self._reload_again = False
+
+    def _holdings(self) -> Holdings:
+        return self.holdings
+
+    def apply(self, config: Config) -> None:
+        """Put `config` in force for every request from now on (connected clients
+        included); the held sockets stay as they are.
+
+        Raises:
+            ConfigError: if it has rules for sockets the broker does not hold.
+        """
+        missing = sorted(set(config.policy.sockets) - set(self.intake.held))
+        if missing:
+            held = ", ".join(sorted(self.intake.held)) or "none"
+            raise ConfigError(
+                f"{config.path} has rules for {', '.join(missing)}, which the broker does not "
+                f"hold (it holds: {held}); sockets come with a restart, not a reload"
+            )
+        self.config = config
+        self.policy = config.policy
+        self.holdings = Holdings(config.policy, self.intake.held, self.report)
+        self.admission.max_connections = config.max_connections
+        self.admission.max_per_user = config.max_connections_per_user
+        self.admission.source = config.policy.source
+        self.generation += 1
+        self.loaded = time.time()
+        self.refused = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -101,7 +138,8 @@ class Broker:
         """
         listener = self.intake.control
         listener.setblocking(False)  # ours (and systemd's, which never reads it)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stop = (signal.SIGTERM, signal.SIGINT)
+        with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
             async with trio.open_nursery() as clients:
                 async with trio.open_nursery() as main:
                     main.start_soon(accept_loop, listener, self._admitter(clients), self.audit)
@@ -110,8 +148,10 @@ class Broker:
                     _notify(f"READY=1\nSTATUS={self.status_line()}")
                     task_status.started()
                     async for signum in signals:
-                        self.audit.log(Level.INFO, f"stopping on {signal.Signals(signum).name}")
-                        break
+                        if signum in stop:
+                            self.audit.log(Level.INFO, f"stopping on {signal.Signals(signum).name}")
+                            break
+                        self._ask_reload(main)
                     main.cancel_scope.cancel()
                 _notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
@@ -126,6 +166,57 @@ class Broker:
                 clients.start_soon(self._handle, conn)
 
         return admit
+
+    # --- reload ------------------------------------------------------------------
+
+    def _ask_reload(self, nursery: trio.Nursery) -> None:
+        """SIGHUP: reload, or reload again once the running reload is done."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        nursery.start_soon(self._reload)
+
+    async def _reload(self) -> None:
+        """Load the configuration file again in a child interpreter; put it in force if
+        it is valid, else keep the one in force and log why."""
+        try:
+            while True:
+                self._reload_again = False
+                now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                _notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
+                path = self.config.path
+                try:
+                    self.apply(await self._load(path))
+                except ConfigError as e:
+                    self.refused = {"time": time.time(), "reason": e.message}
+                    self.audit.log(
+                        Level.WARNING,
+                        f"refused the new configuration: {e.message}; generation "
+                        f"{self.generation} of {path} stays in force",
+                    )
+                else:
+                    self.audit.log(
+                        Level.INFO, f"reloaded {path}: generation {self.generation} in force"
+                    )
+                _notify(f"READY=1\nSTATUS={self.status_line()}")
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = False
+
+    async def _load(self, path: str) -> Config:
+        """`loader.load(path)` in a child interpreter, within RELOAD_TIMEOUT."""
+        with trio.move_on_after(RELOAD_TIMEOUT):
+            done = await trio.run_process(
+                loader.subprocess_command(path),
+                stdin=b"",
+                capture_stdout=True,
+                stderr=None,
+                check=False,
+            )
+            return loader.parse_result(done.stdout, done.returncode, path)
+        raise ConfigError(f"{path}: loading took longer than {RELOAD_TIMEOUT:g}s")
 
     async def _status_loop(self) -> None:
         last = ""
@@ -171,7 +262,8 @@ class Broker:
                     hit = self.users.cached(peer.uid)  # the common case: no await
                     peer = peer.with_user(*hit) if hit else await self._with_user(peer)
                     timeout = self.config.client_timeout
-                    await self._converse(conn, Connection(peer, self.holdings, timeout=timeout))
+                    connection = Connection(peer, self._holdings, timeout=timeout)
+                    await self._converse(conn, connection)
                 finally:
                     self.admission.leave_peer(peer.uid)
         except Exception as e:  # one client's trouble must never stop the others
@@ -271,6 +363,12 @@ class Broker:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "config": self.config.path,
+            "configuration": {
+                "path": self.config.path,
+                "generation": self.generation,
+                "loaded": round(self.loaded, 3),
+                "refused": self.refused,
+            },
             "connections": {
                 "active": self.admission.active,
                 "total": self.admission.connections,

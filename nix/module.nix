@@ -304,11 +304,10 @@ in
 
     systemd.services.port-broker = {
       overrideStrategy = "asDropin";
-      # The broker reads its policy and sockets only at start.
-      restartTriggers = [
-        policyFile
-        socketsSpec
-      ];
+      # A new policy is read by a reload (the shipped unit's ExecReload=: SIGHUP), which
+      # keeps serving; new sockets need a restart, since systemd passes them at start.
+      reloadTriggers = [ policyFile ];
+      restartTriggers = [ socketsSpec ];
     };
 
     systemd.sockets = {

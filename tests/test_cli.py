@@ -77,6 +77,12 @@ REPORT: Final[dict[str, Any]] = {
     "pid": 4242,
     "uptime": 93784.5,
     "config": "/etc/port-broker/broker.toml",
+    "configuration": {
+        "path": "/etc/port-broker/broker.toml",
+        "generation": 3,
+        "loaded": 86400.0,
+        "refused": {"time": 90000.0, "reason": "/etc/port-broker/broker.toml: bad"},
+    },
     "connections": {"active": 2, "total": 1500, "limit": 1024},
     "sockets": [
         {
@@ -127,6 +133,8 @@ def test_format_status_renders_the_report(utc: None) -> None:
     assert format_status(REPORT).splitlines() == [
         "port-broker 0.1.0, pid 4242, up 1d2h3m4s, config /etc/port-broker/broker.toml",
         "clients: 2 connected, 1500 served (limit 1024); 13 grants, 3 denials",
+        "configuration: generation 3, loaded 1970-01-02 00:00:00",
+        "  last reload refused at 1970-01-02 01:00:00: /etc/port-broker/broker.toml: bad",
         "",
         "NAME   PROTO        ADDRESS          GRANTS  DENIALS",
         "http   tcp6         [::]:80          12      3",
@@ -407,15 +415,18 @@ async def test_status_table_and_json(
         lines[0],
     )
     assert lines[1] == "clients: 1 connected, 2 served (limit 64); 0 grants, 0 denials"
+    assert lines[2].startswith("configuration: generation 1, loaded ")
+    assert report["configuration"]["path"] == CONFIG_PATH
+    assert report["configuration"]["refused"] is None
     proto = {("inet", "stream"): "tcp", ("inet6", "stream"): "tcp6", ("inet", "datagram"): "udp"}
-    assert [line.split() for line in lines[3:10]] == [
+    assert [line.split() for line in lines[4:11]] == [
         ["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"],
         *(
             [s["name"], proto[s["family"], s["type"]], s["address"], "0", "0"]
             for s in report["sockets"]
         ),
     ]
-    assert [row[0] for row in (line.split() for line in lines[4:10])] == [
+    assert [row[0] for row in (line.split() for line in lines[5:11])] == [
         "http",
         "dual",
         "dual",

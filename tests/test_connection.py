@@ -82,7 +82,8 @@ def holdings(held: dict[str, list[HeldSocket]], report: Any = None) -> Holdings:
 
 
 def connection(held: dict[str, list[HeldSocket]], peer: Peer = PEER, **kw: Any) -> Connection:
-    return Connection(peer, holdings(held, kw.pop("report", None)), timeout=TIMEOUT, **kw)
+    current = holdings(held, kw.pop("report", None))
+    return Connection(peer, lambda: current, timeout=TIMEOUT, **kw)
 
 
 def fds_of(held: dict[str, list[HeldSocket]], names: Sequence[str]) -> tuple[int, ...]:
@@ -189,7 +190,7 @@ def test_more_fds_than_one_message_carries_is_refused(held: dict[str, list[HeldS
     many = {f"s{i}": held["http"] * 4 for i in range(MAX_NAMES)}  # 32 names, 8 fds each
     assert MAX_NAMES * 8 > SCM_MAX_FD
     policy = Policy(sockets={n: Rule(uids=frozenset({1000})) for n in many})
-    conn = Connection(PEER, Holdings(policy, many, dict), timeout=TIMEOUT)
+    conn = Connection(PEER, lambda: Holdings(policy, many, dict), timeout=TIMEOUT)
     [send] = sends(drive(conn, [line(Acquire(tuple(many)))], eof=False))
     assert parse_reply(send.data.rstrip(b"\n")).code == Code.TOO_LARGE  # type: ignore[union-attr]
     assert (send.fds, send.grants) == ((), ())
@@ -253,6 +254,20 @@ def test_the_driver_must_finish_a_send_before_the_next(
     conn.next_action()
     with pytest.raises(RuntimeError, match="before sent"):
         conn.next_action()
+
+
+def test_a_new_policy_applies_from_the_next_request(held: dict[str, list[HeldSocket]]) -> None:
+    current = [holdings(held)]
+    conn = Connection(PEER, lambda: current[0], timeout=TIMEOUT)
+    conn.receive_data(line(Acquire(("http",))) * 2)
+    first = conn.next_action()
+    assert isinstance(first, Send)
+    assert first.fds
+    conn.sent()
+    current[0] = Holdings(Policy(sockets={"http": Rule(uids=frozenset({0}))}), held, dict)
+    second = conn.next_action()  # the same connection, after a reload
+    assert isinstance(second, Send)
+    assert (second.fds, [o.code for o in second.outcomes]) == ((), [Code.DENIED])
 
 
 # --- rule 6: end of stream --------------------------------------------------------

@@ -60,7 +60,7 @@ should fail the test, not stall the run."""
 CLI_TIMEOUT: Final = 60.0
 """Seconds for `port-broker check-config`, which takes well under one."""
 
-NIX_SERVICE_KEYS: Final = frozenset({"overrideStrategy", "restartTriggers"})
+NIX_SERVICE_KEYS: Final = frozenset({"overrideStrategy", "restartTriggers", "reloadTriggers"})
 """All the module may set on systemd.services.port-broker: NixOS's own bookkeeping (a
 drop-in, restarted on change), nothing that reaches [Service]."""
 
@@ -275,10 +275,12 @@ def test_the_package_installs_the_shipped_units_with_the_store_path(tmp_path: Pa
 
     shipped = (UNITS / "port-broker.service").read_text()
     installed = (system / "port-broker.service").read_text()
-    assert shipped.count(SHIPPED_EXECUTABLE) == 1
+    assert shipped.count(SHIPPED_EXECUTABLE) == 2
     assert f"ExecStart={SHIPPED_EXECUTABLE} serve\n" in shipped
+    assert f"ExecReload={SHIPPED_EXECUTABLE} reload $MAINPID\n" in shipped
     assert installed == shipped.replace(SHIPPED_EXECUTABLE, f"{out}/bin/port-broker")
-    # So every directive but ExecStart= is the shipped one, hardening included.
+    # So every directive but ExecStart= and ExecReload= is the shipped one, hardening
+    # included.
     assert (system / "port-broker.socket").read_text() == (UNITS / "port-broker.socket").read_text()
 
     examples = out / "share" / "port-broker" / "units"
@@ -395,9 +397,9 @@ def mutate(tmp_path: Path, old: str, new: str, *, last: bool = False) -> Path:
 
 
 RESTATED_HARDENING: Final = (
-    'overrideStrategy = "asDropin";\n      # The broker reads',
+    'overrideStrategy = "asDropin";\n      # A new policy',
     'overrideStrategy = "asDropin";\n      serviceConfig.ProtectSystem = "full";\n'
-    "      # The broker reads",
+    "      # A new policy",
 )
 
 
@@ -465,7 +467,8 @@ def check_service_from_package(result: dict[str, Any], package: str = STUB_PACKA
     assert service["environment"] == {}
     assert service["overrideStrategy"] == "asDropin"
     assert service["wantedBy"] == []
-    assert POLICY_PATH in service["restartTriggers"]
+    assert service["reloadTriggers"] == [POLICY_PATH]  # a policy change reloads
+    assert POLICY_PATH not in service["restartTriggers"]
     assert result["packages"] == [package]
     assert result["systemPackages"] == [package]
 
@@ -498,7 +501,6 @@ def test_the_service_and_control_socket_come_from_the_package(tmp_path: Path) ->
     result = evaluate(tmp_path, enabled(SOCKETS))
     check_service_from_package(result)
     assert result["services"]["port-broker"]["restartTriggers"] == [
-        POLICY_PATH,
         "dns=datagram:53 http=stream:80 web=stream:0.0.0.0:8080,[::1]:8081",
     ]
     assert set(result["services"]) == {"port-broker"}

@@ -15,6 +15,7 @@ The in-process broker (`running_broker`) and the fd helpers are the harness's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import grp
 import io
@@ -27,7 +28,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import trio
@@ -36,7 +37,7 @@ import trio.testing
 from broker import __version__, client, connection
 from broker.audit import Audit
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
-from broker.errors import AccessDenied, RequestRefused
+from broker.errors import AccessDenied, ConfigError, RequestRefused
 from broker.identity import Peer, UserDatabase
 from broker.ledger import RECENT_EVENTS, REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
 from broker.names import Level
@@ -859,6 +860,70 @@ def send_signal_to_self(signum: signal.Signals) -> None:
     # Only while a handler (trio's) is installed: the default action would end pytest.
     assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
     os.kill(os.getpid(), signum)
+
+
+# --- reload -----------------------------------------------------------------------
+
+
+async def test_a_new_configuration_applies_to_the_next_request_of_a_connected_client(
+    rundir: Path,
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        await wire.send(acquire_line("http"))
+        reply, fds = await wire.reply()
+        assert reply["ok"] is True
+        for sock in fds:
+            sock.close()
+        others = Policy(sockets={"http": Rule(uids=frozenset({NOBODY}))}, status=ME, source="x")
+        served.broker.apply(dataclasses.replace(served.broker.config, policy=others))
+        await wire.send(acquire_line("http"))  # the same connection: the new policy
+        reply, fds = await wire.reply()
+        assert (reply["ok"], reply["code"], fds) == (False, "denied", [])
+        assert served.broker.report()["configuration"]["generation"] == 2
+
+
+async def test_a_configuration_with_rules_for_sockets_not_held_is_refused(
+    rundir: Path,
+) -> None:
+    async with running_broker(rundir) as served:
+        rules = {"http": Rule(uids=frozenset({UID})), "ftp": Rule(uids=frozenset({UID}))}
+        new = dataclasses.replace(served.broker.config, policy=Policy(sockets=rules))
+        with pytest.raises(ConfigError, match="rules for ftp, which the broker does not hold"):
+            served.broker.apply(new)
+        assert served.broker.report()["configuration"]["generation"] == 1
+        assert served.broker.policy.sockets == DEFAULT_RULES
+
+
+async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one_is_bad(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = rundir / "broker.toml"
+    path.write_text(f"[sockets.http]\nusers = [{UID}]\n[status]\nusers = [{UID}]\n")
+    async with running_broker(rundir, config_path=str(path)) as served:
+
+        async def reloaded(generation: int, refused: bool) -> dict[str, Any]:
+            send_signal_to_self(signal.SIGHUP)
+            with trio.fail_after(START_TIMEOUT):
+                while True:
+                    shown: dict[str, Any] = served.broker.report()["configuration"]
+                    if shown["generation"] == generation and bool(shown["refused"]) == refused:
+                        return shown
+                    await trio.sleep(0.02)
+
+        await reloaded(2, refused=False)
+        assert set(served.broker.policy.sockets) == {"http"}  # the file's, not the default
+        sock = await client.acquire_trio("http", path=served.path)
+        sock.close()
+
+        path.write_text('[sockets.http]\nusers = ["no-such-user-here"]\n')
+        shown = await reloaded(2, refused=True)
+        assert "no-such-user-here" in shown["refused"]["reason"]
+        sock = await client.acquire_trio("http", path=served.path)  # the old policy holds
+        sock.close()
+    err = capsys.readouterr().err
+    assert f"reloaded {path}: generation 2 in force" in err
+    assert "refused the new configuration: " in err
+    assert f"generation 2 of {path} stays in force" in err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

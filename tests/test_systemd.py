@@ -323,6 +323,63 @@ def test_killing_the_broker_does_not_interrupt_a_serving_worker(box: Box, progra
         assert f"pid {worker}," in curl(box)
 
 
+HELD_CLIENT: Final = """\
+# Connects to the broker, says so, and asks for http only when told to (a line on stdin).
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect("/run/port-broker.sock")
+print("connected", flush=True)
+sys.stdin.readline()
+sock.sendall(b'{"v":1,"op":"acquire","names":["http"]}\\n')
+print(sock.recv(65536).split(b"\\n")[0].decode(), flush=True)
+"""
+
+
+def reload_broker(box: Box, says: str) -> None:
+    """`systemctl reload port-broker.service`, then wait until its log `says` so."""
+    box.run(["systemctl", "reload", "port-broker.service"])
+    box.run(["sh", "-c", "until journalctl -u port-broker.service -o cat | grep -qF "
+             f"'{says}'; do sleep 0.05; done"], timeout=REQUEST_TIMEOUT)  # fmt: skip
+
+
+def test_reload_applies_a_new_policy_to_connected_clients_and_refuses_a_broken_one(
+    box: Box,
+) -> None:
+    # A long client_timeout: bob's connection waits across the reload before asking.
+    configure(box, 'client_timeout = 60\n[sockets.http]\nusers = ["alice"]\n')
+    start_sockets(box)
+    exec_true = ["port-broker", "exec", "http", "--", "true"]
+    assert box.run(exec_true, user="alice").returncode == 0
+    assert box.run(exec_true, user="bob", check=False).returncode == 77
+    broker = show(box, "port-broker.service", "MainPID")
+    box.write_file("/srv/held.py", HELD_CLIENT)
+    client = box.command(["/usr/bin/python3", "/srv/held.py"], user="bob")
+    pipe = subprocess.PIPE
+    with subprocess.Popen(client, stdin=pipe, stdout=pipe, text=True) as held:
+        try:
+            assert held.stdout is not None
+            assert held.stdin is not None
+            assert held.stdout.readline() == "connected\n"
+            configure(box, 'client_timeout = 60\n[sockets.http]\nusers = ["bob"]\n')
+            reload_broker(box, "reloaded /etc/port-broker/broker.toml: generation 2 in force")
+            held.stdin.write("go\n")
+            held.stdin.flush()
+            answer = json.loads(held.stdout.readline())  # the same connection, new policy
+        finally:
+            held.kill()
+    assert answer["ok"] is True, answer
+    assert box.run(exec_true, user="bob").returncode == 0
+    assert box.run(exec_true, user="alice", check=False).returncode == 77
+
+    configure(box, '[sockets.http]\nusers = ["no-such-user"]\n')
+    reload_broker(box, "generation 2 of /etc/port-broker/broker.toml stays in force")
+    assert box.run(exec_true, user="bob").returncode == 0  # the policy in force holds
+    status = json.loads(box.run(["port-broker", "status", "--json"]).stdout)
+    assert status["configuration"]["generation"] == 2
+    assert "no-such-user" in status["configuration"]["refused"]["reason"]
+    assert show(box, "port-broker.service", "MainPID") == broker  # never restarted
+
+
 def test_restarting_a_worker_under_load_refuses_no_connection(box: Box) -> None:
     configure(box, '[sockets.http]\nusers = ["alice"]\n')
     start_sockets(box)

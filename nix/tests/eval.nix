@@ -68,6 +68,7 @@ in
       environment
       ;
     restartTriggers = map toString unit.restartTriggers;
+    reloadTriggers = map toString unit.reloadTriggers;
   }) config.systemd.services;
 
   packages = map storePath config.systemd.packages;

@@ -282,6 +282,7 @@ async def running_broker(
     max_connections: int = 64,
     max_connections_per_user: int = 64,
     client_timeout: float = CLIENT_TIMEOUT,
+    config_path: str = CONFIG_PATH,
 ) -> AsyncIterator[Served]:
     """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
 
@@ -300,9 +301,9 @@ async def running_broker(
         control.listen(BACKLOG)
         intake = make_intake(control, sockets)
         config = Config(
-            path=CONFIG_PATH,
+            path=config_path,
             exists=True,
-            policy=policy or Policy(sockets=rules, status=status, source=CONFIG_PATH),
+            policy=policy or Policy(sockets=rules, status=status, source=config_path),
             max_connections=max_connections,
             max_connections_per_user=max_connections_per_user,
             client_timeout=client_timeout,
