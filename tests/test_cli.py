@@ -491,6 +491,15 @@ def test_exit_statuses_are_the_same_in_help_and_readme(capsys: pytest.CaptureFix
     assert said in " ".join((ROOT / "README.md").read_text().split())
 
 
+def test_reload_of_a_process_that_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    gone = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    pid = int(gone.stdout)
+    assert main(["reload", str(pid)]) == 1
+    assert capsys.readouterr().err == (
+        f"port-broker reload: no process {pid}: is the broker running?\n"
+    )
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([])
