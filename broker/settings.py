@@ -40,12 +40,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from broker import config
 from broker.config import Config
@@ -118,25 +114,43 @@ _ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("_ENVIRON")
 """The `environ` of the `load()` in progress: what `_EnvironSource` reads."""
 
 
-class _EnvironSource(EnvSettingsSource):
-    """Overrides from `load()`'s `environ` argument (pydantic-settings reads os.environ)."""
+def _overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings that `PORT_BROKER_*` variables in `environ` set, as nested tables:
+    `__` descends into a table (the more specific variable wins over a whole table), and
+    tables and lists are JSON (`_check_environment` has vetted every variable by then).
+    Keys are folded to lower case, as setting and socket names are."""
+    entries = []
+    for variable, text in environ.items():
+        if variable.startswith(ENV_PREFIX) and variable not in LOCATION_ENV:
+            path = variable.removeprefix(ENV_PREFIX).lower().split("__")
+            is_json = ENV_PREFIX + path[0].upper() in _JSON_SETTINGS
+            entries.append((path, json.loads(text) if is_json else text))
+    found: dict[str, Any] = {}
+    for path, value in sorted(entries, key=lambda entry: len(entry[0])):
+        place = found
+        for table in path[:-1]:
+            if not isinstance(place.get(table), dict):
+                place[table] = {}
+            place = place[table]
+        place[path[-1]] = value
+    return found
 
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        # Only PORT_BROKER_* spelled in capitals counts (`_check_environment` vets those);
-        # keys are folded as pydantic-settings does, so socket names come out lower-case.
-        return {
-            key.lower(): value
-            for key, value in _ENVIRON.get(os.environ).items()
-            if key.startswith(ENV_PREFIX)
-        }
+
+class _EnvironSource(PydanticBaseSettingsSource):
+    """`PORT_BROKER_*` overrides from `load()`'s `environ` argument, not os.environ: a
+    custom settings source, as pydantic-settings documents them."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ gives every value at once
+
+    def __call__(self) -> dict[str, Any]:
+        return _overrides(_ENVIRON.get(os.environ))
 
 
 class Settings(BaseSettings):
     """Everything the broker reads at start. The TOML file's top level maps onto this."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
     sockets: dict[str, RuleSettings] = Field(
         default_factory=dict, description="socket name (FileDescriptorName=) → who may have it"

@@ -661,6 +661,18 @@ def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> No
     assert done.stdout == "[]\n"
 
 
+def test_a_variable_for_a_part_of_a_table_wins_over_the_whole_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    whole = '{"http": {"users": [0]}, "dns": {"users": [0], "units": ["a.service"]}}'
+    for environ in (
+        {"PORT_BROKER_SOCKETS": whole, "PORT_BROKER_SOCKETS__HTTP__USERS": "[1000]"},
+        {"PORT_BROKER_SOCKETS__HTTP__USERS": "[1000]", "PORT_BROKER_SOCKETS": whole},
+    ):
+        loaded = load(path, environ)
+        assert loaded.policy.sockets["http"] == Rule(uids=frozenset({1000}))
+        assert loaded.policy.sockets["dns"] == Rule(uids=frozenset({0}), units=("a.service",))
+
+
 def test_only_capital_port_broker_variables_count(tmp_path: Path) -> None:
     path = write(tmp_path, "max_connections = 10\n")
     environ = {

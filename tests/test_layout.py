@@ -5,11 +5,16 @@
 - The modules of broker/ import one another without a cycle, counting the imports made
   inside functions (the lazy ones that keep `exec` cheap): every layer depends only on
   layers below it.
+- broker/ uses dependencies through their public API only: no `_private` attribute of a
+  third-party module, and no override of a third-party class's `_private` method (their
+  bodies change between releases).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +101,71 @@ def test_broker_modules_import_one_another_without_a_cycle() -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def third_party(module: str) -> bool:
+    top = module.split(".", maxsplit=1)[0]
+    return top != "broker" and top not in sys.stdlib_module_names
+
+
+def private_uses(path: Path) -> list[str]:
+    """`_private` names of third-party modules and classes that `path` touches."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules: dict[str, str] = {}  # local name → third-party module
+    classes: dict[str, object] = {}  # local name → third-party class
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if third_party(alias.name):
+                    modules[alias.asname or alias.name.split(".")[0]] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and third_party(node.module):
+            for alias in node.names:
+                value = getattr(importlib.import_module(node.module), alias.name, None)
+                if isinstance(value, type):
+                    classes[alias.asname or alias.name] = value
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and (node.value.id in modules or node.value.id in classes)
+        ):
+            found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+        if isinstance(node, ast.ClassDef):
+            bases = [
+                classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes
+            ]
+            for item in node.body:
+                if (
+                    isinstance(item, ast.FunctionDef)
+                    and item.name.startswith("_")
+                    and not (item.name.startswith("__"))
+                ):
+                    found += [
+                        f"{path.name}:{item.lineno}: overrides {base.__name__}.{item.name}"  # type: ignore[attr-defined]
+                        for base in bases
+                        if hasattr(base, item.name)
+                    ]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "broker").glob("*.py")), ids=lambda p: p.name)
+def test_dependencies_are_used_through_their_public_api(path: Path) -> None:
+    assert private_uses(path) == []
+
+
+def test_the_private_api_check_finds_an_override(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import trio\n"
+        "from pydantic_settings import EnvSettingsSource\n"
+        "class Mine(EnvSettingsSource):\n"
+        "    def _load_env_vars(self): ...\n"
+        "trio._core\n"
+    )
+    assert private_uses(sample) == [
+        "sample.py:4: overrides EnvSettingsSource._load_env_vars",
+        "sample.py:5: trio._core",
+    ]
