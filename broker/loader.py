@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
 from broker.config import Config, resolve_path
 from broker.errors import ConfigError
+
+LOAD_TIMEOUT: Final = 60.0
+"""Seconds the loader child may take: it imports pydantic (~0.2 s) and asks the user
+database for every name in the policy; a database that does not answer must not keep
+the broker from ever starting (systemd's start timeout would, without a reason)."""
 
 MAX_RESULT_BYTES: Final = 16 << 20
 """Most a loader child may send back: a policy with a million uids is about 10 MB."""
@@ -63,14 +71,34 @@ class IsolatedLoad:
         Raises:
             ConfigError: what the child's `load` raised, or that the child failed.
         """
-        chunks, size = [], 0
-        with open(self._read_end, "rb") as pipe:
-            while chunk := pipe.read(65536):
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        problem = None
+        with open(self._read_end, "rb", buffering=0) as pipe:
+            poller = select.poll()
+            poller.register(pipe, select.POLLIN)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    problem = (
+                        f"loading took longer than {LOAD_TIMEOUT:g}s (a user database "
+                        "that does not answer?)"
+                    )
+                    break
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > MAX_RESULT_BYTES:
+                    problem = f"the loader's answer is larger than {MAX_RESULT_BYTES >> 20} MiB"
                     break
                 chunks.append(chunk)
+        if problem is not None:
+            os.kill(self.pid, signal.SIGKILL)
         _, status = os.waitpid(self.pid, 0)
+        if problem is not None:
+            raise ConfigError(f"{self.path}: {problem}")
         return parse_result(b"".join(chunks), os.waitstatus_to_exitcode(status), self.path)
 
 

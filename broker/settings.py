@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -50,6 +51,11 @@ from broker.names import CONFIG_ENV, ENV_PREFIX, LOCATION_ENV, grantable_name_pr
 from broker.policy import Policy, Rule
 
 """Variables with our prefix that are not settings (read elsewhere, so allowed)."""
+
+MAX_CONFIG_BYTES: Final = 1 << 20
+"""The largest configuration file (and environment override) read: a policy naming ten
+thousand users is about 200 KiB. Bigger is a mistake, and would cost the loader memory
+many times its size."""
 
 MAX_ID: Final = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
 _UNIT_PATTERN: Final = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]-]+\.(service|scope)")
@@ -234,6 +240,11 @@ def _check_environment(environ: Mapping[str, str]) -> None:
     for variable in environ:
         if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
             continue
+        if len(environ[variable]) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"environment variable {variable}: longer than {MAX_CONFIG_BYTES // 1024} "
+                "KiB, the most the broker reads"
+            )
         head, nested, _ = variable.partition("__")
         if head not in known:
             raise ConfigError(
@@ -268,6 +279,34 @@ def _source_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> 
     return None
 
 
+def _read(path: str) -> bytes:
+    """The file's bytes: a regular file of at most MAX_CONFIG_BYTES, opened without
+    blocking (a FIFO must not hang the broker's start).
+
+    Raises:
+        ConfigError: for anything but such a file.
+        OSError: if it cannot be opened or read (FileNotFoundError among them).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"{path}: {kind}; the configuration is a TOML file")
+    with open(fd, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, the most the broker reads; "
+            "is it the right file?"
+        )
+    return data
+
+
 def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
     """Load, validate and resolve the configuration.
 
@@ -283,8 +322,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     data: dict[str, Any] = {}
     exists = True
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read(path).decode())
     except FileNotFoundError:
         if explicit:
             raise ConfigError(
@@ -293,7 +331,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         exists = False
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:  # tomllib decodes before parsing; TOML is UTF-8
+    except UnicodeDecodeError as e:  # TOML is UTF-8
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None

@@ -14,6 +14,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,10 +172,6 @@ def test_a_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, b'[sockets.http]\nusers = ["www-\xff"]\n')
     assert error(path) == f"{path}: not valid TOML: not UTF-8 at byte 29"
-
-
-def test_a_directory_cannot_be_read(tmp_path: Path) -> None:
-    assert error(tmp_path) == f"{tmp_path}: cannot read: Is a directory"
 
 
 @pytest.mark.parametrize(
@@ -635,9 +632,15 @@ def test_isolated_load_reports_the_childs_error(tmp_path: Path) -> None:
     assert "no-such-user-here" in there.value.message
 
 
-def test_a_loader_that_dies_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "broker.toml"
-    os.mkfifo(path)  # the child blocks opening it, until killed
+def hang(*args: object) -> None:
+    time.sleep(3600)
+
+
+def test_a_loader_that_dies_is_a_config_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "")
+    monkeypatch.setattr(loader, "load", hang)  # the forked child hangs, until killed
     child = loader.IsolatedLoad(str(path), {})
     os.kill(child.pid, signal.SIGKILL)
     with pytest.raises(ConfigError) as failed:
@@ -645,6 +648,47 @@ def test_a_loader_that_dies_is_a_config_error_naming_the_file(tmp_path: Path) ->
     assert failed.value.message == (
         f"{path}: the configuration loader failed (exit status -9); run `port-broker "
         f"check-config {path}` to see why"
+    )
+
+
+def test_a_loader_that_takes_too_long_is_killed_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "")
+    monkeypatch.setattr(loader, "load", hang)
+    monkeypatch.setattr(loader, "LOAD_TIMEOUT", 0.2)
+    child = loader.IsolatedLoad(str(path), {})
+    with pytest.raises(ConfigError) as failed:
+        child.result()
+    assert failed.value.message == (
+        f"{path}: loading took longer than 0.2s (a user database that does not answer?)"
+    )
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(child.pid, 0)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_only_a_regular_file_is_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "broker.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes: a blocking open would hang here
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.mkdir()
+    what = "a directory" if kind == "directory" else "not a regular file"
+    assert error(path) == f"{path}: {what}; the configuration is a TOML file"
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    path = write(tmp_path, "# " + "x" * (1 << 20) + "\n")
+    assert error(path) == (
+        f"{path}: larger than 1024 KiB, the most the broker reads; is it the right file?"
+    )
+    big = {"PORT_BROKER_MAX_CONNECTIONS": "1" * ((1 << 20) + 1)}
+    assert error(write(tmp_path, "", "ok.toml"), big) == (
+        "environment variable PORT_BROKER_MAX_CONNECTIONS: longer than 1024 KiB, the most "
+        "the broker reads"
     )
 
 
