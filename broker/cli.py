@@ -11,14 +11,13 @@ systemd does not restart on it); 126/127 the command cannot be run (exec).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from broker import __version__
 from broker.errors import (
@@ -38,12 +37,16 @@ from broker.names import (
     DEFAULT_SOCKET,
     SOCKET_ENV,
     Exit,
-    Level,
     exit_statuses,
     grantable_name_problem,
     transport,
     valid_name,
 )
+
+if TYPE_CHECKING:
+    import socket
+
+    from broker.client import Grant
 
 
 def _fail(command: str, message: str, status: int) -> int:
@@ -133,7 +136,7 @@ def _cannot_run(command: list[str], error: OSError) -> int:
     return _fail("exec", f"{command[0]}: cannot execute: {error.strerror}", Exit.CANNOT_EXECUTE)
 
 
-def _exec_in_place(grants: Sequence[Any], command: list[str]) -> int:
+def _exec_in_place(grants: Sequence[Grant], command: list[str]) -> int:
     """Replace this process with `command`, the sockets at fd 3..; return only on error."""
     from broker.launcher import exec_with
 
@@ -143,12 +146,12 @@ def _exec_in_place(grants: Sequence[Any], command: list[str]) -> int:
         return _cannot_run(command, e)
 
 
-def _run_intercepted(grants: Sequence[Any], mapping: dict[int, str], command: list[str]) -> int:
+def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: list[str]) -> int:
     """Supervise `command`, giving its bind() to a held port the held socket."""
     from broker.intercept import run_intercepted
 
     held = [sock for _, sock in grants]
-    port_map: dict[int, list[Any]] | None = None
+    port_map: dict[int, list[socket.socket]] | None = None
     try:
         if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
             port_map = {}
@@ -296,118 +299,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.loader import IsolatedLoad
+    from broker import daemon
 
     try:
-        # A child reads the configuration (with pydantic) while this process imports
-        # trio: neither waits for the other, and pydantic never enters the broker.
-        loader = IsolatedLoad(args.config)
-    except OSError as e:
-        return _fail("serve", f"cannot start the configuration loader: {e.strerror}", 1)
-    # Everything the server needs is imported now, before any privilege change: after
-    # it, the interpreter may no longer be able to read its own modules.
-    import trio
-
-    from broker import activation, server
-    from broker.audit import Audit
-
-    audit = Audit()
-    try:
-        loaded = loader.result()
-        if args.bind or args.control:
-            intake = _bind_fallback(args, activation)
-        else:
-            if args.user:
-                raise IntakeError(
-                    "--user only applies with --bind/--control; under systemd "
-                    "set DynamicUser= or User= in port-broker.service"
-                )
-            intake = activation.from_systemd()
+        daemon.serve(config=args.config, binds=args.bind, control=args.control, user=args.user)
     except (ConfigError, IntakeError, PrivilegeError) as e:
         return _fail("serve", e.message, Exit.CONFIG)
     except BrokerError as e:
         return _fail("serve", e.message, Exit.FAILURE)
-    try:
-        missing = sorted(set(loaded.policy.sockets) - set(intake.held))
-        if missing:
-            held = ", ".join(sorted(intake.held)) or "none"
-            return _fail(
-                "serve",
-                f"{loaded.path} has rules for {', '.join(missing)} but no "
-                f"such socket was passed (passed: {held}); add a .socket unit "
-                "with that FileDescriptorName= and Service=port-broker.service,"
-                " or remove the rule",
-                Exit.CONFIG,
-            )
-        if not loaded.exists:
-            audit.log(Level.WARNING, f"{loaded.path} does not exist: every request will be denied")
-        for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
-            audit.log(
-                Level.WARNING,
-                f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it",
-            )
-        if os.geteuid() == 0:
-            audit.log(
-                Level.WARNING,
-                "serving as root: run the broker under DynamicUser= or "
-                "--user instead; it needs no privilege at all",
-            )
-        _fit_open_files(loaded.max_connections, intake, audit)
-        summary = "; ".join(
-            f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
-        )
-        audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
-        trio.run(server.Broker(intake, loaded, audit).serve)
-    finally:
-        intake.close()
     return 0
-
-
-FD_HEADROOM: Final = 64
-"""Open files the broker needs besides its clients: stdio, the held and control sockets'
-slack, trio's epoll and wakeup fds, the journal socket, pidfds being checked."""
-
-
-def _fit_open_files(max_connections: int, intake: Any, audit: Any) -> None:
-    """Raise RLIMIT_NOFILE's soft limit so `max_connections` clients fit, or say why not."""
-    import resource
-
-    needed = max_connections + sum(map(len, intake.held.values())) + FD_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        with contextlib.suppress(OSError, ValueError):  # a seccomp filter may forbid it
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        audit.log(
-            Level.WARNING,
-            f"max_connections = {max_connections} needs about {needed} open files, but "
-            f"RLIMIT_NOFILE allows {soft}: clients beyond that wait until others finish; "
-            "raise LimitNOFILE= or lower max_connections",
-        )
-
-
-def _bind_fallback(args: argparse.Namespace, activation: Any) -> Any:
-    if not args.control:
-        raise IntakeError("--bind needs --control PATH for the broker's own socket")
-    if os.geteuid() == 0 and not args.user:
-        raise IntakeError(
-            "refusing to serve as root: pass --user NAME to drop to after "
-            "binding (e.g. --user port-broker)"
-        )
-    specs = [activation.BindSpec.parse(spec) for spec in args.bind]
-    intake = activation.bind_all(specs, args.control)
-    if args.user:
-        try:
-            activation.drop_privileges(args.user)
-        except BaseException:
-            intake.close()
-            raise
-    return intake
-
-
-# --- argument parsing -------------------------------------------------------------
 
 
 def _positive_seconds(text: str) -> float:

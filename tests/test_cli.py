@@ -594,11 +594,11 @@ def test_serve_refuses_to_start_wrongly(rundir: Path, args: list[str], message: 
 FIT_OPEN_FILES: Final = """
 import resource, sys
 from broker.audit import Audit
-from broker.cli import _fit_open_files
+from broker.daemon import fit_open_files
 class Held:
     held = {"http": [object(), object()]}
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
-_fit_open_files(1024, Held(), Audit(journal=False))
+fit_open_files(1024, Held(), Audit(journal=False))
 print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
 

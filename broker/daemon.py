@@ -1,0 +1,144 @@
+"""`port-broker serve`: the daemon's start-up, one step after another, as
+s6-fdholder-daemon's exec chain (bind → drop privileges → serve):
+
+1. start the configuration loader child, before importing trio: the two overlap, and
+   pydantic never enters the broker (broker/loader.py);
+2. import everything the server needs, before any privilege change (after it, the
+   interpreter may no longer read its own modules);
+3. take the sockets: systemd's (LISTEN_FDS), or bind them here as root and drop to
+   `--user` (broker/activation.py);
+4. check the configuration against the sockets, fit RLIMIT_NOFILE to the limits, and
+   log what is served;
+5. serve until SIGTERM (broker/server.py).
+
+Must never: serve a socket before the configuration is checked against it, keep root
+past step 3, or serve as root without saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from broker.errors import BrokerError, ConfigError, IntakeError
+from broker.loader import IsolatedLoad
+from broker.names import Level
+
+if TYPE_CHECKING:
+    from broker.activation import Intake
+    from broker.audit import Audit
+    from broker.config import Config
+
+FD_HEADROOM: Final = 64
+"""Open files the broker needs besides its clients: stdio, the held and control sockets'
+slack, trio's epoll and wakeup fds, the journal socket, pidfds being checked."""
+
+
+def serve(
+    *, config: str | None, binds: Sequence[str], control: str | None, user: str | None
+) -> None:
+    """Start up (steps 1-4) and serve until SIGTERM or SIGINT.
+
+    Raises:
+        ConfigError, IntakeError, PrivilegeError: the configuration or the sockets
+            cannot be served (the message says what to change).
+        BrokerError: anything else that keeps the broker from starting.
+    """
+    try:
+        loader = IsolatedLoad(config)
+    except OSError as e:
+        raise BrokerError(f"cannot start the configuration loader: {e.strerror}") from None
+    import trio  # noqa: PLC0415 (step 2: while the loader child works)
+
+    from broker import activation, server  # noqa: PLC0415
+    from broker.audit import Audit  # noqa: PLC0415
+
+    audit = Audit()
+    loaded = loader.result()
+    if binds or control:
+        intake = _bind(binds, control, user)
+    elif user:
+        raise IntakeError(
+            "--user only applies with --bind/--control; under systemd set DynamicUser= "
+            "or User= in port-broker.service"
+        )
+    else:
+        intake = activation.from_systemd()
+    try:
+        _check(loaded, intake, audit)
+        fit_open_files(loaded.max_connections, intake, audit)
+        summary = "; ".join(
+            f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
+        )
+        audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
+        trio.run(server.Broker(intake, loaded, audit).serve)
+    finally:
+        intake.close()
+
+
+def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake:
+    """Step 3 without systemd: bind as root, then drop to `user` for good."""
+    from broker import activation  # noqa: PLC0415 (imported already, in step 2)
+
+    if not control:
+        raise IntakeError("--bind needs --control PATH for the broker's own socket")
+    if os.geteuid() == 0 and not user:
+        raise IntakeError(
+            "refusing to serve as root: pass --user NAME to drop to after binding "
+            "(e.g. --user port-broker)"
+        )
+    specs = [activation.BindSpec.parse(spec) for spec in binds]
+    intake = activation.bind_all(specs, control)
+    if user:
+        try:
+            activation.drop_privileges(user)
+        except BaseException:
+            intake.close()
+            raise
+    return intake
+
+
+def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
+    """Step 4: every rule names a socket the broker holds; say what looks wrong."""
+    missing = sorted(set(loaded.policy.sockets) - set(intake.held))
+    if missing:
+        held = ", ".join(sorted(intake.held)) or "none"
+        raise ConfigError(
+            f"{loaded.path} has rules for {', '.join(missing)} but no such socket was "
+            f"passed (passed: {held}); add a .socket unit with that FileDescriptorName= "
+            "and Service=port-broker.service, or remove the rule"
+        )
+    if not loaded.exists:
+        audit.log(Level.WARNING, f"{loaded.path} does not exist: every request will be denied")
+    for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
+        audit.log(
+            Level.WARNING, f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it"
+        )
+    if os.geteuid() == 0:
+        audit.log(
+            Level.WARNING,
+            "serving as root: run the broker under DynamicUser= or --user instead; it needs "
+            "no privilege at all",
+        )
+
+
+def fit_open_files(max_connections: int, intake: Intake, audit: Audit) -> None:
+    """Raise RLIMIT_NOFILE's soft limit so `max_connections` clients fit, or say why not."""
+    import contextlib  # noqa: PLC0415
+    import resource  # noqa: PLC0415
+
+    needed = max_connections + sum(map(len, intake.held.values())) + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(OSError, ValueError):  # a seccomp filter may forbid it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        audit.log(
+            Level.WARNING,
+            f"max_connections = {max_connections} needs about {needed} open files, but "
+            f"RLIMIT_NOFILE allows {soft}: clients beyond that wait until others finish; "
+            "raise LimitNOFILE= or lower max_connections",
+        )
