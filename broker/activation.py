@@ -8,7 +8,7 @@ broker's own Unix control socket; every other name is grantable. Several fds may
 one name (an IPv4 and an IPv6 socket for one port); they are granted together.
 
 Without systemd, `--bind NAME=ADDR` and `--control PATH` bind here, as root, and
-`drop_privileges` then leaves root for good before any client is read.
+`broker.privileges.drop_privileges` then leaves root for good before any client is read.
 
 Must never: accept() on, listen() again on, or change the flags of a grantable socket.
 Its open file description is shared with every worker it is granted to (O_NONBLOCK
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import socket
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from broker import seccomp
-from broker.errors import IntakeError, PrivilegeError
+from broker.errors import IntakeError
 from broker.names import CONTROL_NAME, DEFAULT_SOCKET, NAME_RULE, Family, SocketType, valid_name
 from broker.protocol import SocketInfo
 
@@ -36,8 +34,6 @@ BACKLOG: Final = 4096
 
 CONTROL_MODE: Final = 0o666
 """Everyone may connect to the control socket; the policy decides (SocketMode= default)."""
-
-_CAPABILITY_FIELDS: Final = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 
 
 @dataclass(frozen=True)
@@ -383,52 +379,3 @@ def bind_all(specs: Iterable[BindSpec], control_path: str) -> Intake:
             sock.close()
         raise
     return Intake(control=control, held=held)
-
-
-# --- leaving root -----------------------------------------------------------------
-
-
-def capabilities() -> dict[str, int]:
-    """Return this process's capability sets from /proc/self/status (name → bitmask)."""
-    result: dict[str, int] = {}
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _CAPABILITY_FIELDS:
-                result[key] = int(value, 16)
-    return result
-
-
-def drop_privileges(user: str) -> pwd.struct_passwd:
-    """Become `user` for good: its uid, gid and groups, no capabilities, no new privileges.
-
-    Raises:
-        PrivilegeError: if `user` is unknown, we are not root, or any capability or the
-            way back to root is left afterwards.
-    """
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, ValueError):  # ValueError: int("²"), or a NUL in the name
-        raise PrivilegeError(f"--user {user}: no such user") from None
-    if entry.pw_uid == 0:
-        raise PrivilegeError(f"--user {user}: is root; give an unprivileged user")
-    if os.geteuid() != 0:
-        raise PrivilegeError(f"--user {user}: only root can change user; run serve as root")
-    try:
-        os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
-    except OSError as e:
-        raise PrivilegeError(f"--user {user}: cannot change to it: {e.strerror}") from None
-    try:
-        seccomp.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)  # full-width arguments, as it insists
-    except OSError as e:
-        raise PrivilegeError(f"cannot set no_new_privs: {e.strerror}") from None
-    left = {k: v for k, v in capabilities().items() if v}
-    if left:
-        raise PrivilegeError(f"capabilities remain after changing to {user}: {left}")
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return entry
-    raise PrivilegeError(f"could become root again after changing to {user}")

@@ -79,7 +79,7 @@ def serve(
 
 def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake:
     """Step 3 without systemd: bind as root, then drop to `user` for good."""
-    from broker import activation  # noqa: PLC0415 (imported already, in step 2)
+    from broker import activation, privileges  # noqa: PLC0415 (imported in step 2)
 
     if not control:
         raise IntakeError("--bind needs --control PATH for the broker's own socket")
@@ -92,7 +92,7 @@ def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake
     intake = activation.bind_all(specs, control)
     if user:
         try:
-            activation.drop_privileges(user)
+            privileges.drop_privileges(user)
         except BaseException:
             intake.close()
             raise

@@ -73,7 +73,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, NoReturn
 
-from broker import seccomp
+from broker import seccomp, syscalls
 from broker.activation import format_address
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.names import Family
@@ -272,13 +272,6 @@ def _build_map(
 # The supervisor: serve notifications, forward signals, reap.
 
 
-class _Notif(NamedTuple):
-    id: int
-    pid: int
-    nr: int
-    args: tuple[int, ...]
-
-
 _NOT_INSPECTABLE: Final = (
     " (it is non-dumpable, or Yama's ptrace_scope forbids it; run it under plain "
     "`port-broker exec`, which passes the sockets as LISTEN_FDS)"
@@ -354,18 +347,18 @@ class _Supervisor:
         stop = False
         while True:
             try:
-                data = os.read(self.sigfd, seccomp.SIGNALFD_SIGINFO_SIZE * 16)
+                data = os.read(self.sigfd, syscalls.SIGNALFD_SIGINFO_SIZE * 16)
             except BlockingIOError:
                 return stop
             for off in range(
-                0, len(data) - seccomp.SIGNALFD_SIGINFO_SIZE + 1, seccomp.SIGNALFD_SIGINFO_SIZE
+                0, len(data) - syscalls.SIGNALFD_SIGINFO_SIZE + 1, syscalls.SIGNALFD_SIGINFO_SIZE
             ):
-                signo, _err, code, _pid = seccomp.SIGNALFD_SIGINFO.unpack_from(data, off)
+                signo, _err, code, _pid = syscalls.SIGNALFD_SIGINFO.unpack_from(data, off)
                 if signo == signal.SIGCHLD:
                     self._reap()
                 elif self.child_status is not None:
                     stop = True  # the program is gone: nobody to forward to; stop serving
-                elif code == seccomp.SI_KERNEL and self._shares_our_process_group():
+                elif code == syscalls.SI_KERNEL and self._shares_our_process_group():
                     pass  # ^C, ^\ or hangup: the kernel sent it to the program too
                 else:
                     with contextlib.suppress(ProcessLookupError):
@@ -391,15 +384,12 @@ class _Supervisor:
 
     # -- notifications --------------------------------------------------------------
     def _on_notification(self) -> None:
-        buf = bytearray(seccomp.NOTIF.size)
         try:
-            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_RECV, buf, True)
+            n = seccomp.receive(self.listener)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EINTR):  # ENOENT: the task died
                 _say(f"cannot receive a bind()/listen() notification: {exc.strerror}")
             return
-        nid, pid, _flags, nr, _arch, _ip, *args = seccomp.NOTIF.unpack(buf)
-        n = _Notif(nid, pid, nr & ~seccomp.X32_SYSCALL_BIT, tuple(args))
         try:
             if n.nr == seccomp.NR_BIND:
                 self._on_bind(n)
@@ -408,13 +398,12 @@ class _Supervisor:
             else:
                 self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
         except Exception as exc:  # a crashed loop would stall every bind()
-            _say(f"internal error on a notification from pid {pid}: {exc!r}; passing it on")
+            _say(f"internal error on a notification from pid {n.pid}: {exc!r}; passing it on")
             self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _reply(self, nid: int, val: int = 0, error: int = 0, flags: int = 0) -> None:
-        resp = bytearray(seccomp.NOTIF_RESP.pack(nid, val, -error, flags))
         try:
-            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_SEND, resp, True)
+            seccomp.respond(self.listener, nid, val=val, error=error, flags=flags)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the task died or was interrupted
                 _say(f"cannot answer a notification: {exc.strerror}")
@@ -422,23 +411,16 @@ class _Supervisor:
     def _valid(self, nid: int) -> bool:
         """Whether the task still waits in this syscall: check after opening its files
         by pid, so that they are known to be the task's and not a reused pid's."""
-        try:
-            fcntl.ioctl(
-                self.listener, seccomp.IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:  # the task died, or a signal interrupted it
-                return False
-            raise  # _on_notification passes the call on to the kernel
-        return True
+        # Other errors than "gone" raise: _on_notification passes the call on.
+        return seccomp.id_valid(self.listener, nid)
 
-    def _pass(self, n: _Notif) -> None:
+    def _pass(self, n: seccomp.Notification) -> None:
         self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _pidfd_open(self, tid: int) -> int:
         if self.thread_pidfds:
             try:
-                return os.pidfd_open(tid, seccomp.PIDFD_THREAD)
+                return os.pidfd_open(tid, syscalls.PIDFD_THREAD)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -447,7 +429,9 @@ class _Supervisor:
             tgid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
         return os.pidfd_open(tgid)
 
-    def _target_fd(self, n: _Notif, fd: int, *, fd_flags: bool) -> tuple[int, int] | None:
+    def _target_fd(
+        self, n: seccomp.Notification, fd: int, *, fd_flags: bool
+    ) -> tuple[int, int] | None:
         """Duplicate the program's fd `fd` into ours (ours to close), with its fd flags.
 
         Returns None if the notification is gone. The flags (O_NONBLOCK, and O_CLOEXEC
@@ -464,7 +448,7 @@ class _Supervisor:
             flags = next(
                 int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
             )
-            dup = seccomp.pidfd_getfd(pidfd, fd)
+            dup = syscalls.pidfd_getfd(pidfd, fd)
             valid = False
             try:
                 valid = self._valid(n.id)  # what we read may predate an exit: then drop it
@@ -477,7 +461,7 @@ class _Supervisor:
                 if opened >= 0:
                     os.close(opened)
 
-    def _read_sockaddr(self, n: _Notif) -> bytes | None:
+    def _read_sockaddr(self, n: seccomp.Notification) -> bytes | None:
         addr, length = n.args[1], n.args[2] & 0xFFFFFFFF
         if addr >= 1 << 63:
             return b""  # a kernel address: not the program's to pass (the kernel: EFAULT)
@@ -492,7 +476,7 @@ class _Supervisor:
         finally:
             os.close(mem)
 
-    def _on_bind(self, n: _Notif) -> None:
+    def _on_bind(self, n: seccomp.Notification) -> None:
         fd = _as_fd(n.args[0])
         if n.args[2] & 0xFFFFFFFF > _SOCKADDR_MAX:
             self._pass(n)  # longer than any sockaddr: the kernel's EINVAL, not ours
@@ -539,7 +523,7 @@ class _Supervisor:
 
     def _bind_mapped(
         self,
-        n: _Notif,
+        n: seccomp.Notification,
         sock: socket.socket,
         *,
         fd: int,
@@ -572,11 +556,10 @@ class _Supervisor:
             return
         held = candidates[decision.choice]
         self._warn_v6only(sock, held, who)
-        addfd = seccomp.NOTIF_ADDFD.pack(
-            n.id, seccomp.SECCOMP_ADDFD_FLAG_SETFD, held.sock.fileno(), fd, fd_flags & os.O_CLOEXEC
-        )
         try:
-            fcntl.ioctl(self.listener, seccomp.IOCTL_NOTIF_ADDFD, bytearray(addfd), True)
+            seccomp.add_fd(
+                self.listener, n.id, held.sock.fileno(), fd, cloexec=bool(fd_flags & os.O_CLOEXEC)
+            )
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 _say(
@@ -630,7 +613,7 @@ class _Supervisor:
             )
         os.set_blocking(held.sock.fileno(), not wanted)
 
-    def _on_listen(self, n: _Notif) -> None:
+    def _on_listen(self, n: seccomp.Notification) -> None:
         fd = _as_fd(n.args[0])
         target = None
         if fd >= 0:
@@ -679,7 +662,7 @@ def _child(
             if callable(signal.getsignal(sig)):
                 signal.signal(sig, signal.SIG_DFL)  # as exec would; ignored ones stay so
         stage = "no_new_privs"
-        seccomp.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         stage = "seccomp"
         listener = seccomp.install_filter(program)
         try:
@@ -815,11 +798,11 @@ def run_intercepted(
     sigfd = listener = -1
     pid = 0
     try:
-        seccomp.prctl(
-            seccomp.PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.byref(subreaper), ctypes.c_void_p)
+        syscalls.prctl(
+            syscalls.PR_GET_CHILD_SUBREAPER, ctypes.cast(ctypes.byref(subreaper), ctypes.c_void_p)
         )
-        seccomp.prctl(seccomp.PR_SET_CHILD_SUBREAPER, 1)
-        sigfd = seccomp.signalfd(watched)
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        sigfd = syscalls.signalfd(watched)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, theirs:
             pid = os.fork()
@@ -849,7 +832,7 @@ def run_intercepted(
         for fd in (listener, sigfd):
             if fd >= 0:
                 os.close(fd)
-        seccomp.prctl(seccomp.PR_SET_CHILD_SUBREAPER, subreaper.value)
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, subreaper.value)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if old_sigchld is not None:  # None: set outside Python, cannot be put back
             signal.signal(signal.SIGCHLD, old_sigchld)

@@ -1,9 +1,10 @@
 """The Linux seccomp ABI that bind() interception speaks, and nothing else.
 
-Numbers, structure layouts and ctypes wrappers for the system calls Python lacks:
-seccomp(2) with a user-notification listener, its ioctls (seccomp_unotify(2)),
-pidfd_getfd(2), signalfd(2) and prctl(2). `check_supported` refuses any platform these
-numbers were not written for, rather than guess; `broker.intercept` builds on it.
+Numbers, structure layouts and wrappers: seccomp(2) with a user-notification listener,
+the BPF filter, and the notification ioctls (seccomp_unotify(2)): receive, respond,
+check an id, add an fd. The other system calls Python lacks are in `broker.syscalls`.
+`check_supported` refuses any platform these numbers were not written for, rather than
+guess; `broker.intercept` builds on it.
 
 Must never: guess a constant for another architecture or structure layout, or hide an
 errno (every failure is the OSError the kernel reported).
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import struct
-from collections.abc import Iterable
+from typing import NamedTuple
 
 from broker.errors import InterceptUnsupported
+from broker.syscalls import check, libc
 
 # Kernel ABI. Every number below is x86_64's; `check_supported` refuses anything else
 # rather than guess. Sources: arch/x86/entry/syscalls/syscall_64.tbl,
@@ -30,8 +33,6 @@ _MIN_KERNEL = (5, 9)
 """5.9 added SECCOMP_IOCTL_NOTIF_ADDFD (with SETFD); CONTINUE is 5.5, pidfd_getfd 5.6."""
 
 _SYS_SECCOMP = 317
-_SYS_SIGNALFD4 = 289
-_SYS_PIDFD_GETFD = 438
 NR_BIND = 49
 NR_LISTEN = 50
 X32_SYSCALL_BIT = 0x40000000
@@ -83,68 +84,13 @@ _BPF_JMP_JEQ_K = 0x15
 _BPF_RET_K = 0x06
 _SOCK_FILTER = struct.Struct("=HBBI")
 
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
-PR_SET_NO_NEW_PRIVS = 38
-PIDFD_THREAD = os.O_EXCL
-"""6.9+: pidfd_open() flag for a pidfd naming one thread (notifications name threads)."""
-SIGNALFD_SIGINFO = struct.Struct("=IiiI")
-"""The first fields of struct signalfd_siginfo: signo, errno, code, pid (128 bytes)."""
-SIGNALFD_SIGINFO_SIZE = 128
-SI_KERNEL = 0x80
-"""si_code of signals the kernel sends to a whole process group (tty ^C, hangup)."""
-
 # --------------------------------------------------------------------------------------
 # The kernel, via ctypes.
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.prctl.restype = ctypes.c_int
-
-
-def _check(result: int) -> int:
-    """Return a libc result, or raise the OSError that errno describes."""
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
 
 
 def _seccomp(op: int, flags: int, arg: ctypes.c_void_p) -> int:
     args = (ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(op), ctypes.c_uint(flags), arg)
-    return _check(int(_libc.syscall(*args)))
-
-
-def prctl(option: int, arg: int | ctypes.c_void_p = 0) -> int:
-    # Variadic unsigned longs: pass full-width zeros, PR_SET_NO_NEW_PRIVS insists on them.
-    value = ctypes.c_ulong(arg) if isinstance(arg, int) else arg
-    zero = ctypes.c_ulong(0)
-    return _check(int(_libc.prctl(ctypes.c_int(option), value, zero, zero, zero)))
-
-
-def pidfd_getfd(pidfd: int, fd: int) -> int:
-    """Duplicate fd number `fd` of the task behind `pidfd` into our process (CLOEXEC)."""
-    args = (
-        ctypes.c_long(_SYS_PIDFD_GETFD),
-        ctypes.c_int(pidfd),
-        ctypes.c_int(fd),
-        ctypes.c_uint(0),
-    )
-    return _check(int(_libc.syscall(*args)))
-
-
-def signalfd(signals: Iterable[int]) -> int:
-    mask = ctypes.c_uint64(sum(1 << (int(sig) - 1) for sig in signals))
-    flags = os.O_CLOEXEC | os.O_NONBLOCK  # SFD_CLOEXEC, SFD_NONBLOCK
-    size = ctypes.c_size_t(ctypes.sizeof(mask))
-    args = (
-        ctypes.c_long(_SYS_SIGNALFD4),
-        ctypes.c_int(-1),
-        ctypes.byref(mask),
-        size,
-        ctypes.c_int(flags),
-    )
-    return _check(int(_libc.syscall(*args)))
+    return check(int(libc.syscall(*args)))
 
 
 def _kernel_version(release: str) -> tuple[int, int] | None:
@@ -234,3 +180,56 @@ def install_filter(program: ctypes.Array[ctypes.c_char]) -> int:
         if exc.errno != errno.EINVAL:  # EINVAL: a 5.9-5.18 kernel without WAIT_KILLABLE_RECV
             raise
     return _seccomp(_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_NEW_LISTENER, arg)
+
+
+# --- the notification ABI: receive, respond, check, add an fd ------------------------
+# Small functions that return or raise the kernel's OSError: the supervisor decides
+# what an errno means (ENOENT: the task died, or a signal interrupted its syscall).
+
+
+class Notification(NamedTuple):
+    """One system call waiting for the supervisor (struct seccomp_notif)."""
+
+    id: int
+    pid: int
+    nr: int
+    """The syscall number, x32's marked bit cleared."""
+    args: tuple[int, ...]
+
+
+def receive(listener: int) -> Notification:
+    """SECCOMP_IOCTL_NOTIF_RECV: the next notification (blocks if none is pending)."""
+    buf = bytearray(NOTIF.size)
+    fcntl.ioctl(listener, IOCTL_NOTIF_RECV, buf, True)
+    nid, pid, _flags, nr, _arch, _ip, *args = NOTIF.unpack(buf)
+    return Notification(nid, pid, nr & ~X32_SYSCALL_BIT, tuple(args))
+
+
+def respond(listener: int, nid: int, *, val: int = 0, error: int = 0, flags: int = 0) -> None:
+    """SECCOMP_IOCTL_NOTIF_SEND: the syscall returns `val`, or fails with `error`, or
+    (SECCOMP_USER_NOTIF_FLAG_CONTINUE) runs in the kernel as if never stopped."""
+    fcntl.ioctl(
+        listener, IOCTL_NOTIF_SEND, bytearray(NOTIF_RESP.pack(nid, val, -error, flags)), True
+    )
+
+
+def id_valid(listener: int, nid: int) -> bool:
+    """SECCOMP_IOCTL_NOTIF_ID_VALID: whether the task still waits in that syscall (so
+    that what was read of it by pid was the task's, not a reused pid's). Other errors
+    than ENOENT raise."""
+    try:
+        fcntl.ioctl(listener, IOCTL_NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def add_fd(listener: int, nid: int, source: int, target: int, *, cloexec: bool) -> None:
+    """SECCOMP_IOCTL_NOTIF_ADDFD with SETFD: `source` of ours becomes fd `target` of the
+    waiting task (replacing what was there), close-on-exec if `cloexec`."""
+    addfd = NOTIF_ADDFD.pack(
+        nid, SECCOMP_ADDFD_FLAG_SETFD, source, target, os.O_CLOEXEC if cloexec else 0
+    )
+    fcntl.ioctl(listener, IOCTL_NOTIF_ADDFD, bytearray(addfd), True)

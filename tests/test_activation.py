@@ -30,13 +30,12 @@ from broker.activation import (
     Intake,
     bind_all,
     bind_control,
-    capabilities,
-    drop_privileges,
     format_address,
     from_systemd,
     intake_fds,
 )
 from broker.errors import IntakeError, PrivilegeError
+from broker.privileges import capabilities, drop_privileges
 from broker.protocol import SocketInfo
 from tests.harness.processes import Processes, run_in_child, wait_for
 
