@@ -37,7 +37,7 @@ import enum
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from broker.activation import HeldSocket
 from broker.errors import Code, ProtocolError
@@ -89,8 +89,7 @@ class Kind(enum.Enum):
     """A failure of the broker's own (`detail` has the traceback)."""
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """One thing worth counting and logging.
 
     Attributes:
@@ -108,8 +107,7 @@ class Outcome:
     detail: str | None = None
 
 
-@dataclass(frozen=True)
-class Send:
+class Send(NamedTuple):
     """Send `data` whole, `fds` on its first byte (one SCM_RIGHTS message).
 
     Attributes:

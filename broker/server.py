@@ -321,7 +321,10 @@ class Broker:
                     self.audit.log(Level.NOTICE, f"dropped {peer.describe()}: {e.strerror}")
                     return
                 connection.sent()
-                await trio.lowlevel.checkpoint()  # requests may all be buffered: let others in
+                # Let the others in before this client's next request (it may already be
+                # buffered); by then a client that is done has usually closed, and the
+                # next read finds the end of stream without a wait.
+                await trio.lowlevel.checkpoint()
         final = connection.timed_out()
         if isinstance(final, Send):
             await self._send_final(conn, final, peer)
