@@ -18,6 +18,7 @@ past step 3, or serve as root without saying so.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -45,6 +46,9 @@ def serve(
             cannot be served (the message says what to change).
         BrokerError: anything else that keeps the broker from starting.
     """
+    # Until the server takes SIGHUP (a reload), and after it stops, a `port-broker reload`
+    # must not kill the broker: SIGHUP's default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         loader = IsolatedLoad(config)
     except OSError as e:

@@ -145,22 +145,23 @@ def _child(write_end: int, path: str | None, environ: Mapping[str, str]) -> None
         os._exit(status)
 
 
-def subprocess_command(path: str) -> list[str]:
+def subprocess_command(path: str | None) -> list[str]:
     """The command that runs `load(path)` in a new interpreter and prints the result
     for `parse_result`: how a serving broker reloads, since forking a process with
-    threads (trio's, NSS lookups') is unsafe. The broker's own package is found where
-    this one was loaded from."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    threads (trio's, NSS lookups') is unsafe. The child gets this interpreter's module
+    path whole: a venv, a launcher that adds a directory, or Nix's wrapper that lists
+    every dependency all work the same."""
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from broker.loader import main; "
-        "sys.exit(main(sys.argv[2]))"
+        "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+        "from broker.loader import main; sys.exit(main(sys.argv[2] or None))"
     )
-    return [sys.executable, "-I", "-c", script, package_parent, path]
+    return [sys.executable, "-I", "-c", script, json.dumps(sys.path), path or ""]
 
 
-def main(path: str) -> int:
-    """Run by `subprocess_command`'s interpreter: load `path` (with the environment's
-    PORT_BROKER_* overrides), print the result as JSON, return the exit status."""
+def main(path: str | None) -> int:
+    """Run by `subprocess_command`'s interpreter: load `path` (None: the environment's
+    or the default file), with the environment's PORT_BROKER_* overrides; print the
+    result as JSON, return the exit status."""
     output, status = _result_of(path, os.environ)
     sys.stdout.buffer.write(output)
     return status

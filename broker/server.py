@@ -187,12 +187,17 @@ class Broker:
                 _notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
                 path = self.config.path
                 try:
-                    self.apply(await self._load(path))
-                except ConfigError as e:
-                    self.refused = {"time": time.time(), "reason": e.message}
+                    # A default file that was missing at start is not "asked for" now.
+                    self.apply(await self._load(path if self.config.exists else None))
+                except Exception as e:  # the configuration in force stays, whatever failed
+                    reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
+                    if not isinstance(e, ConfigError):
+                        self.audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
+                                       EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
+                    self.refused = {"time": time.time(), "reason": reason}
                     self.audit.log(
                         Level.WARNING,
-                        f"refused the new configuration: {e.message}; generation "
+                        f"refused the new configuration: {reason}; generation "
                         f"{self.generation} of {path} stays in force",
                     )
                 else:
@@ -205,8 +210,9 @@ class Broker:
         finally:
             self._reloading = False
 
-    async def _load(self, path: str) -> Config:
+    async def _load(self, path: str | None) -> Config:
         """`loader.load(path)` in a child interpreter, within RELOAD_TIMEOUT."""
+        shown = path or self.config.path
         with trio.move_on_after(RELOAD_TIMEOUT):
             done = await trio.run_process(
                 loader.subprocess_command(path),
@@ -215,8 +221,10 @@ class Broker:
                 stderr=None,
                 check=False,
             )
-            return loader.parse_result(done.stdout, done.returncode, path)
-        raise ConfigError(f"{path}: loading took longer than {RELOAD_TIMEOUT:g}s")
+            if len(done.stdout) > loader.MAX_RESULT_BYTES:
+                raise ConfigError(f"{shown}: the loader's answer is too large")
+            return loader.parse_result(done.stdout, done.returncode, shown)
+        raise ConfigError(f"{shown}: loading took longer than {RELOAD_TIMEOUT:g}s")
 
     async def _status_loop(self) -> None:
         last = ""

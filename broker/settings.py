@@ -50,8 +50,6 @@ from broker.errors import ConfigError
 from broker.names import CONFIG_ENV, ENV_PREFIX, LOCATION_ENV, grantable_name_problem
 from broker.policy import Policy, Rule
 
-"""Variables with our prefix that are not settings (read elsewhere, so allowed)."""
-
 MAX_CONFIG_BYTES: Final = 1 << 20
 """The largest configuration file (and environment override) read: a policy naming ten
 thousand users is about 200 KiB. Bigger is a mistake, and would cost the loader memory

@@ -374,9 +374,9 @@ def test_config_naming_a_socket_systemd_did_not_pass_stops_the_start(
     config = '[sockets.http]\nusers = ["nobody"]\n[sockets.https]\nusers = ["nobody"]\n'
     with pytest.raises(AssertionError, match="did not answer"):
         start_broker(processes, launcher, workdir, config)
+    assert processes.started[-1].wait(START_TIMEOUT) == 78  # then its log is complete
     log = (workdir / "broker.log").read_text()
     assert (
         "has rules for https but no such socket was passed (passed: http); add a "
         ".socket unit with that FileDescriptorName="
     ) in log
-    assert processes.started[-1].wait(START_TIMEOUT) == 78

@@ -34,7 +34,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import __version__, client, connection
+from broker import __version__, client, connection, loader
 from broker.audit import Audit
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, ConfigError, RequestRefused
@@ -390,6 +390,31 @@ async def test_the_deadline_is_per_request_and_counts_a_half_sent_request(
         assert reply["code"] == "timeout"
         assert reply["message"] == "no complete request within 2.5 seconds"
         assert await wire.rest() == b""
+
+
+async def test_a_request_trickling_in_past_its_deadline_is_refused_at_the_deadline(
+    rundir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A byte a second, for ever (slowloris): each byte must not buy more time.
+    async with (
+        running_broker(rundir, client_timeout=2.5) as served,
+        await Wire.open(served.path) as wire,
+    ):
+        start = trio.current_time()
+
+        async def trickle() -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for byte in LIST[:-1]:
+                    await wire.send(bytes([byte]))
+                    await trio.sleep(1.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            reply, _ = await wire.reply()
+            assert trio.current_time() - start == pytest.approx(2.5)
+            nursery.cancel_scope.cancel()
+        assert reply["code"] == "timeout"
+        assert served.broker.ledger.refusals == {"timeout": 1}
 
 
 async def test_silent_half_sent_garbage_and_vanishing_clients_do_not_stop_a_legitimate_one(
@@ -924,6 +949,23 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
     assert f"reloaded {path}: generation 2 in force" in err
     assert "refused the new configuration: " in err
     assert f"generation 2 of {path} stays in force" in err
+
+
+async def test_a_reload_that_cannot_even_start_is_refused_and_the_broker_serves_on(
+    rundir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(loader, "subprocess_command", lambda path: ["/nonexistent/python"])
+    async with running_broker(rundir) as served:
+        send_signal_to_self(signal.SIGHUP)
+        with trio.fail_after(START_TIMEOUT):
+            while served.broker.refused is None:
+                await trio.sleep(0.02)
+        assert "FileNotFoundError" in served.broker.refused["reason"]
+        sock = await client.acquire_trio("http", path=served.path)  # still serving
+        sock.close()
+    assert "reloading /etc/port-broker/test-broker.toml failed: FileNotFoundError" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
