@@ -146,12 +146,12 @@ class Holdings:
     Attributes:
         policy: Who may have what.
         held: Name → the sockets of that name (the broker's; only their fds are read).
-        report: The status report's JSON object, built when asked for.
+        report: The status report, built when asked for.
     """
 
     policy: Policy
     held: Mapping[str, Sequence[HeldSocket]]
-    report: Callable[[], dict[str, Any]]
+    report: Callable[[], Mapping[str, Any]]
 
 
 class Connection:

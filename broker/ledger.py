@@ -15,13 +15,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from broker.audit import Audit
 from broker.connection import Kind, Outcome
 from broker.errors import Code
 from broker.identity import Peer
 from broker.names import Level
+from broker.status import Event
 
 REFUSAL_LOG_BURST: Final = 20
 REFUSAL_LOG_WINDOW: Final = 10.0
@@ -102,7 +103,7 @@ class Ledger:
         self.grants: Counter[str] = Counter()
         self.denials: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.limiter = RefusalLimiter(clock, self._summarize)
 
     def record(self, outcome: Outcome, peer: Peer) -> None:

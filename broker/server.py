@@ -23,11 +23,11 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, Final
+from typing import Final
 
 import trio
 
-from broker import __version__, loader
+from broker import __version__, status
 from broker.accepting import accept_loop
 from broker.activation import Intake
 from broker.admission import Admission
@@ -39,6 +39,7 @@ from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credent
 from broker.ledger import Ledger
 from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
+from broker.reload import Reloader
 
 SHUTDOWN_GRACE: Final = 1.0
 """Seconds clients in the middle of a request get after SIGTERM: far more than a grant
@@ -51,11 +52,6 @@ before giving up: such a client gets no more of our time than that."""
 STATUS_INTERVAL: Final = 1.0
 """Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
 rare enough to cost nothing under a storm of grants."""
-
-RELOAD_TIMEOUT: Final = 30.0
-"""Seconds a configuration reload may take (the loader imports pydantic, ~0.2 s, and
-asks NSS for every user and group named): past that the reload is refused and the
-configuration in force stays."""
 
 USER_LOOKUP_THREADS: Final = 4
 """User-database lookups running at once, each in a thread: NSS may wait on LDAP or
@@ -97,9 +93,8 @@ class Broker:
         self.started = time.monotonic()
         self.generation = 1
         self.loaded = time.time()
-        self.refused: dict[str, Any] | None = None  # the last reload refused, if any
-        self._reloading = False
-        self._reload_again = False
+        self.refused: status.Refused | None = None  # the last reload refused, if any
+        self.reloader = Reloader(self, audit, _notify)
 
     def _holdings(self) -> Holdings:
         return self.holdings
@@ -151,7 +146,7 @@ class Broker:
                         if signum in stop:
                             self.audit.log(Level.INFO, f"stopping on {signal.Signals(signum).name}")
                             break
-                        self._ask_reload(main)
+                        self.reloader.ask(main)
                     main.cancel_scope.cancel()
                 _notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
@@ -166,65 +161,6 @@ class Broker:
                 clients.start_soon(self._handle, conn)
 
         return admit
-
-    # --- reload ------------------------------------------------------------------
-
-    def _ask_reload(self, nursery: trio.Nursery) -> None:
-        """SIGHUP: reload, or reload again once the running reload is done."""
-        if self._reloading:
-            self._reload_again = True
-            return
-        self._reloading = True
-        nursery.start_soon(self._reload)
-
-    async def _reload(self) -> None:
-        """Load the configuration file again in a child interpreter; put it in force if
-        it is valid, else keep the one in force and log why."""
-        try:
-            while True:
-                self._reload_again = False
-                now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-                _notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
-                path = self.config.path
-                try:
-                    # A default file that was missing at start is not "asked for" now.
-                    self.apply(await self._load(path if self.config.exists else None))
-                except Exception as e:  # the configuration in force stays, whatever failed
-                    reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
-                    if not isinstance(e, ConfigError):
-                        self.audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
-                                       EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
-                    self.refused = {"time": time.time(), "reason": reason}
-                    self.audit.log(
-                        Level.WARNING,
-                        f"refused the new configuration: {reason}; generation "
-                        f"{self.generation} of {path} stays in force",
-                    )
-                else:
-                    self.audit.log(
-                        Level.INFO, f"reloaded {path}: generation {self.generation} in force"
-                    )
-                _notify(f"READY=1\nSTATUS={self.status_line()}")
-                if not self._reload_again:
-                    return
-        finally:
-            self._reloading = False
-
-    async def _load(self, path: str | None) -> Config:
-        """`loader.load(path)` in a child interpreter, within RELOAD_TIMEOUT."""
-        shown = path or self.config.path
-        with trio.move_on_after(RELOAD_TIMEOUT):
-            done = await trio.run_process(
-                loader.subprocess_command(path),
-                stdin=b"",
-                capture_stdout=True,
-                stderr=None,
-                check=False,
-            )
-            if len(done.stdout) > loader.MAX_RESULT_BYTES:
-                raise ConfigError(f"{shown}: the loader's answer is too large")
-            return loader.parse_result(done.stdout, done.returncode, shown)
-        raise ConfigError(f"{shown}: loading took longer than {RELOAD_TIMEOUT:g}s")
 
     async def _status_loop(self) -> None:
         last = ""
@@ -366,9 +302,21 @@ class Broker:
             f"{self.ledger.denials.total()} denials, {self.admission.active} clients"
         )
 
-    def report(self) -> dict[str, Any]:
-        """The status report (its shape is documented in docs/protocol.md)."""
+    def report(self) -> status.Report:
+        """The status report (broker/status.py has its schema)."""
         ledger = self.ledger
+        sockets: list[status.SocketStatus] = [
+            {
+                "name": held.info.name,
+                "family": held.info.family,
+                "type": held.info.type,
+                "address": held.info.address,
+                "grants": ledger.grants[name],
+                "denials": ledger.denials[name],
+            }
+            for name, group in self.intake.held.items()
+            for held in group
+        ]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -385,15 +333,7 @@ class Broker:
                 "total": self.admission.connections,
                 "limit": self.config.max_connections,
             },
-            "sockets": [
-                {
-                    **held.info.to_json(),
-                    "grants": ledger.grants[name],
-                    "denials": ledger.denials[name],
-                }
-                for name, sockets in self.intake.held.items()
-                for held in sockets
-            ],
+            "sockets": sockets,
             "grants": ledger.grants.total(),
             "denials": ledger.denials.total(),
             "refusals": dict(ledger.refusals),

@@ -21,7 +21,7 @@ from typing import Any, Final
 import pytest
 import trio
 
-from broker import __version__, client
+from broker import __version__, client, status
 from broker.cli import format_status, main
 from broker.errors import UnknownSocket
 from broker.names import exit_statuses
@@ -154,6 +154,15 @@ def test_format_status_renders_the_report(utc: None) -> None:
         "  1970-01-02 00:10:10 grant http uid 33 (www-data) pid 110 unit web.service",
         "  1970-01-02 00:11:11 deny  http uid 1000 (-) pid 111 unit -",
     ]
+
+
+def test_the_documented_status_keys_are_the_reports() -> None:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    table = text.split("### status", 1)[1].split("## Refusals", 1)[0]
+    documented = [key for row in re.findall(r"^\| (`.*?) \|", table, re.M)
+                  for key in re.findall(r"`(\w+)`", row.split(" | ")[0])]  # fmt: skip
+    assert documented == list(status.Report.__annotations__)
+    assert set(REPORT) == set(status.Report.__annotations__)  # the sample above too
 
 
 def test_format_status_of_an_empty_report() -> None:

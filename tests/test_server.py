@@ -28,13 +28,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 import trio
 import trio.testing
 
-from broker import __version__, client, connection, loader
+from broker import __version__, client, connection, loader, status
 from broker.audit import Audit
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, ConfigError, RequestRefused
@@ -926,11 +926,11 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
     path.write_text(f"[sockets.http]\nusers = [{UID}]\n[status]\nusers = [{UID}]\n")
     async with running_broker(rundir, config_path=str(path)) as served:
 
-        async def reloaded(generation: int, refused: bool) -> dict[str, Any]:
+        async def reloaded(generation: int, refused: bool) -> status.Configuration:
             send_signal_to_self(signal.SIGHUP)
             with trio.fail_after(START_TIMEOUT):
                 while True:
-                    shown: dict[str, Any] = served.broker.report()["configuration"]
+                    shown = served.broker.report()["configuration"]
                     if shown["generation"] == generation and bool(shown["refused"]) == refused:
                         return shown
                     await trio.sleep(0.02)
@@ -942,7 +942,9 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
 
         path.write_text('[sockets.http]\nusers = ["no-such-user-here"]\n')
         shown = await reloaded(2, refused=True)
-        assert "no-such-user-here" in shown["refused"]["reason"]
+        refused = shown["refused"]
+        assert refused is not None
+        assert "no-such-user-here" in refused["reason"]
         sock = await client.acquire_trio("http", path=served.path)  # the old policy holds
         sock.close()
     err = capsys.readouterr().err
