@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from broker import names
 from broker.policy import Policy, Rule
+
+
+def setting(default: float, description: str, **bounds: float) -> Any:
+    """Declare a scalar setting of `Config`, once: its default, what it means, and its
+    bounds (pydantic's ge/gt/le), which `broker.settings` validates the file against."""
+    metadata = {"kind": type(default), "description": description, "bounds": bounds}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,11 @@ class Config:
     path: str
     exists: bool
     policy: Policy
-    max_connections: int
-    client_timeout: float
-    max_connections_per_user: int
+    max_connections: int = setting(1024, "concurrent control connections served", ge=1, le=65536)
+    max_connections_per_user: int = setting(
+        64, "concurrent control connections of one uid", ge=1, le=65536
+    )
+    client_timeout: float = setting(5.0, "seconds a client has to send each request", gt=0, le=300)
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-able form; `from_json` turns it back into an equal Config."""
@@ -55,9 +64,7 @@ class Config:
             "sockets": {name: _rule_json(rule) for name, rule in self.policy.sockets.items()},
             "status": _rule_json(self.policy.status),
             "source": self.policy.source,
-            "max_connections": self.max_connections,
-            "max_connections_per_user": self.max_connections_per_user,
-            "client_timeout": self.client_timeout,
+            **{f.name: getattr(self, f.name) for f in SETTINGS},
         }
 
     @classmethod
@@ -76,10 +83,13 @@ class Config:
             path=str(data["path"]),
             exists=bool(data["exists"]),
             policy=policy,
-            max_connections=int(data["max_connections"]),
-            max_connections_per_user=int(data["max_connections_per_user"]),
-            client_timeout=float(data["client_timeout"]),
+            **{f.name: f.metadata["kind"](data[f.name]) for f in SETTINGS},
         )
+
+
+SETTINGS: tuple[Field[Any], ...] = tuple(f for f in fields(Config) if "bounds" in f.metadata)
+"""Config's scalar settings, each declared once with `setting`: the file's top-level
+keys besides `sockets` and `status`, and their PORT_BROKER_* variables."""
 
 
 def _rule_json(rule: Rule) -> dict[str, list[Any]]:

@@ -30,7 +30,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from functools import partial
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, cast
 
 from pydantic import (
     AfterValidator,
@@ -39,6 +39,7 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
+    create_model,
     field_validator,
 )
 from pydantic.fields import FieldInfo
@@ -163,17 +164,10 @@ class Settings(BaseSettings):
         default_factory=lambda: RuleSettings(users=[0]),
         description="who may read `port-broker status` (default: root only)",
     )
-    max_connections: int = Field(
-        1024, ge=1, le=65536, description="concurrent control connections served"
-    )
-    max_connections_per_user: int = Field(
-        64, ge=1, le=65536, description="concurrent control connections of one uid"
-    )
-    client_timeout: float = Field(
-        5.0, gt=0, le=300, description="seconds a client has to send each request"
-    )
+    # The scalar settings (max_connections, ...) come from broker.config.SETTINGS: see
+    # `_with_scalars` below.
 
-    @field_validator("max_connections", "max_connections_per_user", "client_timeout", mode="before")
+    @field_validator(*(f.name for f in config.SETTINGS), mode="before", check_fields=False)
     @classmethod
     def _not_boolean(cls, value: object) -> object:
         if isinstance(value, bool):  # else pydantic takes `true` for 1
@@ -204,6 +198,22 @@ class Settings(BaseSettings):
         return _EnvironSource(settings_cls), init_settings
 
 
+def _with_scalars(base: type[Settings]) -> type[Settings]:
+    """`base` plus a field per scalar setting, as `broker.config` declares them."""
+    scalars: dict[str, Any] = {
+        f.name: (
+            f.metadata["kind"],
+            Field(f.default, description=f.metadata["description"], **f.metadata["bounds"]),
+        )
+        for f in config.SETTINGS
+    }
+    return cast("type[Settings]", create_model(base.__name__, __base__=base, **scalars))
+
+
+_Settings: Final = _with_scalars(Settings)
+"""The model a file and its overrides are validated against."""
+
+
 def _key(loc: tuple[int | str, ...]) -> str:
     text = ""
     for part in loc:
@@ -223,7 +233,7 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     if not loc:
-        return Settings
+        return _Settings
     if loc[0] == "status" or (loc[0] == "sockets" and len(loc) == 2):
         return RuleSettings
     return None
@@ -234,7 +244,7 @@ _JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"
 
 
 def _check_environment(environ: Mapping[str, str]) -> None:
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = {ENV_PREFIX + name.upper() for name in _Settings.model_fields}
     for variable in environ:
         if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
             continue
@@ -336,7 +346,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     _check_environment(environ)
     token = _ENVIRON.set(environ)
     try:
-        settings = Settings(**data)
+        settings = _Settings(**data)
     except ValidationError as e:
         first = e.errors()[0]
         key = _key(tuple(first["loc"]))
@@ -353,11 +363,5 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
         status=settings.status.to_rule(),
         source=path,
     )
-    return Config(
-        path=path,
-        exists=exists,
-        policy=policy,
-        max_connections=settings.max_connections,
-        max_connections_per_user=settings.max_connections_per_user,
-        client_timeout=settings.client_timeout,
-    )
+    scalars = {f.name: getattr(settings, f.name) for f in config.SETTINGS}
+    return Config(path=path, exists=exists, policy=policy, **scalars)

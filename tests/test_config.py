@@ -11,6 +11,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from broker.config import Config
 from broker.errors import ConfigError
 from broker.policy import Rule
 from broker.settings import MAX_ID
+from tests.harness.runtime import ROOT
 
 WWW_DATA = pwd.getpwnam("www-data").pw_uid
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -715,6 +717,18 @@ def test_a_variable_for_a_part_of_a_table_wins_over_the_whole_table(tmp_path: Pa
         loaded = load(path, environ)
         assert loaded.policy.sockets["http"] == Rule(uids=frozenset({1000}))
         assert loaded.policy.sockets["dns"] == Rule(uids=frozenset({0}), units=("a.service",))
+
+
+def test_every_scalar_setting_is_documented_with_its_default() -> None:
+    table = (ROOT / "docs" / "configuration.md").read_text().split("## Keys", 1)[1]
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", table, re.M))
+    assert [f.name for f in config.SETTINGS] == [
+        "max_connections",
+        "max_connections_per_user",
+        "client_timeout",
+    ]
+    for setting in config.SETTINGS:
+        assert rows[setting.name].strip() == str(setting.default), setting.name
 
 
 def test_only_capital_port_broker_variables_count(tmp_path: Path) -> None:
