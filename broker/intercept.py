@@ -69,14 +69,21 @@ import os
 import select
 import signal
 import socket
-import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NoReturn
 
 from broker import seccomp, syscalls
-from broker.activation import format_address
+from broker.bindings import (
+    Endpoint,
+    Held,
+    Pass,
+    Refuse,
+    build_map,
+    decide,
+    parse_sockaddr,
+    show_endpoint,
+)
 from broker.errors import InterceptError, InterceptUnsupported
-from broker.names import Family
 from broker.seccomp import check_supported
 
 __all__ = [
@@ -106,166 +113,6 @@ _CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 """Python ignores these; a program started by a shell has them at default (subprocess's
 restore_signals does the same)."""
 _MESSAGE_PREFIX = "port-broker: "
-
-
-# --------------------------------------------------------------------------------------
-# Matching a bind() against the held sockets: pure, no I/O (tested directly).
-
-
-class _Endpoint(NamedTuple):
-    """What matters about a socket (or a bind() request) for matching."""
-
-    family: int
-    type: int
-    proto: int
-    ip: bytes
-    """The packed address: 4 bytes for AF_INET, 16 for AF_INET6."""
-    port: int
-
-
-class _Inject(NamedTuple):
-    choice: int
-    """Which candidate to inject."""
-
-
-class _Refuse(NamedTuple):
-    error: int
-    message: str
-
-
-class _Pass(NamedTuple):
-    note: str | None
-    """Said on stderr when the program probably expected to get a held socket."""
-
-
-_Decision = _Inject | _Refuse | _Pass
-_WILDCARD: dict[int, bytes] = {socket.AF_INET: bytes(4), socket.AF_INET6: bytes(16)}
-
-
-def _parse_sockaddr(raw: bytes) -> tuple[int, bytes, int] | None:
-    """Return (family, packed ip, port) of an AF_INET/AF_INET6 sockaddr, else None.
-
-    None also for anything the kernel itself would reject as too short: such a bind()
-    continues to the kernel, which returns its own error.
-    """
-    if len(raw) < 2:
-        return None
-    (family,) = struct.unpack_from("=H", raw)
-    if family == socket.AF_INET and len(raw) >= 16:  # sizeof(struct sockaddr_in)
-        return family, raw[4:8], int.from_bytes(raw[2:4], "big")
-    if family == socket.AF_INET6 and len(raw) >= 24:  # SIN6_LEN_RFC2133
-        return family, raw[8:24], int.from_bytes(raw[2:4], "big")
-    return None
-
-
-def _format_address(family: int, ip: bytes, port: int) -> str:
-    return format_address(family, (socket.inet_ntop(family, ip), port))
-
-
-def _decide(candidates: Sequence[_Endpoint], want: _Endpoint, who: str) -> _Decision:
-    """Decide what to do with a bind() of `want` given the sockets held for its port.
-
-    Args:
-        candidates: The held sockets mapped to `want.port`, in preference order.
-        want: The program's socket (family, type, protocol) and the address it binds.
-        who: The program, for messages ("pid 42 (node)").
-
-    Returns:
-        Inject the first candidate of the same family, type and protocol whose address
-        is `want`'s, else (if `want` is the wildcard address) the first of them at all;
-        refuse with EAFNOSUPPORT if only other families are held for this type; else
-        pass the bind() to the kernel, with a note when the address was the obstacle.
-    """
-    asked = _format_address(want.family, want.ip, want.port)
-    same_type = [c for c in candidates if (c.type, c.proto) == (want.type, want.proto)]
-    if not same_type:
-        return _Pass(None)
-    usable = [
-        i
-        for i, c in enumerate(candidates)
-        if (c.type, c.proto, c.family) == (want.type, want.proto, want.family)
-    ]
-    if not usable:
-        held = ", ".join(_format_address(c.family, c.ip, c.port) for c in same_type)
-        other = "IPv4" if want.family == socket.AF_INET else "IPv6"
-        family = Family.from_kernel(want.family)
-        return _Refuse(
-            errno.EAFNOSUPPORT,
-            f"refused bind() of an {family.label if family else want.family} "
-            f"socket to {asked} by {who}: the sockets held for port {want.port} are "
-            f"{held}, another family. Hold an {other} socket for port {want.port} too "
-            "(for systemd, a ListenStream= line for it), or make the program bind an "
-            "address of the held family.",
-        )
-    for i in usable:
-        if candidates[i].ip == want.ip:
-            return _Inject(i)
-    if want.ip == _WILDCARD.get(want.family):
-        return _Inject(usable[0])
-    held = ", ".join(
-        _format_address(candidates[i].family, candidates[i].ip, candidates[i].port) for i in usable
-    )
-    return _Pass(
-        f"bind() to {asked} by {who} passed to the kernel: the sockets held for port "
-        f"{want.port} are on {held}, and a bind() to one address never gets a socket "
-        "listening on another. Bind the wildcard address or the held one, or hold a "
-        "socket on this address."
-    )
-
-
-# --------------------------------------------------------------------------------------
-# The held sockets.
-
-
-class _Held(NamedTuple):
-    sock: socket.socket
-    endpoint: _Endpoint
-    v6only: bool
-    inode: tuple[int, int]
-
-
-def _describe_held(sock: socket.socket) -> _Held:
-    family, kind = sock.family, sock.type
-    where = f"held socket fd {sock.fileno()}"
-    if family not in _WILDCARD:
-        raise InterceptError(f"{where} is {family!r}; only AF_INET and AF_INET6 can be held")
-    ip, port = sock.getsockname()[:2]
-    if port == 0:
-        raise InterceptError(f"{where} is not bound to a port; the holder must bind it")
-    if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise InterceptError(
-            f"{where} ({_format_address(family, socket.inet_pton(family, ip), port)}) "
-            "is not listening; the holder must call listen() on it"
-        )
-    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-    v6only = family == socket.AF_INET6 and bool(
-        sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-    )
-    st = os.fstat(sock.fileno())
-    endpoint = _Endpoint(family, kind, proto, socket.inet_pton(family, ip), port)
-    return _Held(sock, endpoint, v6only, (st.st_dev, st.st_ino))
-
-
-def _build_map(
-    held: Sequence[socket.socket], port_map: Mapping[int, Sequence[socket.socket]] | None
-) -> tuple[list[_Held], dict[int, list[_Held]]]:
-    everything = list(held)
-    if port_map is not None:
-        everything += [s for socks in port_map.values() for s in socks]
-    described: dict[int, _Held] = {}
-    for sock in everything:
-        if sock.fileno() not in described:
-            described[sock.fileno()] = _describe_held(sock)
-    mapping: dict[int, list[_Held]] = {}
-    if port_map is None:
-        for h in described.values():
-            mapping.setdefault(h.endpoint.port, []).append(h)
-    else:
-        for port, socks in port_map.items():
-            if not 0 < port < 65536:
-                raise ValueError(f"port_map key {port!r} is not a port number")
-            mapping[port] = [described[s.fileno()] for s in socks]
-    return list(described.values()), mapping
 
 
 # --------------------------------------------------------------------------------------
@@ -307,8 +154,8 @@ class _Supervisor:
         listener: int,
         sigfd: int,
         child: int,
-        held: list[_Held],
-        mapping: dict[int, list[_Held]],
+        held: list[Held],
+        mapping: dict[int, list[Held]],
     ) -> None:
         self.listener = listener
         self.sigfd = sigfd
@@ -492,7 +339,7 @@ class _Supervisor:
             raw = b""  # EFAULT, EIO: a bad pointer, for the kernel to report
         if raw is None:
             return
-        parsed = _parse_sockaddr(raw)
+        parsed = parse_sockaddr(raw)
         if fd < 0 or parsed is None or parsed[2] not in self.mapping:
             self._pass(n)
             return
@@ -541,16 +388,16 @@ class _Supervisor:
             self._pass(n)  # the kernel's EINVAL: family mismatch, or already bound
             return
         proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-        want = _Endpoint(family, sock.type, proto, ip, port)
+        want = Endpoint(family, sock.type, proto, ip, port)
         candidates = self.mapping[port]
         who = _task_name(n.pid)
-        decision = _decide([h.endpoint for h in candidates], want, who)
-        if isinstance(decision, _Pass):
+        decision = decide([h.endpoint for h in candidates], want, who)
+        if isinstance(decision, Pass):
             if decision.note:
                 _say(decision.note)
             self._pass(n)
             return
-        if isinstance(decision, _Refuse):
+        if isinstance(decision, Refuse):
             _say(decision.message)
             self._reply(n.id, error=decision.error)
             return
@@ -573,13 +420,13 @@ class _Supervisor:
         self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
         self._reply(n.id)
 
-    def _warn_v6only(self, sock: socket.socket, held: _Held, who: str) -> None:
+    def _warn_v6only(self, sock: socket.socket, held: Held, who: str) -> None:
         if held.endpoint.family != socket.AF_INET6:
             return
         wanted = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
         if wanted == held.v6only:
             return
-        where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+        where = show_endpoint(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
         if held.v6only:
             _say(
                 f"{who} wants a dual-stack socket but the one held on {where} is "
@@ -591,11 +438,11 @@ class _Supervisor:
                 "it also gets IPv4 connections"
             )
 
-    def _match_nonblocking(self, wanted: bool, held: _Held, who: str) -> None:
+    def _match_nonblocking(self, wanted: bool, held: Held, who: str) -> None:
         """Give the shared open file description the program's own O_NONBLOCK."""
         before = self.nonblock_given.setdefault(held.inode, wanted)
         if before != wanted:
-            where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+            where = show_endpoint(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
             _say(
                 f"{who} wants the socket held on {where} {'non-' if wanted else ''}blocking, "
                 "but an earlier bind() got it the other way; they share one O_NONBLOCK "
@@ -603,7 +450,7 @@ class _Supervisor:
             )
             self.nonblock_given[held.inode] = wanted
         elif not wanted and not os.get_blocking(held.sock.fileno()):
-            where = _format_address(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+            where = show_endpoint(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
             _say(
                 f"{who}'s own socket is blocking, so the socket held on {where} is made "
                 "blocking for it; every worker holding that socket shares the flag: one "
@@ -780,7 +627,7 @@ def run_intercepted(
     if not argv:
         raise ValueError("argv is empty: nothing to run")
     check_supported()
-    described, mapping = _build_map(held, port_map)
+    described, mapping = build_map(held, port_map)
     threads = len(os.listdir("/proc/self/task"))
     if threads > 1:
         # Another thread with SIGCHLD unblocked would take the signals our signalfd

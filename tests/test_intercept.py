@@ -38,15 +38,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import intercept, seccomp
-from broker.intercept import (
-    InterceptError,
-    InterceptUnsupported,
-    _decide,
-    _Endpoint,
-    _Inject,
-    _Pass,
-    _Refuse,
-)
+from broker.bindings import Endpoint, Inject, Pass, Refuse, decide, parse_sockaddr
+from broker.intercept import InterceptError, InterceptUnsupported
 from tests.harness.processes import NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
@@ -91,26 +84,26 @@ TCP = (socket.SOCK_STREAM, socket.IPPROTO_TCP)
 UDP = (socket.SOCK_DGRAM, socket.IPPROTO_UDP)
 
 
-def endpoint(family: int, kind: tuple[int, int], ip: bytes, port: int = 80) -> _Endpoint:
-    return _Endpoint(family, kind[0], kind[1], ip, port)
+def endpoint(family: int, kind: tuple[int, int], ip: bytes, port: int = 80) -> Endpoint:
+    return Endpoint(family, kind[0], kind[1], ip, port)
 
 
 def test_decide_injects_same_family_on_wildcard() -> None:
     held = [endpoint(socket.AF_INET6, TCP, V6_ANY), endpoint(socket.AF_INET, TCP, V4_ANY)]
-    assert _decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == _Inject(1)
-    assert _decide(held, endpoint(socket.AF_INET6, TCP, V6_ANY), "p") == _Inject(0)
+    assert decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == Inject(1)
+    assert decide(held, endpoint(socket.AF_INET6, TCP, V6_ANY), "p") == Inject(0)
 
 
 def test_decide_prefers_exact_address_over_order() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY), endpoint(socket.AF_INET, TCP, LO4)]
-    assert _decide(held, endpoint(socket.AF_INET, TCP, LO4), "p") == _Inject(1)
-    assert _decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == _Inject(0)
+    assert decide(held, endpoint(socket.AF_INET, TCP, LO4), "p") == Inject(1)
+    assert decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == Inject(0)
 
 
 def test_decide_never_widens_a_specific_address() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY)]
-    decision = _decide(held, endpoint(socket.AF_INET, TCP, LO4), "pid 7 (x)")
-    assert isinstance(decision, _Pass)
+    decision = decide(held, endpoint(socket.AF_INET, TCP, LO4), "pid 7 (x)")
+    assert isinstance(decision, Pass)
     assert decision.note is not None
     assert "127.0.0.1:80" in decision.note
     assert "0.0.0.0:80" in decision.note
@@ -118,8 +111,8 @@ def test_decide_never_widens_a_specific_address() -> None:
 
 def test_decide_refuses_other_family_with_what_to_do() -> None:
     held = [endpoint(socket.AF_INET6, TCP, V6_ANY)]
-    decision = _decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "pid 7 (python3)")
-    assert isinstance(decision, _Refuse)
+    decision = decide(held, endpoint(socket.AF_INET, TCP, V4_ANY), "pid 7 (python3)")
+    assert isinstance(decision, Refuse)
     assert decision.error == errno.EAFNOSUPPORT
     assert "pid 7 (python3)" in decision.message
     assert "0.0.0.0:80" in decision.message
@@ -129,31 +122,31 @@ def test_decide_refuses_other_family_with_what_to_do() -> None:
 
 def test_decide_passes_other_socket_types_silently() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY)]
-    assert _decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == _Pass(None)
+    assert decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == Pass(None)
     sctp = (socket.SOCK_STREAM, 132)  # same type, other protocol
-    assert _decide(held, endpoint(socket.AF_INET, sctp, V4_ANY), "p") == _Pass(None)
+    assert decide(held, endpoint(socket.AF_INET, sctp, V4_ANY), "p") == Pass(None)
 
 
 def test_decide_matches_datagram_sockets() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY), endpoint(socket.AF_INET, UDP, V4_ANY)]
-    assert _decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == _Inject(1)
+    assert decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == Inject(1)
 
 
 def test_parse_sockaddr_reads_what_the_kernel_reads() -> None:
     v4 = socket.AF_INET.to_bytes(2, "little") + (80).to_bytes(2, "big") + LO4 + bytes(8)
-    assert intercept._parse_sockaddr(v4) == (socket.AF_INET, LO4, 80)
-    assert intercept._parse_sockaddr(v4[:15]) is None  # shorter than sockaddr_in: EINVAL
+    assert parse_sockaddr(v4) == (socket.AF_INET, LO4, 80)
+    assert parse_sockaddr(v4[:15]) is None  # shorter than sockaddr_in: EINVAL
     v6 = socket.AF_INET6.to_bytes(2, "little") + (443).to_bytes(2, "big") + bytes(4) + LO6
-    assert intercept._parse_sockaddr(v6) == (socket.AF_INET6, LO6, 443)
-    assert intercept._parse_sockaddr(v6 + bytes(4)) == (socket.AF_INET6, LO6, 443)
+    assert parse_sockaddr(v6) == (socket.AF_INET6, LO6, 443)
+    assert parse_sockaddr(v6 + bytes(4)) == (socket.AF_INET6, LO6, 443)
     unix = socket.AF_UNIX.to_bytes(2, "little") + b"/run/x.sock\0"
-    assert intercept._parse_sockaddr(unix) is None
+    assert parse_sockaddr(unix) is None
 
 
 @given(st.binary(max_size=140))
 def test_parse_sockaddr_takes_any_bytes(raw: bytes) -> None:
     """Invariant: any bytes from a program parse to an inet address or to None."""
-    parsed = intercept._parse_sockaddr(raw)
+    parsed = parse_sockaddr(raw)
     if parsed is not None:
         family, ip, port = parsed
         assert (family, len(ip)) in {(socket.AF_INET, 4), (socket.AF_INET6, 16)}
