@@ -85,6 +85,7 @@ from broker.bindings import (
 )
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.seccomp import check_supported
+from broker.tracee import SOCKADDR_MAX, Tracee
 
 __all__ = [
     "InterceptError",
@@ -96,8 +97,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Limits, each with its reason.
 
-_SOCKADDR_MAX = 128
-"""sizeof(struct sockaddr_storage): nothing we match on is longer."""
 _SETUP_TIMEOUT = 60.0
 """Seconds the child may take to install the filter and exec; generous for slow disks."""
 _FORWARDED_SIGNALS = (
@@ -165,7 +164,7 @@ class _Supervisor:
         self.listening_inodes = {h.inode for h in held if h.endpoint.type != socket.SOCK_DGRAM}
         self.nonblock_given: dict[tuple[int, int], bool] = {}
         self.child_status: int | None = None
-        self.thread_pidfds = True
+        self.tracee = Tracee(listener)
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -255,81 +254,16 @@ class _Supervisor:
             if exc.errno != errno.ENOENT:  # ENOENT: the task died or was interrupted
                 _say(f"cannot answer a notification: {exc.strerror}")
 
-    def _valid(self, nid: int) -> bool:
-        """Whether the task still waits in this syscall: check after opening its files
-        by pid, so that they are known to be the task's and not a reused pid's."""
-        # Other errors than "gone" raise: _on_notification passes the call on.
-        return seccomp.id_valid(self.listener, nid)
-
     def _pass(self, n: seccomp.Notification) -> None:
         self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
-    def _pidfd_open(self, tid: int) -> int:
-        if self.thread_pidfds:
-            try:
-                return os.pidfd_open(tid, syscalls.PIDFD_THREAD)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.thread_pidfds = False  # before 6.9: only thread-group leaders
-        with open(f"/proc/{tid}/status", "rb") as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
-        return os.pidfd_open(tgid)
-
-    def _target_fd(
-        self, n: seccomp.Notification, fd: int, *, fd_flags: bool
-    ) -> tuple[int, int] | None:
-        """Duplicate the program's fd `fd` into ours (ours to close), with its fd flags.
-
-        Returns None if the notification is gone. The flags (O_NONBLOCK, and O_CLOEXEC
-        from /proc/PID/fdinfo, which pidfd_getfd does not carry over) only if asked.
-        """
-        pidfd = fdinfo = -1
-        try:
-            pidfd = self._pidfd_open(n.pid)
-            if fd_flags:
-                fdinfo = os.open(f"/proc/{n.pid}/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            if not self._valid(n.id):
-                return None
-            info = os.read(fdinfo, 4096) if fd_flags else b"flags: 0"
-            flags = next(
-                int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
-            )
-            dup = syscalls.pidfd_getfd(pidfd, fd)
-            valid = False
-            try:
-                valid = self._valid(n.id)  # what we read may predate an exit: then drop it
-            finally:
-                if not valid:
-                    os.close(dup)
-            return (dup, flags) if valid else None
-        finally:
-            for opened in (pidfd, fdinfo):
-                if opened >= 0:
-                    os.close(opened)
-
-    def _read_sockaddr(self, n: seccomp.Notification) -> bytes | None:
-        addr, length = n.args[1], n.args[2] & 0xFFFFFFFF
-        if addr >= 1 << 63:
-            return b""  # a kernel address: not the program's to pass (the kernel: EFAULT)
-        mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if not self._valid(n.id):  # the fd is known to be this task's memory
-                return None
-            raw = os.pread(mem, min(length, _SOCKADDR_MAX), addr)
-            # Re-check after reading (seccomp_unotify(2)): a task that exited or was
-            # interrupted meanwhile has no syscall left to answer.
-            return raw if self._valid(n.id) else None
-        finally:
-            os.close(mem)
-
     def _on_bind(self, n: seccomp.Notification) -> None:
         fd = _as_fd(n.args[0])
-        if n.args[2] & 0xFFFFFFFF > _SOCKADDR_MAX:
+        if n.args[2] & 0xFFFFFFFF > SOCKADDR_MAX:
             self._pass(n)  # longer than any sockaddr: the kernel's EINVAL, not ours
             return
         try:
-            raw = self._read_sockaddr(n)
+            raw = self.tracee.sockaddr(n)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
@@ -344,7 +278,7 @@ class _Supervisor:
             self._pass(n)
             return
         try:
-            target = self._target_fd(n, fd, fd_flags=True)
+            target = self.tracee.fd(n, fd, fd_flags=True)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
@@ -465,7 +399,7 @@ class _Supervisor:
         target = None
         if fd >= 0:
             try:
-                target = self._target_fd(n, fd, fd_flags=False)
+                target = self.tracee.fd(n, fd, fd_flags=False)
             except OSError:
                 pass  # no such fd, not a task we may inspect: the kernel's to answer
             else:
