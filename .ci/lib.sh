@@ -1,9 +1,10 @@
 # Shared by .ci/setup, .ci/install and bench/run (sourced, not run).
 
-# install_debian_packages FILE: install the packages FILE lists (one a line, # comments)
-# that are not installed yet, without Recommends (so FILE must list what is needed).
+# install_debian_packages FILE [WHO]: install the packages FILE lists (one a line,
+# # comments) that are not installed yet, without Recommends (so FILE must list what is
+# needed). WHO names the caller in messages (default: the script's name).
 install_debian_packages() {
-    local list=$1 package missing=()
+    local list=$1 who=${2:-${0##*/}} package missing=()
     mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$list")
     for package in "${packages[@]}"; do
         dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
@@ -11,10 +12,10 @@ install_debian_packages() {
     done
     ((${#missing[@]})) || return 0
     if ((EUID != 0)); then
-        echo "${0##*/}: missing Debian packages (from $list): ${missing[*]}; run as root" >&2
+        echo "$who: missing Debian packages (from $list): ${missing[*]}; run as root" >&2
         return 1
     fi
-    echo "${0##*/}: installing ${missing[*]}"
+    echo "$who: installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null

@@ -18,7 +18,7 @@ Standard library only.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
@@ -101,6 +101,20 @@ def _rule(data: Mapping[str, Any]) -> Rule:
         uids=frozenset(int(u) for u in data["uids"]),
         gids=frozenset(int(g) for g in data["gids"]),
         units=tuple(str(u) for u in data["units"]),
+    )
+
+
+def unheld_rules(config: Config, held: Collection[str]) -> str | None:
+    """Why `config` cannot be served with the sockets named `held` (it has rules for
+    others), or None. The one check, at start and on reload."""
+    missing = sorted(set(config.policy.sockets) - set(held))
+    if not missing:
+        return None
+    return (
+        f"{config.path} has rules for {', '.join(missing)} but the broker holds no such "
+        f"socket (it holds: {', '.join(sorted(held)) or 'none'}); add a .socket unit with "
+        "that FileDescriptorName= and Service=port-broker.service, then restart the broker "
+        "(sockets come with a start, not a reload), or remove the rule"
     )
 
 

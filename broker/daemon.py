@@ -17,11 +17,14 @@ past step 3, or serve as root without saying so.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from broker.config import unheld_rules
 from broker.errors import BrokerError, ConfigError, IntakeError
 from broker.loader import IsolatedLoad
 from broker.names import Level
@@ -105,14 +108,9 @@ def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake
 
 def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
     """Step 4: every rule names a socket the broker holds; say what looks wrong."""
-    missing = sorted(set(loaded.policy.sockets) - set(intake.held))
-    if missing:
-        held = ", ".join(sorted(intake.held)) or "none"
-        raise ConfigError(
-            f"{loaded.path} has rules for {', '.join(missing)} but no such socket was "
-            f"passed (passed: {held}); add a .socket unit with that FileDescriptorName= "
-            "and Service=port-broker.service, or remove the rule"
-        )
+    problem = unheld_rules(loaded, intake.held)
+    if problem is not None:
+        raise ConfigError(problem)
     if not loaded.exists:
         audit.log(Level.WARNING, f"{loaded.path} does not exist: every request will be denied")
     for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
@@ -129,9 +127,6 @@ def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
 
 def fit_open_files(max_connections: int, intake: Intake, audit: Audit) -> None:
     """Raise RLIMIT_NOFILE's soft limit so `max_connections` clients fit, or say why not."""
-    import contextlib  # noqa: PLC0415
-    import resource  # noqa: PLC0415
-
     needed = max_connections + sum(map(len, intake.held.values())) + FD_HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:

@@ -284,6 +284,10 @@ def parse_request(line: bytes) -> Request:
     )
 
 
+_FAMILIES: Final = frozenset(Family)
+_TYPES: Final = frozenset(SocketType)
+
+
 def _parse_info(item: Any) -> SocketInfo:
     if not isinstance(item, dict):
         raise _malformed("socket entry is not an object")
@@ -295,7 +299,7 @@ def _parse_info(item: Any) -> SocketInfo:
         and isinstance(address, str)
     ):
         raise _malformed("socket entry lacks name, family, type or address")
-    if not valid_name(name) or family not in set(Family) or type_ not in set(SocketType):
+    if not valid_name(name) or family not in _FAMILIES or type_ not in _TYPES:
         raise _malformed(f"socket entry {item!r:.200} has an invalid value")
     return SocketInfo(name, family, type_, address)
 

@@ -32,7 +32,7 @@ from broker.accepting import accept_loop
 from broker.activation import Intake
 from broker.admission import Admission
 from broker.audit import Audit
-from broker.config import Config
+from broker.config import Config, unheld_rules
 from broker.connection import CLOSE, NEED_DATA, Connection, Holdings, Phase, Send
 from broker.errors import Code, ConfigError
 from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credentials
@@ -106,13 +106,9 @@ class Broker:
         Raises:
             ConfigError: if it has rules for sockets the broker does not hold.
         """
-        missing = sorted(set(config.policy.sockets) - set(self.intake.held))
-        if missing:
-            held = ", ".join(sorted(self.intake.held)) or "none"
-            raise ConfigError(
-                f"{config.path} has rules for {', '.join(missing)}, which the broker does not "
-                f"hold (it holds: {held}); sockets come with a restart, not a reload"
-            )
+        problem = unheld_rules(config, self.intake.held)
+        if problem is not None:
+            raise ConfigError(problem)
         self.config = config
         self.policy = config.policy
         self.holdings = Holdings(config.policy, self.intake.held, self.report)

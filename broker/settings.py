@@ -27,7 +27,7 @@ import pwd
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from functools import partial
 from typing import Annotated, Any, Final, cast
@@ -119,17 +119,25 @@ _ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("_ENVIRON")
 """The `environ` of the `load()` in progress: what `_EnvironSource` reads."""
 
 
+def _settings_variables(environ: Mapping[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """Each `PORT_BROKER_*` variable that sets a setting, with the key path it names in
+    lower case (`PORT_BROKER_SOCKETS__HTTP__USERS` → sockets, http, users): the one
+    reading of variable names, for overrides, checks and error messages alike."""
+    for variable in environ:
+        if variable.startswith(ENV_PREFIX) and variable not in LOCATION_ENV:
+            yield variable, variable.removeprefix(ENV_PREFIX).lower().split("__")
+
+
 def _overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The settings that `PORT_BROKER_*` variables in `environ` set, as nested tables:
     `__` descends into a table (the more specific variable wins over a whole table), and
     tables and lists are JSON (`_check_environment` has vetted every variable by then).
     Keys are folded to lower case, as setting and socket names are."""
     entries = []
-    for variable, text in environ.items():
-        if variable.startswith(ENV_PREFIX) and variable not in LOCATION_ENV:
-            path = variable.removeprefix(ENV_PREFIX).lower().split("__")
-            is_json = ENV_PREFIX + path[0].upper() in _JSON_SETTINGS
-            entries.append((path, json.loads(text) if is_json else text))
+    for variable, path in _settings_variables(environ):
+        text = environ[variable]
+        is_json = ENV_PREFIX + path[0].upper() in _JSON_SETTINGS
+        entries.append((path, json.loads(text) if is_json else text))
     found: dict[str, Any] = {}
     for path, value in sorted(entries, key=lambda entry: len(entry[0])):
         place = found
@@ -245,9 +253,7 @@ _JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"
 
 def _check_environment(environ: Mapping[str, str]) -> None:
     known = {ENV_PREFIX + name.upper() for name in _Settings.model_fields}
-    for variable in environ:
-        if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
-            continue
+    for variable, _ in _settings_variables(environ):
         if len(environ[variable]) > MAX_CONFIG_BYTES:
             raise ConfigError(
                 f"environment variable {variable}: longer than {MAX_CONFIG_BYTES // 1024} "
@@ -277,10 +283,7 @@ def _check_environment(environ: Mapping[str, str]) -> None:
 def _source_variable(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
     """Return the `PORT_BROKER_*` variable in `environ` that set the key at `loc`, if any."""
     key = [str(part).lower() for part in loc]
-    for variable in environ:
-        if not variable.startswith(ENV_PREFIX) or variable in LOCATION_ENV:
-            continue
-        parts = variable.removeprefix(ENV_PREFIX).lower().split("__")
+    for variable, parts in _settings_variables(environ):
         shorter = min(len(parts), len(key))  # one names the other's table, or the same key
         if key and parts[:shorter] == key[:shorter]:
             return variable

@@ -377,6 +377,6 @@ def test_config_naming_a_socket_systemd_did_not_pass_stops_the_start(
     assert processes.started[-1].wait(START_TIMEOUT) == 78  # then its log is complete
     log = (workdir / "broker.log").read_text()
     assert (
-        "has rules for https but no such socket was passed (passed: http); add a "
-        ".socket unit with that FileDescriptorName="
+        "has rules for https but the broker holds no such socket (it holds: http); add "
+        "a .socket unit with that FileDescriptorName="
     ) in log

@@ -45,7 +45,6 @@ REQUEST_TIMEOUT: Final = 10.0
 """Seconds for one HTTP request to a worker on loopback."""
 
 _CLONE_NEWNET: Final = 0x40000000
-_PR_GET_CHILD_SUBREAPER: Final = 37
 
 
 def enter_private_network() -> None:
@@ -86,10 +85,11 @@ def proc_status(pid: int) -> dict[str, str]:
 
 def child_subreaper() -> int:
     """This process's PR_GET_CHILD_SUBREAPER (1 while it adopts orphaned descendants)."""
+    from broker import syscalls  # noqa: PLC0415 (only child scripts that need it pay)
+
     value = ctypes.c_int(-1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_GET_CHILD_SUBREAPER)")
+    pointer = ctypes.cast(ctypes.byref(value), ctypes.c_void_p)
+    syscalls.prctl(syscalls.PR_GET_CHILD_SUBREAPER, pointer)
     return value.value
 
 
