@@ -91,7 +91,7 @@ def _where(path: str) -> str:
 
 _IDLE_WORKER: Final = ("trio", "_work")
 """The innermost Python frame of a trio thread-pool worker waiting for a job (a user
-database lookup runs deeper: `broker.identity.UserDatabase.query`)."""
+database lookup runs deeper: `broker.users.query`)."""
 
 
 def summarize_collapsed(lines: Iterable[str]) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from broker.status import Connections
+
 
 class Admission:
     """Connection slots, counted globally and per uid.
@@ -22,12 +24,20 @@ class Admission:
     """
 
     def __init__(self, max_connections: int, max_per_user: int, source: str) -> None:
-        self.max_connections = max_connections
-        self.max_per_user = max_per_user
-        self.source = source
         self.active = 0
         self.connections = 0
         self.per_uid: Counter[int] = Counter()
+        self.limit(max_connections, max_per_user, source)
+
+    def limit(self, max_connections: int, max_per_user: int, source: str) -> None:
+        """Set the limits (a reload): connections over a new limit are not cut."""
+        self.max_connections = max_connections
+        self.max_per_user = max_per_user
+        self.source = source
+
+    def report(self) -> Connections:
+        """The status report's `connections`."""
+        return {"active": self.active, "total": self.connections, "limit": self.max_connections}
 
     def admit(self) -> str | None:
         """Take a slot for a new connection; return why not (it holds no slot then)."""

@@ -6,8 +6,8 @@ cgroup, read through a pidfd (SO_PEERPIDFD) so that a recycled pid cannot lend a
 peer another process's unit; its user name, and the groups its user has in the user
 database, from NSS. Nothing a client *says* about itself is ever used.
 
-`peer_credentials` asks only the kernel (cheap, never blocks); `UserDatabase` does the
-NSS part, which may block (LDAP, sssd): the server runs its cache misses in a thread.
+`peer_credentials` asks only the kernel (cheap, never blocks); broker/users.py adds the
+user database's part, which may block (LDAP, sssd).
 
 Must never: trust a pid without the pidfd check, or credit a peer whose uid the kernel
 could not map into our user namespace (it shows as the overflow uid, `nobody`).
@@ -18,12 +18,9 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import pwd
 import select
 import socket
 import struct
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -39,13 +36,6 @@ _INT: Final = struct.Struct("i")
 _UCRED: Final = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _NO_ID: Final = 2**32 - 1
 """(uid_t)-1: what SO_PEERCRED reports for a socket with no peer credentials."""
-
-USER_CACHE_SECONDS: Final = 5.0
-"""How long a uid's name and groups are reused: a group change reaches the policy within
-this time, and a burst of grants costs one user-database lookup, not one each."""
-USER_CACHE_ENTRIES: Final = 4096
-"""Most uids cached; the least recently used goes first (a rootless-podman user may own
-65,536 uids: cycling them must not evict everyone else)."""
 
 PROCESS_UNIT_SUFFIXES: Final = (".service", ".scope")
 """The only unit types that contain processes."""
@@ -206,50 +196,6 @@ def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, st
         os.close(pidfd)
 
 
-class UserDatabase:
-    """uid → (name, groups), from NSS, cached for USER_CACHE_SECONDS (LRU-bounded).
-
-    `cached` never blocks; `query` may (NSS can ask LDAP or sssd) and touches no state,
-    so it can run in a thread; `store` keeps its answer. `lookup` does all three.
-    """
-
-    def __init__(self, ttl: float = USER_CACHE_SECONDS) -> None:
-        self._ttl = ttl
-        self._cache: OrderedDict[int, tuple[float, str | None, frozenset[int]]] = OrderedDict()
-
-    def cached(self, uid: int) -> tuple[str | None, frozenset[int]] | None:
-        """Return the cached name and groups of `uid`, or None if absent or stale."""
-        hit = self._cache.get(uid)
-        if hit is None or time.monotonic() - hit[0] >= self._ttl:
-            return None
-        self._cache.move_to_end(uid)
-        return hit[1], hit[2]
-
-    @staticmethod
-    def query(uid: int) -> tuple[str | None, frozenset[int]]:
-        """Ask the user database (may block): the name and groups of `uid`."""
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return None, frozenset()
-        return entry.pw_name, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
-
-    def store(self, uid: int, value: tuple[str | None, frozenset[int]]) -> None:
-        """Cache what `query` answered for `uid`."""
-        self._cache[uid] = (time.monotonic(), *value)
-        self._cache.move_to_end(uid)
-        while len(self._cache) > USER_CACHE_ENTRIES:
-            self._cache.popitem(last=False)
-
-    def lookup(self, uid: int) -> tuple[str | None, frozenset[int]]:
-        """Return the user name (or None) and user-database groups of `uid`."""
-        hit = self.cached(uid)
-        if hit is None:
-            hit = self.query(uid)
-            self.store(uid, hit)
-        return hit
-
-
 def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> Peer:
     """Return what the kernel says of the process connected to the Unix socket `sock`:
     everything but the user-database name and groups (see `Peer.with_user`).
@@ -282,14 +228,3 @@ def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> 
     return Peer(pid=pid, uid=uid, gid=gid, groups=kernel_groups, unit=unit, cgroup=cgroup,
                 mapped=overflow is None or uid != overflow[0],
                 gid_mapped=overflow is None or gid != overflow[1])  # fmt: skip
-
-
-def identify(sock: int | SupportsGetsockopt, users: UserDatabase) -> Peer:
-    """Return the identity of the process connected to the Unix socket `sock`: the
-    kernel's credentials plus the user database's name and groups (may block on NSS).
-
-    Raises:
-        OSError: if `sock` has no peer credentials (not a connected Unix socket).
-    """
-    peer = peer_credentials(sock)
-    return peer.with_user(*users.lookup(peer.uid))

@@ -15,14 +15,17 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from broker.audit import Audit
 from broker.connection import Kind, Outcome
 from broker.errors import Code
 from broker.identity import Peer
 from broker.names import Level
-from broker.status import Event
+from broker.status import Event, SocketStatus
+
+if TYPE_CHECKING:
+    from broker.activation import HeldSocket
 
 REFUSAL_LOG_BURST: Final = 20
 REFUSAL_LOG_WINDOW: Final = 10.0
@@ -150,6 +153,21 @@ class Ledger:
         """Count and log a failure of the broker's own outside any request."""
         self.refusals[Code.INTERNAL] += 1
         self.audit.log(Level.ERROR, message, EXCEPTION=detail)
+
+    def sockets(self, held: dict[str, list[HeldSocket]]) -> list[SocketStatus]:
+        """The status report's `sockets`: each held socket with its name's counts."""
+        return [
+            {
+                "name": name,
+                "family": one.info.family,
+                "type": one.info.type,
+                "address": one.info.address,
+                "grants": self.grants[name],
+                "denials": self.denials[name],
+            }
+            for name, group in held.items()
+            for one in group
+        ]
 
     def _remember(self, allowed: bool, peer: Peer, name: str, reason: str) -> None:
         self.recent.append(

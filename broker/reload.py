@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
@@ -25,7 +26,7 @@ from broker.names import Level
 if TYPE_CHECKING:
     from broker.audit import Audit
     from broker.config import Config
-    from broker.status import Refused
+    from broker.status import Configuration, Refused
 
 RELOAD_TIMEOUT: Final = 30.0
 """Seconds a configuration reload may take (the loader imports pydantic, ~0.2 s, and
@@ -33,12 +34,43 @@ asks NSS for every user and group named): past that the reload is refused and th
 configuration in force stays."""
 
 
+@dataclass
+class Standing:
+    """The configuration in force: which, since when, and the last reload refused.
+
+    Attributes:
+        config: The configuration in force.
+        generation: 1 at start, one more at each reload put in force.
+        loaded: When `config` was put in force (seconds since the epoch).
+        refused: The last reload refused since then, if any.
+    """
+
+    config: Config
+    generation: int = 1
+    loaded: float = field(default_factory=time.time)
+    refused: Refused | None = None
+
+    def replace(self, config: Config) -> None:
+        """Put `config` in force."""
+        self.config = config
+        self.generation += 1
+        self.loaded = time.time()
+        self.refused = None
+
+    def report(self) -> Configuration:
+        """The status report's `configuration`."""
+        return {
+            "path": self.config.path,
+            "generation": self.generation,
+            "loaded": round(self.loaded, 3),
+            "refused": self.refused,
+        }
+
+
 class Reloadable(Protocol):
     """What a reload needs of the broker."""
 
-    config: Config
-    generation: int
-    refused: Refused | None
+    standing: Standing
 
     def apply(self, config: Config) -> None: ...
 
@@ -71,29 +103,30 @@ class Reloader:
 
     async def _reload(self) -> None:
         broker = self._broker
+        standing = broker.standing
         try:
             while True:
                 self._again = False
                 now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
                 self._notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
-                path = broker.config.path
+                path = standing.config.path
                 try:
                     # A default file that was missing at start is not "asked for" now.
-                    broker.apply(await self._load(path if broker.config.exists else None))
+                    broker.apply(await self._load(path if standing.config.exists else None))
                 except Exception as e:  # the configuration in force stays, whatever failed
                     reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
                     if not isinstance(e, ConfigError):
                         self._audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
                                         EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
-                    broker.refused = {"time": time.time(), "reason": reason}
+                    standing.refused = {"time": time.time(), "reason": reason}
                     self._audit.log(
                         Level.WARNING,
                         f"refused the new configuration: {reason}; generation "
-                        f"{broker.generation} of {path} stays in force",
+                        f"{standing.generation} of {path} stays in force",
                     )
                 else:
                     self._audit.log(
-                        Level.INFO, f"reloaded {path}: generation {broker.generation} in force"
+                        Level.INFO, f"reloaded {path}: generation {standing.generation} in force"
                     )
                 self._notify(f"READY=1\nSTATUS={broker.status_line()}")
                 if not self._again:
@@ -103,7 +136,7 @@ class Reloader:
 
     async def _load(self, path: str | None) -> Config:
         """`loader.load(path)` in a child interpreter, within RELOAD_TIMEOUT."""
-        shown = path or self._broker.config.path
+        shown = path or self._broker.standing.config.path
         with trio.move_on_after(RELOAD_TIMEOUT):
             done = await trio.run_process(
                 loader.subprocess_command(path),

@@ -35,11 +35,13 @@ from broker.audit import Audit
 from broker.config import Config, unheld_rules
 from broker.connection import CLOSE, NEED_DATA, Connection, Holdings, Phase, Send
 from broker.errors import Code, ConfigError
-from broker.identity import USER_CACHE_SECONDS, Peer, UserDatabase, peer_credentials
+from broker.identity import Peer, peer_credentials
 from broker.ledger import Ledger
 from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
-from broker.reload import Reloader
+from broker.reload import Reloader, Standing
+from broker.sdnotify import keep_watchdog, notify, publish_status
+from broker.users import UserDatabase
 
 SHUTDOWN_GRACE: Final = 1.0
 """Seconds clients in the middle of a request get after SIGTERM: far more than a grant
@@ -49,55 +51,32 @@ REFUSAL_SEND_TIMEOUT: Final = 0.5
 """Seconds we try to tell a client why it is dropped (a protocol error, a timeout)
 before giving up: such a client gets no more of our time than that."""
 
-STATUS_INTERVAL: Final = 1.0
-"""Seconds between STATUS= updates to systemd: often enough for `systemctl status`,
-rare enough to cost nothing under a storm of grants."""
-
-USER_LOOKUP_THREADS: Final = 4
-"""User-database lookups running at once, each in a thread: NSS may wait on LDAP or
-sssd, and the event loop must not."""
-
 RECV_CHUNK: Final = MAX_REQUEST_BYTES
 """Bytes asked of the kernel per recv(): a whole request in one call."""
 
 
-def _notify(state: str) -> None:
-    if os.environ.get("NOTIFY_SOCKET"):
-        from systemd import daemon  # noqa: PLC0415 (imported once, then cached)
-
-        daemon.notify(state)
-
-
 class Broker:
-    """Serves one `Intake` under one `Config`.
+    """Serves one `Intake` under the configuration in force (`standing`).
 
     Args:
         intake: The control socket and the held sockets; the broker serves them but
             the caller keeps ownership (closes them after `serve` returns).
-        config: Policy and limits.
+        config: Policy and limits, until a reload replaces them.
         audit: Where grants and denials are recorded.
     """
 
     def __init__(self, intake: Intake, config: Config, audit: Audit) -> None:
         self.intake = intake
-        self.config = config
-        self.policy = config.policy
+        self.standing = Standing(config)
         self.audit = audit
-        self.users = UserDatabase()
-        self.lookups = trio.CapacityLimiter(USER_LOOKUP_THREADS)
+        self.users = UserDatabase(audit)
         self.admission = Admission(
             config.max_connections, config.max_connections_per_user, config.policy.source
         )
         self.ledger = Ledger(audit, trio.current_time)
         self.holdings = Holdings(config.policy, intake.held, self.report)
         self.started = time.monotonic()
-        self.generation = 1
-        self.loaded = time.time()
-        self.refused: status.Refused | None = None  # the last reload refused, if any
-        self.reloader = Reloader(self, audit, _notify)
-
-    def _holdings(self) -> Holdings:
-        return self.holdings
+        self.reloader = Reloader(self, audit, notify)
 
     def apply(self, config: Config) -> None:
         """Put `config` in force for every request from now on (connected clients
@@ -109,24 +88,15 @@ class Broker:
         problem = unheld_rules(config, self.intake.held)
         if problem is not None:
             raise ConfigError(problem)
-        self.config = config
-        self.policy = config.policy
         self.holdings = Holdings(config.policy, self.intake.held, self.report)
-        self.admission.max_connections = config.max_connections
-        self.admission.max_per_user = config.max_connections_per_user
-        self.admission.source = config.policy.source
-        self.generation += 1
-        self.loaded = time.time()
-        self.refused = None
-
-    # --- lifecycle ---------------------------------------------------------------
+        limits = config.max_connections, config.max_connections_per_user, config.policy.source
+        self.admission.limit(*limits)
+        self.standing.replace(config)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish.
-
-        Tells systemd READY=1 once accepting, STATUS= as counts change, STOPPING=1 at the
-        end; pings the watchdog if WatchdogSec= is set.
-        """
+        """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish;
+        reload on SIGHUP. Tells systemd READY=1 once accepting, STATUS= as counts
+        change, STOPPING=1 at the end; pings the watchdog if WatchdogSec= is set."""
         listener = self.intake.control
         listener.setblocking(False)  # ours (and systemd's, which never reads it)
         stop = (signal.SIGTERM, signal.SIGINT)
@@ -134,9 +104,9 @@ class Broker:
             async with trio.open_nursery() as clients:
                 async with trio.open_nursery() as main:
                     main.start_soon(accept_loop, listener, self._admitter(clients), self.audit)
-                    main.start_soon(self._status_loop)
-                    main.start_soon(self._watchdog_loop)
-                    _notify(f"READY=1\nSTATUS={self.status_line()}")
+                    main.start_soon(publish_status, self.status_line, self.ledger.limiter.flush)
+                    main.start_soon(keep_watchdog)
+                    notify(f"READY=1\nSTATUS={self.status_line()}")
                     task_status.started()
                     async for signum in signals:
                         if signum in stop:
@@ -144,7 +114,7 @@ class Broker:
                             break
                         self.reloader.ask(main)
                     main.cancel_scope.cancel()
-                _notify("STOPPING=1")
+                notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 
     def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], None]:
@@ -152,58 +122,28 @@ class Broker:
             """Start serving a new connection, or refuse it if the broker is full."""
             refusal = self.admission.admit()
             if refusal is not None:
-                self._refuse_busy(conn, refusal)
+                _refuse_busy(conn, refusal, self.ledger)
             else:
                 clients.start_soon(self._handle, conn)
 
         return admit
 
-    async def _status_loop(self) -> None:
-        last = ""
-        while True:
-            await trio.sleep(STATUS_INTERVAL)
-            self.ledger.limiter.flush()
-            line = self.status_line()
-            if line != last:
-                _notify(f"STATUS={line}")
-                last = line
-
-    async def _watchdog_loop(self) -> None:
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
-        if not usec.isdigit() or pid != str(os.getpid()):
-            return
-        while True:
-            _notify("WATCHDOG=1")
-            await trio.sleep(int(usec) / 2e6)
-
-    # --- one connection ----------------------------------------------------------
-
-    def _refuse_busy(self, conn: socket.socket, message: str) -> None:
-        """Tell a client over a limit to retry, without a task or a wait: a flood of
-        connections costs one fd each for no longer than this call. Closes `conn`."""
-        self.ledger.busy()
-        reply = encode_reply(Refusal(Code.BUSY, message))
-        with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
-            conn.send(reply)  # non-blocking
-
     async def _handle(self, conn: socket.socket) -> None:
         try:
             with conn:
                 try:
-                    peer = peer_credentials(conn, groups=self.policy.names_groups)
+                    peer = peer_credentials(conn, groups=self.holdings.policy.names_groups)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 refusal = self.admission.admit_peer(peer.uid)
                 if refusal is not None:
-                    self._refuse_busy(conn, refusal)
+                    _refuse_busy(conn, refusal, self.ledger)
                     return
                 try:
-                    hit = self.users.cached(peer.uid)  # the common case: no await
-                    peer = peer.with_user(*hit) if hit else await self._with_user(peer)
-                    timeout = self.config.client_timeout
-                    connection = Connection(peer, self._holdings, timeout=timeout)
-                    await self._converse(conn, connection)
+                    timeout = self.standing.config.client_timeout
+                    peer = await self.users.complete(peer, timeout)
+                    connection = Connection(peer, lambda: self.holdings, timeout=timeout)
+                    await _converse(conn, connection, self.ledger)
                 finally:
                     self.admission.leave_peer(peer.uid)
         except Exception as e:  # one client's trouble must never stop the others
@@ -212,83 +152,6 @@ class Broker:
             )
         finally:
             self.admission.leave()
-
-    async def _with_user(self, peer: Peer) -> Peer:
-        """Add the user database's name and groups after a cache miss, asking NSS in a
-        thread; a lookup slower than `client_timeout` leaves them out (and says so)."""
-        hit = None
-        with trio.move_on_after(self.config.client_timeout):
-            hit = await trio.to_thread.run_sync(
-                UserDatabase.query, peer.uid, limiter=self.lookups, abandon_on_cancel=True
-            )
-        if hit is None:
-            # Remembered like an answer, so that the next clients of this uid do not
-            # each wait (and log) again: uid and unit rules still hold meanwhile.
-            hit = (None, frozenset())
-            self.audit.log(
-                Level.WARNING,
-                f"the user database did not answer for uid {peer.uid} within "
-                f"{self.config.client_timeout:g}s; going on without its user name and "
-                f"groups for {USER_CACHE_SECONDS:g}s (check NSS: sssd, LDAP, nscd)",
-            )
-        self.users.store(peer.uid, hit)
-        return peer.with_user(*hit)
-
-    async def _converse(self, conn: socket.socket, connection: Connection) -> None:
-        """Move bytes until the connection's rules say close; keep its one deadline,
-        set anew as it starts reading a request and as it starts sending a reply."""
-        peer = connection.peer
-        with trio.CancelScope() as deadline:
-            phase = None
-            while True:
-                if connection.phase is not phase:
-                    phase = connection.phase
-                    deadline.deadline = trio.current_time() + connection.timeout
-                action = connection.next_action()
-                if action is NEED_DATA:
-                    connection.receive_data(await _receive(conn))
-                    continue
-                if action is CLOSE:
-                    return
-                phase = Phase.SENDING
-                deadline.deadline = trio.current_time() + connection.timeout
-                if action.final:
-                    await self._send_final(conn, action, peer)
-                    return
-                try:
-                    await self._send(conn, action, peer)
-                except OSError as e:
-                    self.audit.log(Level.NOTICE, f"dropped {peer.describe()}: {e.strerror}")
-                    return
-                connection.sent()
-                # Let the others in before this client's next request (it may already be
-                # buffered); by then a client that is done has usually closed, and the
-                # next read finds the end of stream without a wait.
-                await trio.lowlevel.checkpoint()
-        final = connection.timed_out()
-        if isinstance(final, Send):
-            await self._send_final(conn, final, peer)
-
-    async def _send(self, conn: socket.socket, send: Send, peer: Peer) -> None:
-        """Send a reply, recording its outcomes now and its grants once its fds went."""
-        for outcome in send.outcomes:
-            self.ledger.record(outcome, peer)
-        if not send.fds:
-            await _send(conn, send.data)
-            return
-        sent = await _send_fds(conn, send.data, list(send.fds))
-        for grant in send.grants:  # the peer has the fds from here on
-            self.ledger.record(grant, peer)
-        await _send(conn, memoryview(send.data)[sent:])
-
-    async def _send_final(self, conn: socket.socket, send: Send, peer: Peer) -> None:
-        """A last refusal: recorded, then tried for REFUSAL_SEND_TIMEOUT at most."""
-        for outcome in send.outcomes:
-            self.ledger.record(outcome, peer)
-        with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
-            await _send(conn, send.data)
-
-    # --- reporting ---------------------------------------------------------------
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what is held, granted, denied, connected."""
@@ -301,35 +164,14 @@ class Broker:
     def report(self) -> status.Report:
         """The status report (broker/status.py has its schema)."""
         ledger = self.ledger
-        sockets: list[status.SocketStatus] = [
-            {
-                "name": held.info.name,
-                "family": held.info.family,
-                "type": held.info.type,
-                "address": held.info.address,
-                "grants": ledger.grants[name],
-                "denials": ledger.denials[name],
-            }
-            for name, group in self.intake.held.items()
-            for held in group
-        ]
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
-            "config": self.config.path,
-            "configuration": {
-                "path": self.config.path,
-                "generation": self.generation,
-                "loaded": round(self.loaded, 3),
-                "refused": self.refused,
-            },
-            "connections": {
-                "active": self.admission.active,
-                "total": self.admission.connections,
-                "limit": self.config.max_connections,
-            },
-            "sockets": sockets,
+            "config": self.standing.config.path,
+            "configuration": self.standing.report(),
+            "connections": self.admission.report(),
+            "sockets": ledger.sockets(self.intake.held),
             "grants": ledger.grants.total(),
             "denials": ledger.denials.total(),
             "refusals": dict(ledger.refusals),
@@ -337,7 +179,73 @@ class Broker:
         }
 
 
-# --- I/O helpers ------------------------------------------------------------------
+# --- one connection's bytes ---------------------------------------------------------
+
+
+def _refuse_busy(conn: socket.socket, message: str, ledger: Ledger) -> None:
+    """Tell a client over a limit to retry, without a task or a wait: a flood of
+    connections costs one fd each for no longer than this call. Closes `conn`."""
+    ledger.busy()
+    reply = encode_reply(Refusal(Code.BUSY, message))
+    with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
+        conn.send(reply)  # non-blocking
+
+
+async def _converse(conn: socket.socket, connection: Connection, ledger: Ledger) -> None:
+    """Move bytes until the connection's rules say close; keep its one deadline, set
+    anew as it starts reading a request and as it starts sending a reply."""
+    peer = connection.peer
+    with trio.CancelScope() as deadline:
+        phase = None
+        while True:
+            if connection.phase is not phase:
+                phase = connection.phase
+                deadline.deadline = trio.current_time() + connection.timeout
+            action = connection.next_action()
+            if action is NEED_DATA:
+                connection.receive_data(await _receive(conn))
+                continue
+            if action is CLOSE:
+                return
+            phase = Phase.SENDING
+            deadline.deadline = trio.current_time() + connection.timeout
+            if action.final:
+                await _send_final(conn, action, peer, ledger)
+                return
+            try:
+                await _send_reply(conn, action, peer, ledger)
+            except OSError as e:
+                ledger.audit.log(Level.NOTICE, f"dropped {peer.describe()}: {e.strerror}")
+                return
+            connection.sent()
+            # Let the others in before this client's next request (it may already be
+            # buffered); by then a client that is done has usually closed, and the
+            # next read finds the end of stream without a wait.
+            await trio.lowlevel.checkpoint()
+    final = connection.timed_out()
+    if isinstance(final, Send):
+        await _send_final(conn, final, peer, ledger)
+
+
+async def _send_reply(conn: socket.socket, send: Send, peer: Peer, ledger: Ledger) -> None:
+    """Send a reply, recording its outcomes now and its grants once its fds went."""
+    for outcome in send.outcomes:
+        ledger.record(outcome, peer)
+    if not send.fds:
+        await _send(conn, send.data)
+        return
+    sent = await _send_fds(conn, send.data, list(send.fds))
+    for grant in send.grants:  # the peer has the fds from here on
+        ledger.record(grant, peer)
+    await _send(conn, memoryview(send.data)[sent:])
+
+
+async def _send_final(conn: socket.socket, send: Send, peer: Peer, ledger: Ledger) -> None:
+    """A last refusal: recorded, then tried for REFUSAL_SEND_TIMEOUT at most."""
+    for outcome in send.outcomes:
+        ledger.record(outcome, peer)
+    with trio.move_on_after(REFUSAL_SEND_TIMEOUT), _peer_gone():
+        await _send(conn, send.data)
 
 
 def _peer_gone() -> suppress:

@@ -1,7 +1,7 @@
 """Tests for `broker.identity`: who is on the other end, from the kernel alone.
 
 Real Unix socket connections from real processes: this one, forked children that
-became other uids before connecting, children that exited before `identify` was called,
+became other uids before connecting, children that exited before they were identified,
 and a child placed in a real cgroup2 `web.service`. The user database is the real one;
 its cache is tested against a real change of /etc/group, bind-mounted in a child's
 private mount namespace (the host's file is never touched).
@@ -23,18 +23,19 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import trio
 
+from broker.audit import Audit
 from broker.identity import (
     Peer,
-    UserDatabase,
     _peer_pidfd,
     cgroup_of,
-    identify,
     overflow_ids,
     peer_credentials,
     unit_from_cgroup,
 )
 from broker.policy import Rule
+from broker.users import UserDatabase
 from tests.harness import processes
 
 WWW_DATA: Final = pwd.getpwnam("www-data")
@@ -50,7 +51,7 @@ CHILD_TIMEOUT: Final = 30.0
 """Seconds a forked child gets to connect, report or exit: it takes milliseconds; a hang
 should fail the test rather than stall the run."""
 CACHE_LIMIT: Final = 4096
-"""UserDatabase forgets everything once it holds more uids than this (identity.py)."""
+"""UserDatabase forgets everything once it holds more uids than this (users.py)."""
 
 _CLONE_NEWNS: Final = 0x00020000
 _MS_BIND: Final = 4096
@@ -195,6 +196,29 @@ def database_groups(user: pwd.struct_passwd) -> frozenset[int]:
     return frozenset(os.getgrouplist(user.pw_name, user.pw_gid))
 
 
+def new_users(ttl: float | None = None) -> UserDatabase:
+    """The user database as the server holds one (its warnings to stderr)."""
+    audit = Audit(journal=False)
+    return UserDatabase(audit) if ttl is None else UserDatabase(audit, ttl=ttl)
+
+
+def identify(fd: int) -> Peer:
+    """The peer on `fd` as the server sees it: the kernel's account, then the user
+    database's name and groups, through the server's own calls."""
+    return trio.run(new_users().complete, peer_credentials(fd), CHILD_TIMEOUT)
+
+
+async def names_of(users: UserDatabase, uid: int) -> tuple[str | None, frozenset[int]]:
+    """What `users` adds to a peer of `uid` (no groups of its own): name and groups."""
+    peer = await users.complete(Peer(pid=0, uid=uid, gid=0), CHILD_TIMEOUT)
+    return peer.user, peer.groups
+
+
+def lookup(users: UserDatabase, uid: int) -> tuple[str | None, frozenset[int]]:
+    """`names_of`, from synchronous code."""
+    return trio.run(names_of, users, uid)
+
+
 # --- unit_from_cgroup ------------------------------------------------------------------
 
 
@@ -259,7 +283,7 @@ def test_identify_this_process() -> None:
             client.connect(address)
             conn, _ = server.accept()
             with conn:
-                peer = identify(conn.fileno(), UserDatabase())
+                peer = identify(conn.fileno())
                 me = pwd.getpwuid(os.geteuid())
                 cgroup = cgroup_of(os.getpid())
                 assert peer == Peer(
@@ -279,7 +303,7 @@ def test_identify_this_process() -> None:
 def test_identify_a_socketpair() -> None:
     left, right = socket.socketpair()
     with left, right:
-        peer = identify(left.fileno(), UserDatabase())
+        peer = identify(left.fileno())
         assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())
         os.fstat(left.fileno())
 
@@ -288,7 +312,7 @@ def test_identify_refuses_a_pipe() -> None:
     read_end, write_end = os.pipe()
     try:
         with pytest.raises(OSError, match="Socket operation on non-socket"):
-            identify(read_end, UserDatabase())
+            identify(read_end)
         os.fstat(read_end)  # not closed
     finally:
         os.close(read_end)
@@ -308,7 +332,7 @@ def test_identify_refuses_a_socket_without_peer_credentials(family: int, kind: i
     # The kernel answers SO_PEERCRED for these too, with (uid_t)-1 for "nobody there".
     with socket.socket(family, kind) as sock:
         with pytest.raises(OSError, match="no peer credentials"):
-            identify(sock.fileno(), UserDatabase())
+            identify(sock.fileno())
         os.fstat(sock.fileno())  # not closed
 
 
@@ -319,7 +343,7 @@ def test_identify_a_child_that_became_another_user() -> None:
     # by the kernel at connect, SO_PEERGROUPS) count beside the user database's.
     change = become(WWW_DATA.pw_uid, NOGROUP, [ADM])
     with forked_peer(change) as child:
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid, peer.gid) == (child.pid, WWW_DATA.pw_uid, NOGROUP)
         assert peer.user == "www-data"
         assert ADM not in database_groups(WWW_DATA)
@@ -334,7 +358,7 @@ def test_identify_a_uid_with_no_user_entry() -> None:
     with pytest.raises(KeyError):
         pwd.getpwuid(UNNAMED_UID)
     with forked_peer(become(UNNAMED_UID, UNNAMED_UID, [])) as child:
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.uid, peer.gid, peer.user) == (UNNAMED_UID, UNNAMED_UID, None)
         assert peer.groups == frozenset({UNNAMED_UID})
         assert peer.describe() == f"unnamed user (uid {UNNAMED_UID}, pid {child.pid})"
@@ -345,7 +369,7 @@ def test_identify_a_uid_with_no_user_entry() -> None:
 def test_identify_uids_beyond_the_signed_range(uid: int) -> None:
     # uid_t is unsigned: ids up to 2^32-2 are valid (user namespaces use high ranges).
     with forked_peer(become(uid, uid, [])) as child:
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid, peer.gid) == (child.pid, uid, uid)
         assert peer.groups == frozenset({uid})
 
@@ -355,7 +379,7 @@ def test_credentials_are_those_of_connect_time() -> None:
     # The child connects as www-data; what it does afterwards changes nothing.
     with forked_peer(become(WWW_DATA.pw_uid, WWW_DATA.pw_gid, [])) as child:
         child.exit()
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid) == (child.pid, WWW_DATA.pw_uid)
 
 
@@ -363,11 +387,11 @@ def test_a_peer_that_exited_has_no_unit_and_no_cgroup() -> None:
     with forked_peer(stay=False) as child:
         child.exit()  # a zombie: /proc/PID/cgroup still reads, but the pidfd says exited
         assert cgroup_of(child.pid) is not None
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid, peer.gid) == (child.pid, os.geteuid(), os.getegid())
         assert (peer.unit, peer.cgroup) == (None, None)
         assert child.reap() == 0
-        peer = identify(child.conn.fileno(), UserDatabase())  # reaped: pid may be reused
+        peer = identify(child.conn.fileno())  # reaped: pid may be reused
         assert (peer.pid, peer.uid) == (child.pid, os.geteuid())
         assert (peer.unit, peer.cgroup) == (None, None)
 
@@ -445,7 +469,7 @@ def test_identify_a_peer_in_a_real_cgroup(
         forked_peer(place=placer(path)) as child,
     ):
         assert cgroup_of(child.pid) == name
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.unit, peer.cgroup) == (unit, name)
         if unit:
             assert f"unit {unit}" in peer.describe()
@@ -461,7 +485,7 @@ def test_a_peer_that_left_its_service_is_not_credited_to_it(cgroup_root: Path) -
     ):
         child.exit()
         assert cgroup_of(child.pid) == name
-        peer = identify(child.conn.fileno(), UserDatabase())
+        peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid, peer.user) == (child.pid, WWW_DATA.pw_uid, "www-data")
         assert (peer.unit, peer.cgroup) == (None, None)
 
@@ -470,13 +494,13 @@ def test_a_peer_that_left_its_service_is_not_credited_to_it(cgroup_root: Path) -
 
 
 def test_lookup_of_a_real_user() -> None:
-    users = UserDatabase()
-    assert users.lookup(0) == ("root", database_groups(pwd.getpwuid(0)))
-    assert users.lookup(WWW_DATA.pw_uid) == ("www-data", database_groups(WWW_DATA))
+    users = new_users()
+    assert lookup(users, 0) == ("root", database_groups(pwd.getpwuid(0)))
+    assert lookup(users, WWW_DATA.pw_uid) == ("www-data", database_groups(WWW_DATA))
 
 
 def test_lookup_of_a_uid_with_no_entry() -> None:
-    assert UserDatabase().lookup(UNNAMED_UID) == (None, frozenset())
+    assert lookup(new_users(), UNNAMED_UID) == (None, frozenset())
 
 
 def with_private_group_file(
@@ -507,15 +531,15 @@ def test_user_database_caches_for_its_ttl_and_then_looks_again(tmp_path: Path) -
     name, uid = WWW_DATA.pw_name, WWW_DATA.pw_uid
 
     def body(change: Callable[[], None]) -> dict[str, list[int]]:
-        cached, fresh = UserDatabase(ttl=3600.0), UserDatabase(ttl=0.0)
-        before = [sorted(cached.lookup(uid)[1]), sorted(fresh.lookup(uid)[1])]
+        cached, fresh = new_users(ttl=3600.0), new_users(ttl=0.0)
+        before = [sorted(lookup(cached, uid)[1]), sorted(lookup(fresh, uid)[1])]
         change()
         return {
             "before": before[0],
             "before_fresh": before[1],
-            "cached": sorted(cached.lookup(uid)[1]),
-            "fresh": sorted(fresh.lookup(uid)[1]),
-            "new": sorted(UserDatabase().lookup(uid)[1]),
+            "cached": sorted(lookup(cached, uid)[1]),
+            "fresh": sorted(lookup(fresh, uid)[1]),
+            "new": sorted(lookup(new_users(), uid)[1]),
         }
 
     line = f"pbtest:x:{EXTRA_GID}:{name}\n"
@@ -536,19 +560,22 @@ def test_user_database_evicts_the_least_recently_used_past_its_size_limit(
     others = iter(range(UNNAMED_UID, UNNAMED_UID + 3 * CACHE_LIMIT))
 
     def body(change: Callable[[], None]) -> dict[str, bool]:
-        users = UserDatabase(ttl=3600.0)
-        users.lookup(uid)
+        return trio.run(evict, change)
+
+    async def evict(change: Callable[[], None]) -> dict[str, bool]:
+        users = new_users(ttl=3600.0)
+        await names_of(users, uid)
         change()
         for _ in range(CACHE_LIMIT - 1):  # the cache now holds CACHE_LIMIT uids
-            users.lookup(next(others))
-        still_cached = EXTRA_GID not in users.lookup(uid)[1]  # and now the most recent
+            await names_of(users, next(others))
+        still_cached = EXTRA_GID not in (await names_of(users, uid))[1]  # the most recent
         for _ in range(CACHE_LIMIT - 1):  # evicts the others, older than uid
-            users.lookup(next(others))
-        kept = EXTRA_GID not in users.lookup(uid)[1]
+            await names_of(users, next(others))
+        kept = EXTRA_GID not in (await names_of(users, uid))[1]
         for _ in range(CACHE_LIMIT):  # uid is the least recently used: it goes
-            users.lookup(next(others))
-        return {"still_cached": still_cached, "kept": kept,
-                "forgot": EXTRA_GID in users.lookup(uid)[1]}  # fmt: skip
+            await names_of(users, next(others))
+        forgot = EXTRA_GID in (await names_of(users, uid))[1]
+        return {"still_cached": still_cached, "kept": kept, "forgot": forgot}
 
     line = f"pbtest:x:{EXTRA_GID}:{name}\n"
     seen = run_in_child(with_private_group_file(tmp_path / "group", line, body))

@@ -34,16 +34,17 @@ import pytest
 import trio
 import trio.testing
 
-from broker import __version__, client, connection, loader, status
+from broker import __version__, client, connection, loader, status, users
 from broker.audit import Audit
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, ConfigError, RequestRefused
-from broker.identity import Peer, UserDatabase
+from broker.identity import Peer
 from broker.ledger import RECENT_EVENTS, REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
 from broker.names import Level
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
-from broker.server import SHUTDOWN_GRACE, STATUS_INTERVAL
+from broker.sdnotify import STATUS_INTERVAL
+from broker.server import SHUTDOWN_GRACE
 from tests.harness.inprocess import (
     ANCILLARY,
     CLIENT_TIMEOUT,
@@ -812,8 +813,8 @@ async def test_a_user_database_that_does_not_answer_delays_one_client_not_each(
     timeout = 0.5
     try:
         async with running_broker(rundir, client_timeout=timeout) as served:
-            monkeypatch.setattr(UserDatabase, "query", staticmethod(hangs))
-            served.broker.users = UserDatabase()  # forget this process's uid
+            monkeypatch.setattr(users, "query", hangs)
+            served.broker.users = users.UserDatabase(served.broker.audit)  # forget our uid
             start = trio.current_time()
             for _ in range(3):
                 ask = client.acquire_trio("http", path=served.path, timeout=START_TIMEOUT)
@@ -900,7 +901,7 @@ async def test_a_new_configuration_applies_to_the_next_request_of_a_connected_cl
         for sock in fds:
             sock.close()
         others = Policy(sockets={"http": Rule(uids=frozenset({NOBODY}))}, status=ME, source="x")
-        served.broker.apply(dataclasses.replace(served.broker.config, policy=others))
+        served.broker.apply(dataclasses.replace(served.broker.standing.config, policy=others))
         await wire.send(acquire_line("http"))  # the same connection: the new policy
         reply, fds = await wire.reply()
         assert (reply["ok"], reply["code"], fds) == (False, "denied", [])
@@ -912,11 +913,11 @@ async def test_a_configuration_with_rules_for_sockets_not_held_is_refused(
 ) -> None:
     async with running_broker(rundir) as served:
         rules = {"http": Rule(uids=frozenset({UID})), "ftp": Rule(uids=frozenset({UID}))}
-        new = dataclasses.replace(served.broker.config, policy=Policy(sockets=rules))
+        new = dataclasses.replace(served.broker.standing.config, policy=Policy(sockets=rules))
         with pytest.raises(ConfigError, match="rules for ftp but the broker holds no such socket"):
             served.broker.apply(new)
         assert served.broker.report()["configuration"]["generation"] == 1
-        assert served.broker.policy.sockets == DEFAULT_RULES
+        assert served.broker.holdings.policy.sockets == DEFAULT_RULES
 
 
 async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one_is_bad(
@@ -936,7 +937,7 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
                     await trio.sleep(0.02)
 
         await reloaded(2, refused=False)
-        assert set(served.broker.policy.sockets) == {"http"}  # the file's, not the default
+        assert set(served.broker.holdings.policy.sockets) == {"http"}  # the file's, not the default
         sock = await client.acquire_trio("http", path=served.path)
         sock.close()
 
@@ -960,9 +961,9 @@ async def test_a_reload_that_cannot_even_start_is_refused_and_the_broker_serves_
     async with running_broker(rundir) as served:
         send_signal_to_self(signal.SIGHUP)
         with trio.fail_after(START_TIMEOUT):
-            while served.broker.refused is None:
+            while served.broker.standing.refused is None:
                 await trio.sleep(0.02)
-        assert "FileNotFoundError" in served.broker.refused["reason"]
+        assert "FileNotFoundError" in served.broker.standing.refused["reason"]
         sock = await client.acquire_trio("http", path=served.path)  # still serving
         sock.close()
     assert "reloading /etc/port-broker/test-broker.toml failed: FileNotFoundError" in (

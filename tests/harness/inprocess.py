@@ -27,10 +27,11 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 import trio.testing
 
+from broker import users
 from broker.activation import BACKLOG, HeldSocket, Intake, inspect
 from broker.audit import Audit
 from broker.config import Config
-from broker.identity import UserDatabase, cgroup_of, unit_from_cgroup
+from broker.identity import cgroup_of, unit_from_cgroup
 from broker.policy import Policy, Rule
 from broker.protocol import SCM_MAX_FD
 from broker.server import (
@@ -311,7 +312,7 @@ async def running_broker(
         served = Served(Broker(intake, config, Audit(journal=False)), str(path), sockets)
         # This process's uid is looked up now: otherwise the broker asks in a thread,
         # and wait_all_tasks_blocked() would count a handler waiting on it as settled.
-        served.broker.users.store(UID, UserDatabase.query(UID))
+        served.broker.users.store(UID, users.query(UID))
 
         async def serve(*, task_status: trio.TaskStatus[None]) -> None:
             try:
