@@ -69,10 +69,10 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import Final
 
-from broker import seccomp, syscalls
+from broker import seccomp, spawn, syscalls
 from broker.bindings import (
     Endpoint,
     Held,
@@ -85,6 +85,7 @@ from broker.bindings import (
 )
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.seccomp import check_supported
+from broker.spawn import FORWARDED_SIGNALS
 from broker.tracee import SOCKADDR_MAX, Tracee
 
 __all__ = [
@@ -97,20 +98,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Limits, each with its reason.
 
-_SETUP_TIMEOUT = 60.0
-"""Seconds the child may take to install the filter and exec; generous for slow disks."""
-_FORWARDED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-"""Signals sent to us go to the program, as a process manager expects."""
-_CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
-"""Python ignores these; a program started by a shell has them at default (subprocess's
-restore_signals does the same)."""
 _MESSAGE_PREFIX = "port-broker: "
 
 
@@ -419,101 +406,6 @@ class _Supervisor:
             self._pass(n)
 
 
-# --------------------------------------------------------------------------------------
-# Starting the program.
-
-
-def _child(
-    chan: socket.socket,
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | None,
-    held_fds: Iterable[int],
-    program: ctypes.Array[ctypes.c_char],
-    old_mask: Iterable[int],
-) -> NoReturn:
-    """In the forked child: install the filter, hand the listener over, exec. Never returns."""
-    stage = "setup"
-    try:
-        for fd in held_fds:
-            os.set_inheritable(fd, False)  # held sockets reach the program only via bind()
-        for sig in _CHILD_DEFAULT_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        for sig in _FORWARDED_SIGNALS:
-            if callable(signal.getsignal(sig)):
-                signal.signal(sig, signal.SIG_DFL)  # as exec would; ignored ones stay so
-        stage = "no_new_privs"
-        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        stage = "seccomp"
-        listener = seccomp.install_filter(program)
-        try:
-            socket.send_fds(chan, [b"L"], [listener])
-        finally:
-            os.close(listener)
-        if chan.recv(1) != b"G":
-            os._exit(127)
-        stage = "exec"
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        if env is None:
-            os.execvp(argv[0], list(argv))
-        os.execvpe(argv[0], list(argv), dict(env))
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            chan.send(f"E:{stage}:{exc.errno or 0}".encode())
-    finally:
-        os._exit(127)
-
-
-def _setup_error(stage: str, err: int, argv0: str) -> Exception:
-    reason = os.strerror(err)
-    if stage == "exec":
-        return OSError(err, reason, argv0)
-    if stage == "seccomp" and err == errno.EBUSY:
-        return InterceptUnsupported(
-            "cannot install the bind() filter: this process already runs under a "
-            "seccomp user-notification filter (EBUSY), and they do not nest; run "
-            "port-broker outside the other supervisor, or pass sockets with LISTEN_FDS"
-        )
-    if stage == "seccomp" and err in (errno.EINVAL, errno.ENOSYS, errno.EACCES):
-        return InterceptUnsupported(
-            f"cannot install the bind() filter ({reason}); pass sockets with LISTEN_FDS instead"
-        )
-    return InterceptError(f"cannot start {argv0!r}: {stage} failed: {reason}")
-
-
-def _handshake(chan: socket.socket, argv0: str) -> int:
-    """Receive the listener from the child, let it exec, and wait until it has.
-
-    Returns the listener fd (ours to close). Raises what the child reported.
-    """
-    chan.settimeout(_SETUP_TIMEOUT)
-    try:
-        msg, fds, _flags, _addr = socket.recv_fds(chan, 64, 1)
-        if msg != b"L" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise _report(msg, argv0)
-        listener = fds[0]
-        try:
-            chan.sendall(b"G")
-            msg = chan.recv(64)  # b"" once exec succeeded: the child's end is close-on-exec
-            if msg:
-                raise _report(msg, argv0)
-        except BaseException:
-            os.close(listener)
-            raise
-    except TimeoutError as exc:
-        raise InterceptError(f"{argv0!r} did not start within {_SETUP_TIMEOUT:.0f} s") from exc
-    return listener
-
-
-def _report(msg: bytes, argv0: str) -> Exception:
-    parts = msg.decode(errors="replace").split(":")
-    if len(parts) == 3 and parts[0] == "E" and parts[2].isdigit():
-        return _setup_error(parts[1], int(parts[2]), argv0)
-    return InterceptError(f"{argv0!r} exited before it could be started")
-
-
 def run_intercepted(
     argv: Sequence[str],
     held: Sequence[socket.socket],
@@ -569,9 +461,7 @@ def run_intercepted(
         raise ValueError(
             f"run_intercepted needs a single-threaded process; {threads} threads are running"
         )
-    code = seccomp.filter_program()
-    program = ctypes.create_string_buffer(code, len(code))
-    watched = {*_FORWARDED_SIGNALS, signal.SIGCHLD}
+    watched = {*FORWARDED_SIGNALS, signal.SIGCHLD}
 
     old_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # ValueError off main thread
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -584,21 +474,8 @@ def run_intercepted(
         )
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         sigfd = syscalls.signalfd(watched)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with ours, theirs:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child execs or exits
-                ours.close()
-                _child(
-                    theirs,
-                    argv,
-                    env=env,
-                    held_fds=[h.sock.fileno() for h in described],
-                    program=program,
-                    old_mask=old_mask,
-                )
-            theirs.close()
-            listener = _handshake(ours, argv[0])
+        held_fds = [h.sock.fileno() for h in described]
+        pid, listener = spawn.start(argv, env=env, held_fds=held_fds, old_mask=old_mask)
         supervisor = _Supervisor(listener, sigfd, pid, described, mapping)
         try:
             return supervisor.serve()

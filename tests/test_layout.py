@@ -5,6 +5,8 @@
 - The modules of broker/ import one another without a cycle, counting the imports made
   inside functions (the lazy ones that keep `exec` cheap): every layer depends only on
   layers below it.
+- No module of broker/ passes MAX_MODULE_LINES, and the server's driver class stays
+  within MAX_DRIVER_LINES: past that a module holds more than one job.
 - broker/ uses dependencies through their public API only: no `_private` attribute of a
   third-party module, and no override of a third-party class's `_private` method (their
   bodies change between releases).
@@ -16,6 +18,7 @@ import ast
 import importlib
 import sys
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -101,6 +104,27 @@ def test_broker_modules_import_one_another_without_a_cycle() -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_MODULE_LINES: Final = 500
+MAX_DRIVER_LINES: Final = 150
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "broker").glob("*.py")), ids=lambda p: p.name)
+def test_broker_modules_stay_small(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines: split it by job"
+
+
+def test_the_server_is_a_thin_driver() -> None:
+    path = ROOT / "broker" / "server.py"
+    (broker,) = [
+        node
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef) and node.name == "Broker"
+    ]
+    lines = (broker.end_lineno or 0) - broker.lineno + 1
+    assert lines <= MAX_DRIVER_LINES, f"server.Broker has {lines} lines: move a job out"
 
 
 def third_party(module: str) -> bool:
