@@ -123,6 +123,14 @@ def line(request: Any) -> bytes:
 # --- rule 1: framing and the request count ----------------------------------------
 
 
+def test_a_request_of_exactly_the_size_limit_is_served(
+    held: dict[str, list[HeldSocket]],
+) -> None:
+    assert len(PADDED_LIST) == MAX_REQUEST_BYTES
+    [send] = sends(drive(connection(held), [PADDED_LIST]))
+    assert isinstance(parse_reply(send.data.rstrip(b"\n")), Listing)
+
+
 def test_each_request_gets_one_reply_in_order(held: dict[str, list[HeldSocket]]) -> None:
     actions = drive(connection(held), [line(ListSockets()) + line(Acquire(("http",)))])
     listing, granted = (parse_reply(s.data.rstrip(b"\n")) for s in sends(actions))
@@ -142,23 +150,37 @@ def test_the_connection_closes_after_its_last_request(held: dict[str, list[HeldS
 # --- rule 2: one refusal, then close ----------------------------------------------
 
 
+PADDED_LIST = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b"}\n"
+
+
 @pytest.mark.parametrize(
-    ("data", "code"),
+    ("data", "code", "words"),
     [
-        (b"not json\n", Code.MALFORMED),
-        (b'{"v":2,"op":"list"}\n', Code.UNSUPPORTED_VERSION),
-        (b'{"v":1,"op":"steal"}\n', Code.UNKNOWN_OPERATION),
-        (b"x" * MAX_REQUEST_BYTES, Code.TOO_LARGE),
+        (b"not json\n", Code.MALFORMED, "message is not JSON"),
+        (b"\xff\xfe\n", Code.MALFORMED, "message is not UTF-8"),
+        (b"[1]\n", Code.MALFORMED, "message is not a JSON object"),
+        (b'{"v":1,"op":"list","x":1}\n', Code.MALFORMED, "list request has unknown key(s): x"),
+        (b'{"v":1,"op":"acquire","names":["http","http"]}\n', Code.MALFORMED,
+         "acquire names a socket twice"),
+        (b'{"v":1,"op":"acquire","names":["no/slash"]}\n', Code.MALFORMED,
+         "'no/slash' is not a valid socket name"),
+        (b'{"v":2,"op":"list"}\n', Code.UNSUPPORTED_VERSION, "protocol version 2 is not supported"),
+        (b'{"v":1,"op":"steal"}\n', Code.UNKNOWN_OPERATION, "unknown operation 'steal'"),
+        (b"x" * MAX_REQUEST_BYTES, Code.TOO_LARGE, f"exceeds {MAX_REQUEST_BYTES} bytes"),
+        (b"x" * 5000 + b"\n", Code.TOO_LARGE, f"exceeds {MAX_REQUEST_BYTES} bytes"),
+        (PADDED_LIST[:-2] + b" }\n", Code.TOO_LARGE, f"exceeds {MAX_REQUEST_BYTES} bytes"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_request_gets_one_refusal_and_nothing_after_it(
-    held: dict[str, list[HeldSocket]], data: bytes, code: Code
+    held: dict[str, list[HeldSocket]], data: bytes, code: Code, words: str
 ) -> None:
     actions = drive(connection(held), [data + line(Acquire(("http",)))])
     [refusal] = sends(actions)
     assert refusal.final
     assert refusal.fds == ()
-    assert parse_reply(refusal.data.rstrip(b"\n")) == Refusal(code, refusal.outcomes[0].reason)
+    reason = refusal.outcomes[0].reason
+    assert parse_reply(refusal.data.rstrip(b"\n")) == Refusal(code, reason)
+    assert words in reason
     assert [o.kind for o in refusal.outcomes] == [Kind.PROTOCOL]
     assert actions[-1] is CLOSE
 

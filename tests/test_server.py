@@ -6,7 +6,8 @@ client (trio, or sync in a thread), or real processes of another uid. Deadlines 
 trio's MockClock with autojump where a test waits for one, so a 5 s timeout costs
 nothing. Because the broker runs in this process, /proc/self/fd counts its fds too.
 
-Also here: the audit trail (broker/audit.py), whose lines the broker writes to stderr.
+What a connection answers is tested without I/O (tests/test_connection.py), and so is
+what the ledger counts and logs (tests/test_ledger.py): here, what goes on the wire.
 
 The in-process broker (`running_broker`) and the fd helpers are the harness's
 (tests/harness/inprocess.py), shared with test_client, test_launcher and test_cli.
@@ -18,14 +19,12 @@ import contextlib
 import dataclasses
 import functools
 import grp
-import io
 import json
 import os
 import re
 import resource
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 from typing import Final
@@ -35,12 +34,10 @@ import trio
 import trio.testing
 
 from broker import __version__, client, connection, loader, status, users
-from broker.audit import Audit
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, ConfigError, RequestRefused
 from broker.identity import Peer
-from broker.ledger import RECENT_EVENTS, REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
-from broker.names import Level
+from broker.ledger import REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
 from broker.sdnotify import STATUS_INTERVAL
@@ -60,6 +57,8 @@ from tests.harness.inprocess import (
     USER,
     Wire,
     acquire_line,
+    audit_fields,
+    audit_lines,
     fds_from,
     ino,
     me,
@@ -71,20 +70,6 @@ from tests.harness.inprocess import (
 )
 from tests.harness.processes import NOBODY, START_TIMEOUT, as_user
 from tests.harness.runtime import SYSTEM_PYTHON
-
-
-def audit_fields(line: str) -> dict[str, str]:
-    """The key=value fields of one audit line (values unquoted)."""
-    fields = {}
-    for key, raw in re.findall(r' ([a-z_]+)=("(?:[^"\\]|\\.)*"|\S+)', line):
-        # The audit's quoting is a subset of JSON's string syntax.
-        fields[key] = json.loads(raw, strict=False) if raw.startswith('"') else raw
-    return fields
-
-
-def audit_lines(err: str, needle: str) -> list[str]:
-    return [line for line in err.splitlines() if needle in line]
-
 
 # --- grants -----------------------------------------------------------------------
 
@@ -214,19 +199,6 @@ async def test_all_or_none_a_refused_name_means_no_fd_at_all(
         assert [event["decision"] for event in report["recent"]] == ["deny"]
 
 
-async def test_unknown_socket_lists_what_the_caller_may_acquire(rundir: Path) -> None:
-    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
-        reply = await wire.request(acquire_line("nope"))
-        assert reply == {
-            "v": 1,
-            "ok": False,
-            "code": "unknown-socket",
-            "message": f"no socket named 'nope' (you may acquire: {MINE})",
-        }
-        # The connection stays open for the next request.
-        assert (await wire.request(LIST))["ok"] is True
-
-
 # --- refusals on the wire ---------------------------------------------------------
 
 PADDED_LIST: Final = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b"}\n"
@@ -234,18 +206,9 @@ PADDED_LIST: Final = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b
 
 @pytest.mark.parametrize(
     ("payload", "code", "words"),
-    [
+    [  # every code and message: tests/test_connection.py; here, what goes on the wire
         (b"not json\n", "malformed", "message is not JSON"),
-        (b"\xff\xfe\n", "malformed", "message is not UTF-8"),
-        (b"[1]\n", "malformed", "message is not a JSON object"),
-        (b'{"v":1,"op":"list","x":1}\n', "malformed", "list request has unknown key(s): x"),
-        (acquire_line("http", "http"), "malformed", "acquire names a socket twice"),
-        (acquire_line("no/slash"), "malformed", "'no/slash' is not a valid socket name"),
-        (b'{"v":2,"op":"list"}\n', "unsupported-version", "protocol version 2 is not supported"),
-        (b'{"v":1,"op":"grab"}\n', "unknown-operation", "unknown operation 'grab'"),
-        (b"x" * MAX_REQUEST_BYTES, "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
         (b"x" * 5000 + b"\n", "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
-        (PADDED_LIST[:-2] + b" }\n", "too-large", f"exceeds {MAX_REQUEST_BYTES} bytes"),
     ],
 )
 async def test_a_protocol_error_is_refused_with_its_code_then_the_connection_closes(
@@ -274,46 +237,6 @@ async def test_a_request_of_exactly_the_size_limit_is_served(rundir: Path) -> No
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
         assert (await wire.request(PADDED_LIST))["op"] == "list"
         assert (await wire.request(LIST))["op"] == "list"
-
-
-async def test_denied_names_the_peer_the_socket_and_the_rule(
-    rundir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
-        reply = await wire.request(acquire_line("secret"))
-        assert reply["code"] == "denied"
-        assert reply["message"] == (
-            f"{me()} may not acquire socket 'secret': "
-            f"not in users, groups or units of [sockets.secret] in {CONFIG_PATH}"
-        )
-        reply = await wire.request(acquire_line("norule"))
-        assert reply["code"] == "denied"
-        assert f"{CONFIG_PATH} has no [sockets.norule] rule, so nobody may" in reply["message"]
-        # Still open, and still serving this peer what it may have.
-        await wire.send(acquire_line("http"))
-        granted, fds = await wire.reply()
-        with owned(fds):
-            assert granted["ok"] is True
-            assert len(fds) == 1
-    err = capsys.readouterr().err
-    assert len(audit_lines(err, "denied socket")) == 2
-
-
-async def test_status_is_refused_to_peers_outside_the_status_rule(rundir: Path) -> None:
-    nobody_reads = Rule(uids=frozenset({NOBODY}))
-    async with (
-        running_broker(rundir, status=nobody_reads) as served,
-        await Wire.open(served.path) as wire,
-    ):
-        reply = await wire.request(STATUS)
-        assert reply["code"] == "denied"
-        assert reply["message"].endswith(
-            f"may not read the broker's status: not in users, groups or units of [status] "
-            f"in {CONFIG_PATH}"
-        )
-        assert (await wire.request(LIST))["ok"] is True  # still open
-        assert served.broker.ledger.refusals == {"denied": 1}
-        assert served.broker.ledger.denials.total() == 0  # not a socket denial
 
 
 async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> None:
@@ -594,19 +517,6 @@ async def test_status_reports_what_was_held_granted_denied_and_refused(rundir: P
     assert all(isinstance(e["time"], float) for e in report["recent"])
 
 
-async def test_recent_keeps_the_last_decisions_only(rundir: Path) -> None:
-    async with running_broker(rundir) as served:
-        for _ in range(RECENT_EVENTS + 5):
-            (await client.acquire_trio("http", path=served.path)).close()
-        with pytest.raises(AccessDenied):
-            await client.acquire_trio("secret", path=served.path)
-        await trio.testing.wait_all_tasks_blocked()
-        recent = served.broker.report()["recent"]
-        assert len(recent) == RECENT_EVENTS
-        assert recent[-1]["decision"] == "deny"
-        assert served.broker.report()["grants"] == RECENT_EVENTS + 5
-
-
 async def test_audit_lines_for_grant_and_denial_carry_the_structured_fields(
     rundir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -688,23 +598,11 @@ async def test_more_fds_than_one_message_can_carry_are_refused_not_sent(rundir: 
         socks = [socket.socket(fileno=sock.detach()) for _, sock in grants]
         with owned(socks):
             assert [ino(s) for s in socks] == served.inos("most")
+        # One name too many would pass SCM_MAX_FD + 1: refused, nothing sent
+        # (tests/test_connection.py has the rule), and the connection serves on.
         async with await Wire.open(served.path) as wire:
-            reply = await wire.request(acquire_line("most", "one"))
-            assert reply["code"] == "too-large"
-            assert reply["message"] == (
-                f"request would pass {SCM_MAX_FD + 1} fds; at most {SCM_MAX_FD} per request: "
-                "ask for fewer names at a time"
-            )
-            # The connection stays open: the request was well-formed, only too big.
+            assert (await wire.request(acquire_line("most", "one")))["code"] == "too-large"
             assert (await wire.request(LIST))["ok"] is True
-            await trio.testing.wait_all_tasks_blocked()  # grants are counted once sent
-            assert served.broker.ledger.refusals == {"too-large": 1}
-            assert served.broker.ledger.grants == {"most": 1}
-            # Audited like every refusal of an acquire.
-            assert [(e["decision"], e["socket"]) for e in served.broker.ledger.recent] == [
-                ("grant", "most"),
-                ("deny", "most,one"),
-            ]
 
 
 class ExplodingPolicy(Policy):
@@ -1076,44 +974,6 @@ async def test_serve_pings_the_watchdog_when_it_is_for_this_process(
         assert [round(t - start, 6) for t in pings] == [0.0, 1.5, 3.0, 4.5, 6.0]
     else:
         assert pings == []
-
-
-# --- the audit trail --------------------------------------------------------------
-
-
-def test_audit_detects_the_journal_from_journal_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    st = os.fstat(2)
-    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    assert Audit().journal is True
-    for other in (f"{st.st_dev}:{st.st_ino + 1}", "garbage", ""):
-        monkeypatch.setenv("JOURNAL_STREAM", other)
-        assert Audit().journal is False
-    monkeypatch.delenv("JOURNAL_STREAM")
-    assert Audit().journal is False
-    assert Audit(journal=False).journal is False
-
-
-def test_audit_quotes_values_and_bounds_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    audit = Audit(journal=False)
-    peer = Peer(pid=7, uid=1000, gid=1000, user=None, unit="web.service")
-    audit.decision(False, peer, "http", 'said "hi"\nand ' + "x" * 1000, "denied")
-    (line,) = capsys.readouterr().err.splitlines()  # one line, whatever the reason holds
-    assert line.startswith(
-        "port-broker: notice: denied socket 'http' to unnamed user (uid 1000, pid 7, "
-        "unit web.service) "
-    )
-    fields = audit_fields(line)
-    assert fields["peer_user"] == ""
-    assert fields["peer_unit"] == "web.service"
-    assert fields["reason"] == ('said "hi"\nand ' + "x" * 1000)[:512]
-    assert "message_id" not in fields
-
-
-def test_audit_never_raises_into_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    closed = io.StringIO()
-    closed.close()
-    monkeypatch.setattr(sys, "stderr", closed)
-    Audit(journal=False).log(Level.ERROR, "nobody hears this", DETAIL="x")
 
 
 # --- one user's share ---------------------------------------------------------------

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import pwd
+import re
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -352,3 +353,20 @@ def me() -> str:
     """How the broker describes this process (`Peer.describe`)."""
     unit = my_unit()
     return f"user {USER} (uid {UID}, pid {os.getpid()}{f', unit {unit}' if unit else ''})"
+
+
+# --- the audit trail on stderr ---------------------------------------------------
+
+
+def audit_fields(line: str) -> dict[str, str]:
+    """The key=value fields of one audit line (values unquoted)."""
+    fields = {}
+    for key, raw in re.findall(r' ([a-z_]+)=("(?:[^"\\]|\\.)*"|\S+)', line):
+        # The audit's quoting is a subset of JSON's string syntax.
+        fields[key] = json.loads(raw, strict=False) if raw.startswith('"') else raw
+    return fields
+
+
+def audit_lines(err: str, needle: str) -> list[str]:
+    """The lines of `err` (what the broker wrote to stderr) that contain `needle`."""
+    return [line for line in err.splitlines() if needle in line]
