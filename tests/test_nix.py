@@ -792,8 +792,20 @@ def test_the_vm_test_configures_what_it_tests() -> None:
         "runuser -u mallory",
         "status == 77",
         "http://server/",
+        "specialisation/mallory-too/bin/switch-to-configuration test",
     ):
         assert needed in script, needed
+    # The switch the VM test makes changes the policy only: NixOS reloads the broker.
+    switched = server["specialisations"]["mallory-too"]
+    assert (switched["failedAssertions"], switched["warnings"]) == ([], [])
+    assert json.loads(switched["policy"]) == {"sockets": {"http": {"users": ["alice", "mallory"]}}}
+    assert switched["policy"] != server["policy"]
+    # What differs is the policy file, a reload trigger (a store path named by its
+    # content in nixpkgs; fixed by the stubs here); the rest of both units is the same.
+    before, after = server["services"]["port-broker"], switched["services"]["port-broker"]
+    assert before["reloadTriggers"] == [server["etc"]["port-broker/broker.toml"]]
+    assert after == before
+    assert switched["sockets"] == server["sockets"]
 
 
 @needs_lib

@@ -78,6 +78,23 @@ in
   # The value formats.toml turns into /etc/port-broker/broker.toml, as JSON.
   policy = if policy == null then null else policy.value;
 
+  # Each specialisation, reported the same way (as NixOS builds one: the parent's
+  # configuration extended by its own, with no specialisations of its own).
+  specialisations = lib.mapAttrs (
+    _: spec:
+    assert spec.inheritParentConfig;
+    import ./eval.nix {
+      inherit lib pkgs module loose;
+      configuration = {
+        imports = [
+          configuration
+          spec.configuration
+        ];
+        specialisation = lib.mkOverride 0 { };
+      };
+    }
+  ) config.specialisation;
+
   # Every option the module declares, with its description (for the docs check).
   options = map describe (
     lib.filter (o: lib.hasPrefix "services.port-broker." o.name) (

@@ -332,6 +332,29 @@ in
       };
     };
   }
+  // {
+    # nixos/modules/system/activation/specialisation.nix
+    specialisation = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            inheritParentConfig = mkOption {
+              type = types.bool;
+              default = true;
+              description = "Whether the specialisation extends the parent configuration.";
+            };
+            configuration = mkOption {
+              type = types.deferredModule;
+              default = { };
+              description = "The specialisation's own definitions.";
+            };
+          };
+        }
+      );
+      default = { };
+      description = "Other configurations of the same machine, switched to at run time.";
+    };
+  }
   // lib.genAttrs loose (
     name:
     mkOption {

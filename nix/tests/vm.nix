@@ -1,7 +1,9 @@
 # NixOS VM test: port 80 held by systemd and port-broker, a Node server running as the
 # ordinary user alice takes it with `port-broker exec`, a second machine's curl reaches
 # that server directly (its own address shows in the answer: no proxy), and mallory,
-# who is not in the policy, is refused.
+# who is not in the policy, is refused; a policy-only change of the configuration is
+# put in force by a reload (same broker process, alice's server untouched), after
+# which mallory is granted.
 #
 #   nix build .#checks.x86_64-linux.vm          (flake.nix; needs KVM for speed)
 #
@@ -49,6 +51,15 @@ pkgs.testers.runNixOSTest {
       };
 
       networking.firewall.allowedTCPPorts = [ 80 ];
+
+      # The same machine with one policy change: mallory may take http too.
+      specialisation.mallory-too = {
+        inheritParentConfig = true;
+        configuration.services.port-broker.sockets.http.users = lib.mkForce [
+          "alice"
+          "mallory"
+        ];
+      };
     };
 
   nodes.client =
@@ -97,5 +108,23 @@ pkgs.testers.runNixOSTest {
             "runuser -u mallory -- port-broker exec http -- ${pkgs.coreutils}/bin/true 2>&1")
         assert status == 77, f"exit status {status}: {output}"
         assert "may not acquire socket 'http'" in output, output
+
+    with subtest("a policy-only change reloads the broker instead of restarting it"):
+        import json
+        def broker_state():
+            pid = server.succeed("systemctl show -p MainPID --value port-broker.service").strip()
+            report = json.loads(server.succeed("port-broker status --json"))
+            return pid, report["configuration"]["generation"]
+        pid, generation = broker_state()
+        switch = server.succeed(
+            "/run/booted-system/specialisation/mallory-too/bin/switch-to-configuration test 2>&1")
+        reloaded = re.search(r"^reloading the following units: (.*)$", switch, re.M)
+        assert reloaded and "port-broker.service" in reloaded.group(1).split(", "), switch
+        restarted = re.search(r"^restarting the following units: (.*)$", switch, re.M)
+        assert not restarted or "port-broker.service" not in restarted.group(1), switch
+        assert broker_state() == (pid, generation + 1)
+        server.succeed("runuser -u mallory -- port-broker exec http -- ${pkgs.coreutils}/bin/true")
+        answer = server.succeed("curl -sSf --max-time 5 http://localhost/")  # alice serves on
+        assert "hello from node" in answer, answer
   '';
 }
