@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 import time
@@ -29,6 +28,7 @@ from broker.errors import (
     IntakeError,
     InterceptError,
     PrivilegeError,
+    ReloadRefused,
     UnknownSocket,
 )
 from broker.names import (
@@ -263,15 +263,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    import signal
+    from broker.client import reload
 
     try:
-        os.kill(args.pid, signal.SIGHUP)
-    except ProcessLookupError:
-        return _fail("reload", f"no process {args.pid}: is the broker running?", Exit.FAILURE)
-    except PermissionError:
-        return _fail("reload", f"may not signal process {args.pid}: run as its user or root",
-                     Exit.FAILURE)  # fmt: skip
+        configuration = reload(path=args.socket, timeout=args.timeout)
+    except ReloadRefused as e:
+        return _fail("reload", e.message, Exit.CONFIG)
+    except ClientError as e:
+        return _client_failure("reload", e)
+    print(f"reloaded {configuration.get('path')}: generation {configuration.get('generation')} "
+          "in force")  # fmt: skip
     return 0
 
 
@@ -322,6 +323,9 @@ def _positive_seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from broker.client import DEFAULT_TIMEOUT
+    from broker.protocol import RELOAD_TIMEOUT
+
     parser = argparse.ArgumentParser(
         prog="port-broker",
         description="Hand privileged listening sockets held by systemd to unprivileged "
@@ -330,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"port-broker {__version__}")
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
-    def client_options(sub: argparse.ArgumentParser) -> None:
+    def client_options(sub: argparse.ArgumentParser, timeout: float = DEFAULT_TIMEOUT) -> None:
         sub.add_argument(
             "--socket",
             metavar="PATH",
@@ -339,9 +343,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--timeout",
             type=_positive_seconds,
-            default=5.0,
+            default=timeout,
             metavar="SECONDS",
-            help="give up on the broker after this long (default: 5)",
+            help=f"give up on the broker after this long (default: {timeout:g})",
         )
 
     run = commands.add_parser(
@@ -415,14 +419,16 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = commands.add_parser(
         "reload",
-        help="make a running broker read its configuration again",
-        description="Tell the broker running as PID to read its configuration again "
-        "(SIGHUP): what `systemctl reload port-broker.service` runs. A valid new "
-        "configuration applies to every request from then on, connected clients "
-        "included; an invalid one is refused with the reason in the broker's log, and "
-        "the one in force stays. `port-broker status` shows which is in force.",
+        help="make the broker read its configuration again, and wait until it has",
+        description="Make the broker read its configuration again, and wait until it "
+        "has: what `systemctl reload port-broker.service` runs (ExecReload=). A valid "
+        "new configuration applies to every request from then on, connected clients "
+        "included, and this prints its generation; an invalid one is refused, this "
+        f"says why and exits {int(Exit.CONFIG)}, and the configuration in force stays. "
+        "Only root and the broker's own user may (as with SIGHUP, which reloads too, "
+        "without waiting). Sockets are not reloaded: a new one needs a restart.",
     )
-    reload.add_argument("pid", type=int, metavar="PID", help="the broker's process id")
+    client_options(reload, timeout=RELOAD_TIMEOUT + 5)
     reload.set_defaults(func=cmd_reload)
 
     serve = commands.add_parser(

@@ -11,7 +11,8 @@ make it blocking: that would change it for every other worker too. (Python does 
 read the flag of an fd it is given: `getblocking()` says True regardless.)
 
 Synchronous functions use only the standard library, so a worker's start-up stays
-cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`.
+cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`,
+`reload`.
 The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called.
 
 The broker's socket is found at the `path` argument, else $PORT_BROKER_SOCKET, else
@@ -42,6 +43,7 @@ from broker.errors import BrokerUnavailable, ClientError, ProtocolError, refusal
 from broker.names import DEFAULT_SOCKET, SOCKET_ENV
 from broker.protocol import (
     MAX_REPLY_BYTES,
+    RELOAD_TIMEOUT,
     SCM_MAX_FD,
     Acquire,
     Granted,
@@ -49,6 +51,8 @@ from broker.protocol import (
     Listing,
     ListSockets,
     Refusal,
+    Reload,
+    Reloaded,
     Reply,
     Request,
     SocketInfo,
@@ -71,7 +75,7 @@ _ANCILLARY_BYTES: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsi
 Grant = tuple[str, socket.socket]
 """A granted socket with its name."""
 
-ReplyT = TypeVar("ReplyT", Listing, StatusReport)
+ReplyT = TypeVar("ReplyT", Listing, StatusReport, Reloaded)
 SocketT = TypeVar("SocketT", socket.socket, "trio.socket.SocketType")
 
 
@@ -328,6 +332,20 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
         BrokerUnavailable, RequestRefused: as `acquire_many`.
     """
     return dict(_inquiry(Status(), StatusReport, path, timeout).report)
+
+
+def reload(*, path: str | None = None, timeout: float = RELOAD_TIMEOUT + 5) -> dict[str, Any]:
+    """Make the broker load its configuration again; return, once it is in force, its
+    `configuration` object (path, generation, loaded; docs/protocol.md). Only root and
+    the broker's own uid may.
+
+    Raises:
+        ReloadRefused: the new configuration is invalid (the message says why); the one
+            in force stays.
+        AccessDenied: the caller is neither root nor the broker's uid.
+        BrokerUnavailable, RequestRefused: as `acquire_many`.
+    """
+    return dict(_inquiry(Reload(), Reloaded, path, timeout).configuration)
 
 
 # --- trio ------------------------------------------------------------------------

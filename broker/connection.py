@@ -26,6 +26,9 @@ The rules, each enforced here alone (tests/test_connection.py checks them one by
    to answer.
 7. A failure of the broker's own while answering is refused with `internal`, reported
    as an outcome with its traceback, and the connection goes on.
+8. A reload is for the broker's own uid and root only (whoever could send it SIGHUP).
+   The driver carries it out (`RELOAD`) and reports back (`reloaded`); meanwhile the
+   connection is WORKING and has no deadline of its own (the reload has its bound).
 
 Must never: do I/O or look at a clock; hand out an fd the policy does not grant this
 peer; answer a request after its refusal-and-close.
@@ -51,6 +54,8 @@ from broker.protocol import (
     LineBuffer,
     Listing,
     Refusal,
+    Reload,
+    Reloaded,
     Reply,
     Request,
     Status,
@@ -69,6 +74,8 @@ class Phase(enum.Enum):
 
     READING = "reading"
     """A complete request from the peer (the deadline is the request's)."""
+    WORKING = "working"
+    """The driver to carry out a reload (rule 8: the reload's own bound applies)."""
     SENDING = "sending"
     """The driver to have sent the last `Send` (the deadline is the reply's)."""
     CLOSED = "closed"
@@ -83,6 +90,8 @@ class Kind(enum.Enum):
     """An acquire refused: unknown socket, not allowed, too many fds."""
     STATUS_DENIAL = "status-denial"
     """The status report refused to a peer the [status] rule does not name."""
+    RELOAD_DENIAL = "reload-denial"
+    """A reload refused to a peer that could not send the broker SIGHUP either."""
     PROTOCOL = "protocol"
     """A malformed, too large or late request; the connection closes after it."""
     INTERNAL = "internal"
@@ -128,11 +137,14 @@ class Send(NamedTuple):
 
 class _Signal(enum.Enum):
     NEED_DATA = "need-data"
+    RELOAD = "reload"
     CLOSE = "close"
 
 
 NEED_DATA: Final = _Signal.NEED_DATA
 """Read more from the peer, then `receive_data` it."""
+RELOAD: Final = _Signal.RELOAD
+"""Reload the configuration, then tell `reloaded` how it went (rule 8)."""
 CLOSE: Final = _Signal.CLOSE
 """Close the connection; nothing more is to be sent or read."""
 
@@ -147,11 +159,13 @@ class Holdings:
         policy: Who may have what.
         held: Name → the sockets of that name (the broker's; only their fds are read).
         report: The status report, built when asked for.
+        owner: The broker's effective uid: it and root may ask for a reload (rule 8).
     """
 
     policy: Policy
     held: Mapping[str, Sequence[HeldSocket]]
     report: Callable[[], Mapping[str, Any]]
+    owner: int = 0
 
 
 class Connection:
@@ -192,6 +206,16 @@ class Connection:
         else:
             self._eof = True
 
+    def reloaded(self, configuration: Mapping[str, Any], refused: str | None) -> Send:
+        """The driver's reload (rule 8) is done: the configuration now in force (as in
+        the status report) and, if the new one was refused, why. Returns the reply."""
+        if self.phase is not Phase.WORKING:
+            raise RuntimeError(f"reloaded() while {self.phase.value}")
+        self.phase = Phase.SENDING
+        if refused is not None:
+            return self._reply(Refusal(Code.INVALID_CONFIG, refused))
+        return self._reply(Reloaded(configuration))
+
     def sent(self) -> None:
         """The driver sent the last `Send` whole: read the next request, or close."""
         if self.phase is not Phase.SENDING:
@@ -214,15 +238,15 @@ class Connection:
     # --- output ------------------------------------------------------------------
 
     def next_action(self) -> Action:
-        """Return what to do next: NEED_DATA, a `Send`, or CLOSE.
+        """Return what to do next: NEED_DATA, a `Send`, RELOAD or CLOSE.
 
         Raises:
-            RuntimeError: while SENDING (call `sent()` first).
+            RuntimeError: while SENDING or WORKING (call `sent()` or `reloaded()` first).
         """
         if self.phase is Phase.CLOSED:
             return CLOSE
-        if self.phase is Phase.SENDING:
-            raise RuntimeError("next_action() before sent()")
+        if self.phase is not Phase.READING:
+            raise RuntimeError(f"next_action() while {self.phase.value}")
         try:
             line = self._buffer.next_line()
             if line is None:
@@ -235,6 +259,8 @@ class Connection:
             return self._refuse(e)
         self.requests += 1
         self.phase = Phase.SENDING
+        if isinstance(request, Reload):
+            return self._reload()
         return self._answer(request)
 
     def _refuse(self, error: ProtocolError) -> Send:
@@ -307,6 +333,19 @@ class Connection:
             denial = Outcome(Kind.STATUS_DENIAL, decision.reason, code=Code.DENIED)
             return self._reply(Refusal(Code.DENIED, decision.reason), denial)
         return self._reply(StatusReport(holdings.report()))
+
+    def _reload(self) -> Action:
+        """Rule 8: the broker's own uid and root may; then the driver does it."""
+        owner = self._holdings().owner
+        if self.peer.uid not in {0, owner}:
+            reason = (
+                f"{self.peer.describe()} may not reload the broker: only root and uid "
+                f"{owner}, the broker's own, may (as they could send it SIGHUP)"
+            )
+            denial = Outcome(Kind.RELOAD_DENIAL, reason, code=Code.DENIED)
+            return self._reply(Refusal(Code.DENIED, reason), denial)
+        self.phase = Phase.WORKING
+        return RELOAD
 
     def _listing(self) -> Listing:
         holdings = self._holdings()

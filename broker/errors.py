@@ -37,6 +37,8 @@ class Code(enum.StrEnum):
     """The peer did not send a complete request within the broker's deadline."""
     INTERNAL = "internal"
     """The broker failed to carry out a valid, permitted request."""
+    INVALID_CONFIG = "invalid-config"
+    """A reload found the configuration invalid; the one in force stays."""
 
 
 class BrokerError(Exception):
@@ -115,10 +117,16 @@ class UnknownSocket(RequestRefused):
     """The broker holds no socket by the requested name."""
 
 
+class ReloadRefused(RequestRefused):
+    """The broker refused the new configuration; the one in force stays."""
+
+
 def refusal(code: Code, message: str) -> RequestRefused:
     """Return the most specific client exception for a refusal code."""
     if code is Code.DENIED:
         return AccessDenied(code, message)
     if code is Code.UNKNOWN_SOCKET:
         return UnknownSocket(code, message)
+    if code is Code.INVALID_CONFIG:
+        return ReloadRefused(code, message)
     return RequestRefused(code, message)

@@ -40,6 +40,13 @@ RECENT_EVENTS: Final = 32
 """Grants and denials kept for `port-broker status`; the journal keeps them all."""
 
 
+_OPERATIONS: Final = {
+    Kind.STATUS_DENIAL: ("status", "the status report"),
+    Kind.RELOAD_DENIAL: ("reload", "a reload"),
+}
+"""Denials of an operation other than acquire: its name on the wire, and in words."""
+
+
 @dataclass
 class _Window:
     """One uid's refusal-log window."""
@@ -132,9 +139,10 @@ class Ledger:
             self._remember(False, peer, name, outcome.reason)
         elif not logged:
             pass
-        elif outcome.kind is Kind.STATUS_DENIAL:
-            self.audit.log(Level.NOTICE, f"denied the status report to {peer.describe()}",
-                           DECISION="deny", OPERATION="status", PEER_UID=peer.uid,
+        elif outcome.kind in _OPERATIONS:
+            operation, what = _OPERATIONS[outcome.kind]
+            self.audit.log(Level.NOTICE, f"denied {what} to {peer.describe()}",
+                           DECISION="deny", OPERATION=operation, PEER_UID=peer.uid,
                            PEER_PID=peer.pid, REASON=outcome.reason[:512])  # fmt: skip
         else:
             self.audit.log(

@@ -36,6 +36,11 @@ MAX_REPLY_BYTES: Final = 1 << 20
 MAX_NAMES: Final = 32
 """Most socket names in one acquire; one worker rarely needs more than http+https."""
 
+RELOAD_TIMEOUT: Final = 30.0
+"""Seconds a reload may take (the loader imports pydantic, ~0.2 s, and asks NSS for every
+user and group named): past that it is refused and the configuration in force stays. The
+reply to `reload` comes within this, so a client waits that long (and a little more)."""
+
 SCM_MAX_FD: Final = 253
 """The kernel's limit on fds in one SCM_RIGHTS message (include/net/scm.h)."""
 
@@ -59,7 +64,13 @@ class Status:
     """Ask for the broker's state: what it holds, grants and denials (admin only)."""
 
 
-Request = Acquire | ListSockets | Status
+@dataclass(frozen=True)
+class Reload:
+    """Ask the broker to load its configuration again and say, once done, what is in force
+    (only the broker's own uid and root: whoever could send it SIGHUP)."""
+
+
+Request = Acquire | ListSockets | Status | Reload
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,14 @@ class StatusReport:
 
 
 @dataclass(frozen=True)
+class Reloaded:
+    """Reply to `Reload`: the new configuration is in force; its `configuration` object
+    as in the status report (docs/protocol.md)."""
+
+    configuration: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Reply to anything the broker will not or cannot do."""
 
@@ -117,9 +136,9 @@ class Refusal:
     message: str
 
 
-Reply = Granted | Listing | StatusReport | Refusal
+Reply = Granted | Listing | StatusReport | Reloaded | Refusal
 
-_OPS: Final = {Acquire: "acquire", ListSockets: "list", Status: "status"}
+_OPS: Final = {Acquire: "acquire", ListSockets: "list", Status: "status", Reload: "reload"}
 
 
 # --- framing ----------------------------------------------------------------------
@@ -191,6 +210,9 @@ def encode_reply(reply: Reply) -> bytes:
     elif isinstance(reply, Listing):
         body["op"] = "list"
         body["sockets"] = [s.to_json() for s in reply.sockets]
+    elif isinstance(reply, Reloaded):
+        body["op"] = "reload"
+        body["configuration"] = dict(reply.configuration)
     else:
         body["op"] = "status"
         body["status"] = dict(reply.report)
@@ -279,8 +301,12 @@ def parse_request(line: bytes) -> Request:
     if op == "status":
         _expect_keys(obj, {"v", "op"}, "status request")
         return Status()
+    if op == "reload":
+        _expect_keys(obj, {"v", "op"}, "reload request")
+        return Reload()
     raise ProtocolError(
-        Code.UNKNOWN_OPERATION, f"unknown operation {op[:64]!r}; known: acquire, list, status"
+        Code.UNKNOWN_OPERATION,
+        f"unknown operation {op[:64]!r}; known: acquire, list, status, reload",
     )
 
 
@@ -343,4 +369,9 @@ def parse_reply(line: bytes) -> Reply:
         if not isinstance(report, dict):
             raise _malformed('status reply has no "status" object')
         return StatusReport(report)
+    if op == "reload":
+        configuration = obj.get("configuration")
+        if not isinstance(configuration, dict):
+            raise _malformed('reload reply has no "configuration" object')
+        return Reloaded(configuration)
     raise _malformed(f"reply has unknown op {op!r:.64}")

@@ -5,6 +5,10 @@ say why (in the log and in `status`).
 The child is a fresh interpreter, not a fork: the serving broker has threads (trio's,
 the user-database lookups'), and forking them is unsafe.
 
+A reload is asked for by SIGHUP (nobody waits for it), or over the control socket by
+`port-broker reload` (systemd's ExecReload=), which waits and is told how it went: so
+`systemctl reload` returns once the new policy is in force, and fails if it was refused.
+
 Must never: let a failed reload, of any kind, stop the broker or change the policy in
 force; run two reloads at once (a SIGHUP during one makes it run once more).
 """
@@ -15,23 +19,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from broker import loader
 from broker.errors import ConfigError
 from broker.names import Level
+from broker.protocol import RELOAD_TIMEOUT
 
 if TYPE_CHECKING:
     from broker.audit import Audit
     from broker.config import Config
     from broker.status import Configuration, Refused
-
-RELOAD_TIMEOUT: Final = 30.0
-"""Seconds a configuration reload may take (the loader imports pydantic, ~0.2 s, and
-asks NSS for every user and group named): past that the reload is refused and the
-configuration in force stays."""
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Reloadable(Protocol):
 
 
 class Reloader:
-    """Runs reloads for `broker`, one at a time.
+    """Runs reloads for `broker`, one at a time, in the order they were asked for.
 
     Args:
         broker: Whose configuration is reloaded.
@@ -90,49 +90,51 @@ class Reloader:
         self._broker = broker
         self._audit = audit
         self._notify = notify
-        self._running = False
-        self._again = False
+        self._turn = trio.Lock()
+        self._signalled = False  # a reload for SIGHUP is waiting for its turn
 
     def ask(self, nursery: trio.Nursery) -> None:
-        """SIGHUP: reload, or reload again once the running reload is done."""
-        if self._running:
-            self._again = True
-            return
-        self._running = True
-        nursery.start_soon(self._reload)
+        """SIGHUP: reload once the running reload, if any, is done. Signals that come
+        while one waits for its turn are one reload, not one each."""
+        if not self._signalled:
+            self._signalled = True
+            nursery.start_soon(self._on_signal)
 
-    async def _reload(self) -> None:
+    async def _on_signal(self) -> None:
+        async with self._turn:
+            self._signalled = False
+            await self._run()
+
+    async def reload(self) -> str | None:
+        """Reload after the running reload, if any (`port-broker reload` waits for this);
+        return why the new configuration was refused, or None if it is in force."""
+        async with self._turn:
+            return await self._run()
+
+    async def _run(self) -> str | None:
         broker = self._broker
         standing = broker.standing
+        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
+        path = standing.config.path
+        reason = None
         try:
-            while True:
-                self._again = False
-                now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-                self._notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
-                path = standing.config.path
-                try:
-                    # A default file that was missing at start is not "asked for" now.
-                    broker.apply(await self._load(path if standing.config.exists else None))
-                except Exception as e:  # the configuration in force stays, whatever failed
-                    reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
-                    if not isinstance(e, ConfigError):
-                        self._audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
-                                        EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
-                    standing.refused = {"time": time.time(), "reason": reason}
-                    self._audit.log(
-                        Level.WARNING,
-                        f"refused the new configuration: {reason}; generation "
-                        f"{standing.generation} of {path} stays in force",
-                    )
-                else:
-                    self._audit.log(
-                        Level.INFO, f"reloaded {path}: generation {standing.generation} in force"
-                    )
-                self._notify(f"READY=1\nSTATUS={broker.status_line()}")
-                if not self._again:
-                    return
-        finally:
-            self._running = False
+            # A default file that was missing at start is not "asked for" now.
+            broker.apply(await self._load(path if standing.config.exists else None))
+        except Exception as e:  # the configuration in force stays, whatever failed
+            reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
+            if not isinstance(e, ConfigError):
+                self._audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
+                                EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
+            standing.refused = {"time": time.time(), "reason": reason}
+            reason += f"; generation {standing.generation} of {path} stays in force"
+            self._audit.log(Level.WARNING, f"refused the new configuration: {reason}")
+        else:
+            self._audit.log(
+                Level.INFO, f"reloaded {path}: generation {standing.generation} in force"
+            )
+        self._notify(f"READY=1\nSTATUS={broker.status_line()}")
+        return reason
 
     async def _load(self, path: str | None) -> Config:
         """`loader.load(path)` in a child interpreter, within RELOAD_TIMEOUT."""

@@ -16,12 +16,13 @@ the `Intake`, and the kernel duplicates them into each reply.
 from __future__ import annotations
 
 import array
+import math
 import os
 import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Final
 
@@ -33,7 +34,7 @@ from broker.activation import Intake
 from broker.admission import Admission
 from broker.audit import Audit
 from broker.config import Config, unheld_rules
-from broker.connection import CLOSE, NEED_DATA, Connection, Holdings, Phase, Send
+from broker.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
 from broker.errors import Code, ConfigError
 from broker.identity import Peer, peer_credentials
 from broker.ledger import Ledger
@@ -74,7 +75,7 @@ class Broker:
             config.max_connections, config.max_connections_per_user, config.policy.source
         )
         self.ledger = Ledger(audit, trio.current_time)
-        self.holdings = Holdings(config.policy, intake.held, self.report)
+        self.holdings = Holdings(config.policy, intake.held, self.report, os.geteuid())
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
 
@@ -88,7 +89,7 @@ class Broker:
         problem = unheld_rules(config, self.intake.held)
         if problem is not None:
             raise ConfigError(problem)
-        self.holdings = Holdings(config.policy, self.intake.held, self.report)
+        self.holdings = Holdings(config.policy, self.intake.held, self.report, os.geteuid())
         limits = config.max_connections, config.max_connections_per_user, config.policy.source
         self.admission.limit(*limits)
         self.standing.replace(config)
@@ -143,7 +144,7 @@ class Broker:
                     timeout = self.standing.config.client_timeout
                     peer = await self.users.complete(peer, timeout)
                     connection = Connection(peer, lambda: self.holdings, timeout=timeout)
-                    await _converse(conn, connection, self.ledger)
+                    await _converse(conn, connection, self.ledger, self._reload)
                 finally:
                     self.admission.leave_peer(peer.uid)
         except Exception as e:  # one client's trouble must never stop the others
@@ -152,6 +153,12 @@ class Broker:
             )
         finally:
             self.admission.leave()
+
+    async def _reload(self) -> tuple[status.Configuration, str | None]:
+        """A reload asked for over the control socket: what is in force once it is done,
+        and why the new configuration was refused, if it was."""
+        refused = await self.reloader.reload()
+        return self.standing.report(), refused
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what is held, granted, denied, connected."""
@@ -191,7 +198,12 @@ def _refuse_busy(conn: socket.socket, message: str, ledger: Ledger) -> None:
         conn.send(reply)  # non-blocking
 
 
-async def _converse(conn: socket.socket, connection: Connection, ledger: Ledger) -> None:
+async def _converse(
+    conn: socket.socket,
+    connection: Connection,
+    ledger: Ledger,
+    reload: Callable[[], Awaitable[tuple[status.Configuration, str | None]]],
+) -> None:
     """Move bytes until the connection's rules say close; keep its one deadline, set
     anew as it starts reading a request and as it starts sending a reply."""
     peer = connection.peer
@@ -207,6 +219,9 @@ async def _converse(conn: socket.socket, connection: Connection, ledger: Ledger)
                 continue
             if action is CLOSE:
                 return
+            if action is RELOAD:
+                deadline.deadline = math.inf  # the reload keeps its own time (RELOAD_TIMEOUT)
+                action = connection.reloaded(*await reload())
             phase = Phase.SENDING
             deadline.deadline = trio.current_time() + connection.timeout
             if action.final:

@@ -304,7 +304,7 @@ in
 
     systemd.services.port-broker = {
       overrideStrategy = "asDropin";
-      # A new policy is read by a reload (the shipped unit's ExecReload=: SIGHUP), which
+      # A new policy is read by a reload (the shipped unit's ExecReload=), which
       # keeps serving; new sockets need a restart, since systemd passes them at start.
       reloadTriggers = [ policyFile ];
       restartTriggers = [ socketsSpec ];

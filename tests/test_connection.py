@@ -21,6 +21,7 @@ from broker.activation import HeldSocket, inspect
 from broker.connection import (
     CLOSE,
     NEED_DATA,
+    RELOAD,
     Action,
     Connection,
     Holdings,
@@ -40,6 +41,8 @@ from broker.protocol import (
     Listing,
     ListSockets,
     Refusal,
+    Reload,
+    Reloaded,
     Status,
     StatusReport,
     encode_request,
@@ -274,7 +277,7 @@ def test_the_driver_must_finish_a_send_before_the_next(
         conn.sent()
     conn.receive_data(line(ListSockets()) * 2)
     conn.next_action()
-    with pytest.raises(RuntimeError, match="before sent"):
+    with pytest.raises(RuntimeError, match="while sending"):
         conn.next_action()
 
 
@@ -328,6 +331,55 @@ def test_status_is_for_the_status_rule_only(held: dict[str, list[HeldSocket]]) -
     report = {"grants": 7}
     [shown] = sends(drive(connection(held, root, report=lambda: report), [line(Status())]))
     assert parse_reply(shown.data.rstrip(b"\n")) == StatusReport(report)
+
+
+# --- rule 8: reloads -------------------------------------------------------------
+
+
+def phase(conn: Connection) -> Phase:
+    return conn.phase
+
+
+@pytest.mark.parametrize("uid", [0, 4321])
+def test_root_and_the_broker_uid_get_the_reload_done_then_its_outcome(
+    held: dict[str, list[HeldSocket]], uid: int
+) -> None:
+    owned_by = Holdings(POLICY, held, dict, owner=4321)
+    conn = Connection(Peer(pid=1, uid=uid, gid=uid), lambda: owned_by, timeout=TIMEOUT)
+    conn.receive_data(line(Reload()) * 2)
+    assert conn.next_action() is RELOAD
+    assert phase(conn) is Phase.WORKING
+    with pytest.raises(RuntimeError, match="while working"):
+        conn.next_action()
+    done = conn.reloaded({"generation": 2}, None)
+    assert parse_reply(done.data.rstrip(b"\n")) == Reloaded({"generation": 2})
+    assert (done.outcomes, done.final) == ((), False)  # the reload logs its own outcome
+    conn.sent()
+    assert conn.next_action() is RELOAD
+    refused = conn.reloaded({"generation": 2}, "x.toml: bad; generation 2 stays in force")
+    reply = parse_reply(refused.data.rstrip(b"\n"))
+    assert reply == Refusal(Code.INVALID_CONFIG, "x.toml: bad; generation 2 stays in force")
+    assert not refused.final  # the connection goes on
+    conn.sent()
+    assert phase(conn) is Phase.READING
+
+
+def test_a_reload_from_anyone_else_is_denied(held: dict[str, list[HeldSocket]]) -> None:
+    owned_by = Holdings(POLICY, held, dict, owner=4321)
+    conn = Connection(PEER, lambda: owned_by, timeout=TIMEOUT)
+    [denied] = sends(drive(conn, [line(Reload())]))
+    [outcome] = denied.outcomes
+    assert (outcome.kind, outcome.code) == (Kind.RELOAD_DENIAL, Code.DENIED)
+    assert outcome.reason == (
+        "user alice (uid 1000, pid 4242) may not reload the broker: only root and uid "
+        "4321, the broker's own, may (as they could send it SIGHUP)"
+    )
+    assert parse_reply(denied.data.rstrip(b"\n")) == Refusal(Code.DENIED, outcome.reason)
+
+
+def test_reloaded_is_only_for_a_reload(held: dict[str, list[HeldSocket]]) -> None:
+    with pytest.raises(RuntimeError, match="while reading"):
+        connection(held).reloaded({}, None)
 
 
 # --- invariants over arbitrary input ----------------------------------------------

@@ -28,6 +28,8 @@ from broker.protocol import (
     Listing,
     ListSockets,
     Refusal,
+    Reload,
+    Reloaded,
     Reply,
     Request,
     SocketInfo,
@@ -56,7 +58,7 @@ acquires = st.lists(names, min_size=1, max_size=MAX_NAMES, unique=True).map(
     lambda ns: Acquire(tuple(ns))
 )
 requests: st.SearchStrategy[Request] = st.one_of(
-    acquires, st.just(ListSockets()), st.just(Status())
+    acquires, st.just(ListSockets()), st.just(Status()), st.just(Reload())
 )
 
 infos = st.builds(
@@ -81,6 +83,7 @@ replies: st.SearchStrategy[Reply] = st.one_of(
     st.lists(infos, max_size=5).map(lambda s: Granted(tuple(s))),
     st.lists(infos, max_size=5).map(lambda s: Listing(tuple(s))),
     st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(StatusReport),
+    st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(Reloaded),
     st.builds(Refusal, code=st.sampled_from(Code), message=st.text(max_size=80)),
 )
 valid_lines = st.one_of(requests.map(encode_request), replies.map(encode_reply))
@@ -257,6 +260,7 @@ def test_the_largest_legal_request_fits_the_limit() -> None:
         (Acquire(("http", "https")), b'{"v":1,"op":"acquire","names":["http","https"]}\n'),
         (ListSockets(), b'{"v":1,"op":"list"}\n'),
         (Status(), b'{"v":1,"op":"status"}\n'),
+        (Reload(), b'{"v":1,"op":"reload"}\n'),
     ],
 )
 def test_requests_have_the_documented_wire_form(request_: Request, wire: bytes) -> None:
@@ -279,6 +283,9 @@ def test_replies_have_the_documented_wire_form() -> None:
     assert (
         encode_reply(StatusReport({"pid": 7}))
         == b'{"v":1,"ok":true,"op":"status","status":{"pid":7}}\n'
+    )
+    assert encode_reply(Reloaded({"generation": 2})) == (
+        b'{"v":1,"ok":true,"op":"reload","configuration":{"generation":2}}\n'
     )
     refusal = Refusal(
         Code.UNSUPPORTED_VERSION,
@@ -483,7 +490,16 @@ def names_request(names: object) -> bytes:
         (b'{"v":-1,"op":"list"}', Code.UNSUPPORTED_VERSION, "speaks version 1"),
         (b'{"v":2,"op":"launch"}', Code.UNSUPPORTED_VERSION, "version 2"),
         (b'{"v":2,"op":"list","x":1}', Code.UNSUPPORTED_VERSION, "version 2"),
-        (b'{"v":1,"op":"launch"}', Code.UNKNOWN_OPERATION, "'launch'; known: acquire, list"),
+        (
+            b'{"v":1,"op":"launch"}',
+            Code.UNKNOWN_OPERATION,
+            "'launch'; known: acquire, list, status, reload",
+        ),
+        (
+            b'{"v":1,"op":"reload","force":true}',
+            Code.MALFORMED,
+            "reload request has unknown key(s): force",
+        ),
         (b'{"v":1,"op":"LIST"}', Code.UNKNOWN_OPERATION, "'LIST'"),
         (b'{"v":1,"op":""}', Code.UNKNOWN_OPERATION, "''"),
         (b'{"v":1,"op":"launch","x":1}', Code.UNKNOWN_OPERATION, "launch"),
@@ -596,6 +612,7 @@ GOOD_ENTRY = {"name": "http", "family": "inet6", "type": "stream", "address": "[
         (b'{"v":1,"ok":true,"op":"acquire","sockets":{}}', Code.MALFORMED, 'no "sockets" list'),
         (b'{"v":1,"ok":true,"op":"status"}', Code.MALFORMED, 'no "status" object'),
         (b'{"v":1,"ok":true,"op":"status","status":[]}', Code.MALFORMED, 'no "status" object'),
+        (b'{"v":1,"ok":true,"op":"reload"}', Code.MALFORMED, 'no "configuration" object'),
         (sockets_reply(GOOD_ENTRY, "http"), Code.MALFORMED, "not an object"),
         (sockets_reply({**GOOD_ENTRY, "address": 80}), Code.MALFORMED, "lacks name, family"),
         (sockets_reply({"name": "http"}), Code.MALFORMED, "lacks name, family"),

@@ -749,6 +749,10 @@ grants = client.acquire_many(["secret"], path=path)
 out["secret"] = [sock.getsockname()[1] for _, sock in grants]
 for _, sock in grants:
     sock.close()
+try:
+    client.reload(path=path)
+except errors.AccessDenied as e:
+    out["reload"] = e.message
 print(json.dumps(out))
 """
     async with running_broker(rundir) as served:
@@ -767,7 +771,15 @@ print(json.dumps(out))
             f"not in users, groups or units of [sockets.http] in {CONFIG_PATH}"
         )
         assert out["secret"] == [served.held["secret"][0].getsockname()[1]]
-    (grant,) = audit_lines(capsys.readouterr().err, "granted socket 'secret'")
+        assert out["reload"] == (
+            f"user nobody (uid {NOBODY}, pid {out['pid']}) may not reload the broker: only "
+            f"root and uid {os.geteuid()}, the broker's own, may (as they could send it SIGHUP)"
+        )
+        assert served.broker.standing.generation == 1
+    err = capsys.readouterr().err
+    (denied,) = audit_lines(err, "denied a reload to user nobody")
+    assert audit_fields(denied)["operation"] == "reload"
+    (grant,) = audit_lines(err, "granted socket 'secret'")
     fields = audit_fields(grant)
     assert (fields["peer_uid"], fields["peer_gid"], fields["peer_user"]) == (
         str(NOBODY),
@@ -850,6 +862,63 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
     assert f"reloaded {path}: generation 2 in force" in err
     assert "refused the new configuration: " in err
     assert f"generation 2 of {path} stays in force" in err
+
+
+RELOAD: Final = b'{"v":1,"op":"reload"}\n'
+
+
+async def test_a_reload_request_is_answered_once_the_new_policy_is_in_force(
+    rundir: Path,
+) -> None:
+    path = rundir / "broker.toml"
+    path.write_text(f"[sockets.http]\nusers = [{UID}]\n")
+    async with (
+        running_broker(rundir, config_path=str(path)) as served,
+        await Wire.open(served.path) as wire,
+    ):
+        path.write_text(f"[sockets.dual]\nusers = [{UID}]\n")
+        reply = await wire.request(RELOAD)
+        assert reply["op"] == "reload"
+        shown = reply["configuration"]
+        assert (shown["path"], shown["generation"], shown["refused"]) == (str(path), 2, None)
+        # The very next request, on the same connection, meets the new policy.
+        assert (await wire.request(acquire_line("http")))["code"] == "denied"
+        path.write_text('[sockets.dual]\nusers = ["no-such-user-here"]\n')
+        reply = await wire.request(RELOAD)
+        assert reply["code"] == "invalid-config"
+        assert reply["message"].startswith(f"{path}: sockets.dual.users[0]: unknown user")
+        assert reply["message"].endswith(f"; generation 2 of {path} stays in force")
+        await wire.send(acquire_line("dual"))  # generation 2 still decides
+        granted, fds = await wire.reply()
+        with owned(fds):
+            assert (granted["ok"], len(fds)) == (True, 2)
+        assert served.broker.report()["configuration"]["refused"] is not None
+
+
+async def test_reloads_asked_for_at_once_run_one_after_the_other(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = rundir / "broker.toml"
+    path.write_text(f"[sockets.http]\nusers = [{UID}]\n")
+    async with running_broker(rundir, config_path=str(path)) as served:
+        async with await Wire.open(served.path) as first, await Wire.open(served.path) as second:
+            send_signal_to_self(signal.SIGHUP)
+            await first.send(RELOAD)
+            await second.send(RELOAD)
+            replies = [await first.request(b""), await second.request(b"")]
+        generations = sorted(r["configuration"]["generation"] for r in replies)
+        with trio.fail_after(START_TIMEOUT):  # the SIGHUP's reload nobody waits for
+            while served.broker.standing.generation < 4:
+                await trio.sleep(0.02)
+        assert served.broker.standing.generation == 4
+        assert generations[1] > generations[0] >= 2
+    err = capsys.readouterr().err
+    done = [line for line in err.splitlines() if f"reloaded {path}: generation" in line]
+    assert [line.split("generation ")[1] for line in done] == [
+        "2 in force",
+        "3 in force",
+        "4 in force",
+    ]
 
 
 async def test_a_reload_that_cannot_even_start_is_refused_and_the_broker_serves_on(
