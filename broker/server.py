@@ -75,7 +75,7 @@ class Broker:
             config.max_connections, config.max_connections_per_user, config.policy.source
         )
         self.ledger = Ledger(audit, trio.current_time)
-        self.holdings = Holdings(config.policy, intake.held, self.report, os.geteuid())
+        self.holdings = self._holdings(config)
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
 
@@ -89,10 +89,14 @@ class Broker:
         problem = unheld_rules(config, self.intake.held)
         if problem is not None:
             raise ConfigError(problem)
-        self.holdings = Holdings(config.policy, self.intake.held, self.report, os.geteuid())
+        self.holdings = self._holdings(config)
         limits = config.max_connections, config.max_connections_per_user, config.policy.source
         self.admission.limit(*limits)
         self.standing.replace(config)
+
+    def _holdings(self, config: Config) -> Holdings:
+        """What connections answer from under `config` (rule 8: our uid may reload)."""
+        return Holdings(config.policy, self.intake.held, self.report, os.geteuid())
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish;
