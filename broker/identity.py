@@ -41,7 +41,9 @@ PROCESS_UNIT_SUFFIXES: Final = (".service", ".scope")
 """The only unit types that contain processes."""
 
 CGROUP_FILE_MAX: Final = 65536
-"""Read limit for /proc/PID/cgroup: a line per hierarchy (a dozen), each a path."""
+"""Read limit for /proc/PID/cgroup: a line per hierarchy (a dozen), each a path. A file
+past it (paths kilobytes deep, which only their owner can make) is not used: that peer
+has no unit."""
 
 
 class SupportsGetsockopt(Protocol):
@@ -108,21 +110,37 @@ def unit_from_cgroup(path: str) -> str | None:
 
 
 def cgroup_of(pid: int) -> str | None:
-    """Return the unified-hierarchy cgroup of `pid`, or None if it cannot be read.
+    """Return the unified-hierarchy cgroup of `pid`, or None if it cannot be read whole.
 
     On a hybrid cgroup setup the v1 name=systemd hierarchy is used when the unified
-    one has no entry.
+    one has no entry (see `parse_cgroup_file`).
     """
     try:  # os.open/os.read: this runs for every client, and file objects cost more
         fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            lines = os.read(fd, CGROUP_FILE_MAX).decode("utf-8", "replace").splitlines()
+            data = os.read(fd, CGROUP_FILE_MAX + 1)
+            while len(data) <= CGROUP_FILE_MAX and (more := os.read(fd, CGROUP_FILE_MAX)):
+                data += more  # procfs may answer in pieces
         finally:
             os.close(fd)
     except OSError:
         return None
+    if len(data) > CGROUP_FILE_MAX:
+        return None  # cut short, its last line would be a part of a path: no answer
+    return parse_cgroup_file(data)
+
+
+def parse_cgroup_file(data: bytes) -> str | None:
+    """Return the cgroup that /proc/PID/cgroup's content `data` gives: the unified
+    hierarchy's ("0::PATH"), else the v1 name=systemd one's, else None.
+
+    Only "\n" ends a line: it is the one character the kernel refuses in a cgroup name,
+    so a name holding any other line break (CR, VT, FF, U+2028, ...) cannot forge a
+    line of its own. A name that is not UTF-8 is kept as its bytes (surrogate escapes):
+    it can equal no unit name in a policy.
+    """
     fallback = None
-    for line in lines:
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":

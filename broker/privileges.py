@@ -21,9 +21,9 @@ _CAPABILITY_FIELDS: Final = ("CapInh", "CapPrm", "CapEff", "CapAmb")
 def capabilities() -> dict[str, int]:
     """Return this process's capability sets from /proc/self/status (name → bitmask)."""
     result: dict[str, int] = {}
-    with open("/proc/self/status", encoding="ascii") as f:
+    with open("/proc/self/status", "rb") as f:  # bytes: lines end at b"\n" only
         for line in f:
-            key, _, value = line.partition(":")
+            key, _, value = line.decode("ascii", "replace").partition(":")
             if key in _CAPABILITY_FIELDS:
                 result[key] = int(value, 16)
     return result

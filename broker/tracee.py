@@ -60,7 +60,7 @@ class Tracee:
                 return None
             info = os.read(fdinfo, 4096) if fd_flags else b"flags: 0"
             flags = next(
-                int(ln.split()[1], 8) for ln in info.splitlines() if ln.startswith(b"flags:")
+                int(ln.split()[1], 8) for ln in info.split(b"\n") if ln.startswith(b"flags:")
             )
             dup = syscalls.pidfd_getfd(pidfd, fd)
             valid = False

@@ -31,6 +31,7 @@ from broker.identity import (
     _peer_pidfd,
     cgroup_of,
     overflow_ids,
+    parse_cgroup_file,
     peer_credentials,
     unit_from_cgroup,
 )
@@ -488,6 +489,64 @@ def test_a_peer_that_left_its_service_is_not_credited_to_it(cgroup_root: Path) -
         peer = identify(child.conn.fileno())
         assert (peer.pid, peer.uid, peer.user) == (child.pid, WWW_DATA.pw_uid, "www-data")
         assert (peer.unit, peer.cgroup) == (None, None)
+
+
+# --- cgroup names that hold line breaks (cgroup v1 and hybrid hosts) ---------------
+
+LINE_BREAKS_BUT_NEWLINE: Final = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
+                                  "\u2029"]  # fmt: skip
+"""Every line break str.splitlines() knows but "\n", the only one the kernel refuses in
+a cgroup name."""
+
+
+@pytest.mark.parametrize("brk", LINE_BREAKS_BUT_NEWLINE, ids=repr)
+def test_a_v1_cgroup_name_cannot_forge_a_unified_line(brk: str) -> None:
+    forged = f"9:name=systemd:/user.slice/x{brk}0::/system.slice/web.service\n"
+    real = "0::/user.slice/user-1000.slice/session-3.scope\n"
+    assert parse_cgroup_file((forged + real).encode()) == real[3:-1]
+    # With no unified line (a v1-only host) the name=systemd path is used, whole.
+    assert parse_cgroup_file(forged.encode()) == forged.split(":", 2)[2][:-1]
+    assert unit_from_cgroup(forged.split(":", 2)[2][:-1]) is None
+
+
+def test_a_cgroup_name_that_is_not_utf8_matches_no_unit() -> None:
+    path = parse_cgroup_file(b"0::/system.slice/web\xff.service\n")
+    assert path is not None
+    assert unit_from_cgroup(path) != "web.service"
+
+
+def name_systemd_mount() -> Path | None:
+    """The mount point of the cgroup v1 name=systemd hierarchy (hybrid and v1 hosts)."""
+    for line in Path("/proc/self/mountinfo").read_text().split("\n"):
+        fields, _, rest = line.partition(" - ")
+        parts, options = fields.split(), rest.split()
+        if (
+            options[:1] == ["cgroup"]
+            and "name=systemd" in options[-1].split(",")
+            and (parts[3] == "/")
+        ):
+            return Path(parts[4])
+    return None
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("brk", LINE_BREAKS_BUT_NEWLINE, ids=repr)
+def test_a_peer_in_a_v1_cgroup_named_to_forge_a_unit_gets_no_unit(brk: str) -> None:
+    mount = name_systemd_mount()
+    if mount is None:
+        pytest.skip("no cgroup v1 name=systemd hierarchy here (a cgroup2-only host)")
+    rule = Rule(units=("web.service",))
+    with (
+        made_cgroup(mount, f"pbtest-{os.getpid()}-x{brk}0::web.service") as (path, name),
+        forked_peer(become(65533, 65533, []), place=placer(path)) as child,
+    ):
+        lines = Path(f"/proc/{child.pid}/cgroup").read_bytes().split(b"\n")
+        wanted = f":name=systemd:{name}".encode()
+        assert any(line.endswith(wanted) for line in lines)  # the kernel kept it whole
+        peer = identify(child.conn.fileno())
+        assert peer.uid == 65533
+        assert peer.unit != "web.service"
+        assert rule.match(peer) is None
 
 
 # --- the user database ---------------------------------------------------------------------
