@@ -6,6 +6,12 @@ structured fields — `journalctl -u port-broker MESSAGE_ID=<grant id>`, or
 DECISION, REASON.
 Otherwise each event is one `key=value` line on stderr.
 
+Every message and field is made printable (`names.printable`) before it is written:
+whatever a client or the system puts in it (a request's keys, a cgroup's name, a user
+name), one event is one line on stderr and one single-line MESSAGE in the journal,
+without control characters. Only EXCEPTION, a traceback, keeps its line breaks (a
+journal field of its own; escaped too on stderr).
+
 Must never: raise into the server (a full journal must not stop grants), or log what
 a client sent verbatim beyond a bounded length.
 """
@@ -19,7 +25,7 @@ from collections.abc import Mapping
 from typing import Final, Protocol
 
 from broker.identity import Peer
-from broker.names import Level
+from broker.names import Level, printable
 
 GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"
 """MESSAGE_ID of grant events: `journalctl MESSAGE_ID=5c8a1f3e…a01`."""
@@ -53,6 +59,19 @@ def _quote(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+MULTILINE_FIELDS: Final = frozenset({"EXCEPTION"})
+"""Fields that keep their line breaks (each line made printable): tracebacks."""
+
+
+def _field(key: str, value: object) -> object:
+    if isinstance(value, int):
+        return value
+    text = str(value)
+    if key in MULTILINE_FIELDS:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    return printable(text)
+
+
 class Audit:
     """Where events go: the journal if stderr is connected to it, else stderr lines."""
 
@@ -66,6 +85,8 @@ class Audit:
 
     def log(self, level: Level, message: str, **fields: object) -> None:
         """Record `message` at `level` with extra structured `fields` (UPPER_CASE keys)."""
+        message = printable(message)
+        fields = {key: _field(key, value) for key, value in fields.items()}
         try:
             if self._send is not None:
                 self._send(

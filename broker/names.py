@@ -1,6 +1,6 @@
 """Names the whole project shares, each written once: socket families and types with
 their kernel constants, the socket-name rule, exit statuses, environment variables and
-default paths, and audit levels.
+default paths, audit levels, and how text from outside is made printable.
 
 Must never: import anything of the broker's own or outside the standard library (the
 client, `exec` and the broker all import it, and `exec` must stay cheap), or change a
@@ -203,3 +203,21 @@ _PRIORITY: Final = {
     Level.WARNING: 4,
     Level.ERROR: 3,
 }
+
+
+# --- printable text ---------------------------------------------------------------
+
+_UNPRINTABLE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
+"""C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
+bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8)."""
+
+
+def printable(text: str) -> str:
+    """`text` with every character that could end, hide or restyle a line written as
+    its Python escape (\\r, \\x1b, \\u2028): text a client or the system influences
+    (a request's keys, a cgroup, a user name) stays one line, shown as it is."""
+    if _UNPRINTABLE.search(text) is None:  # the common case: nothing to escape
+        return text
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)

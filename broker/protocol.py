@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.errors import Code, ProtocolError
-from broker.names import Family, SocketType, valid_name
+from broker.names import Family, SocketType, printable, valid_name
 
 PROTOCOL_VERSION: Final = 1
 
@@ -234,7 +234,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _malformed(f"key {key!r} appears twice")
+            raise _malformed(f"key {key[:32]!r} appears twice")
         result[key] = value
     return result
 
@@ -263,10 +263,17 @@ def _load_object(line: bytes) -> dict[str, Any]:
     return obj
 
 
+SHOWN_KEYS: Final = 4
+"""Unknown keys a refusal names (each cut to 32 characters, made printable): enough to
+fix a client, too little to carry a forged log line."""
+
+
 def _expect_keys(obj: Mapping[str, Any], allowed: set[str], what: str) -> None:
     extra = sorted(set(obj) - allowed)
     if extra:
-        raise _malformed(f"{what} has unknown key(s): {', '.join(extra)}")
+        shown = ", ".join(printable(key[:32]) for key in extra[:SHOWN_KEYS])
+        more = f" and {len(extra) - SHOWN_KEYS} more" if len(extra) > SHOWN_KEYS else ""
+        raise _malformed(f"{what} has unknown key(s): {shown}{more}")
 
 
 def parse_request(line: bytes) -> Request:

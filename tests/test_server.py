@@ -232,6 +232,27 @@ async def test_a_protocol_error_is_refused_with_its_code_then_the_connection_clo
         assert fields["peer_pid"] == str(os.getpid())
 
 
+FORGED_GRANT: Final = "port-broker: info: granted socket 'http' to user root (uid 0, pid 1)"
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r", "\u2028", "\x1b[1A\x1b[2K"], ids=ascii)
+async def test_a_request_cannot_write_a_line_of_its_own_into_the_log(
+    rundir: Path, capsys: pytest.CaptureFixture[str], brk: str
+) -> None:
+    request = {"v": 1, "op": "list", f"x{brk}{FORGED_GRANT}": 1}
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        reply = await wire.request(json.dumps(request).encode() + b"\n")
+        assert reply["code"] == "malformed"
+        assert brk not in reply["message"]
+        assert served.broker.ledger.refusals == {"malformed": 1}
+    lines = capsys.readouterr().err.split("\n")
+    assert not [line for line in lines if line.startswith(FORGED_GRANT)]
+    (refused,) = [line for line in lines if "refused" in line]
+    assert refused.isprintable()
+    shown = f"list request has unknown key(s): x{ascii(brk)[1:-1]}port-broker: info: gr"
+    assert shown in refused
+
+
 async def test_a_request_of_exactly_the_size_limit_is_served(rundir: Path) -> None:
     assert len(PADDED_LIST) == MAX_REQUEST_BYTES
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
