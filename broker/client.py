@@ -35,6 +35,7 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -68,6 +69,14 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT: Final = 5.0
 """Seconds for a whole exchange: a grant takes well under a millisecond; this only
 bounds a broker that is starting (socket activation) or stuck."""
+
+_TIMEVAL: Final = struct.Struct("@ll")
+"""struct timeval, as SO_SNDTIMEO takes it."""
+
+CONNECT_RETRY_FIRST: Final = 0.001
+CONNECT_RETRY_MAX: Final = 0.02
+"""The trio client's wait between connect() attempts while the broker's queue is full:
+doubling from 1 ms to 20 ms, so a queue that empties is noticed within 20 ms."""
 
 _RECV_BYTES: Final = 65536
 _ANCILLARY_BYTES: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
@@ -163,14 +172,30 @@ def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Br
     for kind, hint in hints.items():
         if isinstance(error, kind):
             return BrokerUnavailable(f"{path}: {hint}")
-    if error.errno in (errno.EAGAIN, errno.ENOTCONN):
-        # connect() to a Unix socket whose queue is full fails with EAGAIN; trio takes
-        # that for "in progress", and the first send then fails with ENOTCONN.
+    if error.errno == errno.EAGAIN:  # connect() waited for room until the deadline
         return BrokerUnavailable(
-            f"{path}: the broker's connection queue is full: it is overloaded or stuck; "
-            "retry shortly"
+            f"{path}: the broker's connection queue stayed full for {timeout:g} s: it is "
+            "overloaded or stuck; retry shortly"
         )
     return BrokerUnavailable(f"{path}: {error.strerror or error}")
+
+
+def _connect_waiting(sock: socket.socket, path: str, timeout: float) -> None:
+    """connect(), waiting up to `timeout` seconds for room in a full connection queue.
+
+    A non-blocking connect() to a Unix socket whose queue is full fails at once with
+    EAGAIN (one user's connect/close loop can fill it); a blocking one sleeps in the
+    kernel until the broker accepts and makes room, for at most SO_SNDTIMEO. So: block,
+    bounded by the deadline, and be woken in the kernel's order.
+    """
+    seconds = max(timeout, 0.001)
+    sock.settimeout(None)
+    sock.setsockopt(
+        socket.SOL_SOCKET,
+        socket.SO_SNDTIMEO,
+        _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000)),
+    )
+    sock.connect(path)
 
 
 def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
@@ -189,8 +214,7 @@ def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply
 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(remaining())
-            sock.connect(path)
+            _connect_waiting(sock, path, remaining())
             # A broker that refuses at once (busy) answers and closes before reading the
             # request: the reply is still there to read after our send fails.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -360,10 +384,21 @@ async def _exchange_trio(
     if not timeout > 0:
         raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
     reader = _ReplyReader(path)
+    queued = False  # still waiting for room in the broker's queue?
     try:
         with trio.fail_after(timeout):
-            with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                await sock.connect(path)
+            plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
+                delay = CONNECT_RETRY_FIRST
+                while True:
+                    try:
+                        plain.connect(path)  # a Unix socket connects at once, or EAGAIN
+                        break
+                    except BlockingIOError:  # full: wait without stopping the event loop
+                        queued = True
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, CONNECT_RETRY_MAX)
+                queued = False
                 data = memoryview(encode_request(request))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     while data:  # (see _exchange)
@@ -375,7 +410,8 @@ async def _exchange_trio(
         return reader.result()
     except trio.TooSlowError:
         reader.close_fds()
-        raise _unavailable(path, TimeoutError(), timeout) from None
+        late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
+        raise _unavailable(path, late, timeout) from None
     except OSError as e:
         reader.close_fds()
         raise _unavailable(path, e, timeout) from None

@@ -537,7 +537,9 @@ async def test_a_peer_that_never_answers_times_out_trio(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-async def test_a_full_connection_queue_names_the_path(rundir: Path, variant: Variant) -> None:
+async def test_a_full_connection_queue_is_waited_out_until_the_deadline(
+    rundir: Path, variant: Variant
+) -> None:
     # A broker that accepts nothing: its queue (backlog 0: one connection) is full.
     path = rundir / "stuck.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
@@ -545,11 +547,53 @@ async def test_a_full_connection_queue_names_the_path(rundir: Path, variant: Var
         stuck.listen(0)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
             first.connect(str(path))
+            start = time.monotonic()
             with no_fd_left(), pytest.raises(BrokerUnavailable) as raised:
                 await acquire(variant, "http", str(path), timeout=SHORT_TIMEOUT)
+            waited = time.monotonic() - start
+    assert waited >= SHORT_TIMEOUT * 0.9  # not refused at once: waited for room
     assert raised.value.message == (
-        f"{path}: the broker's connection queue is full: it is overloaded or stuck; retry shortly"
+        f"{path}: the broker's connection queue stayed full for {SHORT_TIMEOUT:g} s: it is "
+        "overloaded or stuck; retry shortly"
     )
+
+
+QUEUE_FULL_FOR: Final = 0.3
+"""Seconds the scripted broker below keeps its queue full before it makes room."""
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
+    rundir: Path, variant: Variant
+) -> None:
+    path = rundir / "busy.sock"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
+    ):
+        listener.bind(str(path))
+        listener.listen(0)
+        first.connect(str(path))  # the queue is full
+        listener.settimeout(PEER_TIMEOUT)
+
+        def broker() -> None:
+            time.sleep(QUEUE_FULL_FOR)
+            listener.accept()[0].close()  # room for one more
+            conn, _ = listener.accept()  # the client that waited
+            with conn:
+                conn.settimeout(PEER_TIMEOUT)
+                while not conn.recv(4096).endswith(b"\n"):
+                    pass
+                granted_with(1, 1)(conn)
+
+        thread = threading.Thread(target=broker, daemon=True)
+        thread.start()
+        start = time.monotonic()
+        with no_fd_left():
+            sock = await acquire(variant, "http", str(path), timeout=START_TIMEOUT)
+            sock.close()
+        thread.join(PEER_TIMEOUT)
+    assert time.monotonic() - start >= QUEUE_FULL_FOR
 
 
 # --- against the real broker ------------------------------------------------------
