@@ -78,6 +78,7 @@ class Audit:
     def __init__(self, *, journal: bool | None = None) -> None:
         self.journal = _stderr_is_journal() if journal is None else journal
         self._send: _Send | None = None
+        self.lost = 0  # records the journal (or stderr) did not take
         if self.journal:
             from systemd import journal as _journal  # noqa: PLC0415 (server-only dependency)
 
@@ -99,7 +100,7 @@ class Audit:
             sys.stderr.write(f"port-broker: {level}: {message}{extras}\n")
             sys.stderr.flush()
         except (OSError, ValueError):
-            pass  # auditing must never take the broker down; journald shows the gap
+            self.lost += 1  # never take the broker down; `status` shows the gap
 
     def decision(
         self, allowed: bool, peer: Peer, socket: str, reason: str, code: str | None = None

@@ -224,6 +224,12 @@ def format_status(report: dict[str, Any]) -> str:
         if refused:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused["time"]))
             lines.append(f"  last reload refused at {when}: {refused['reason']}")
+    log = report.get("log")
+    if isinstance(log, dict) and (log.get("suppressed") or log.get("lost")):
+        lines.append(
+            f"log: {log.get('suppressed', 0)} notices about clients summed up, not logged "
+            f"one by one; {log.get('lost', 0)} records the journal did not take"
+        )
     lines.append("")
     rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
     for s in report.get("sockets", []):

@@ -1,6 +1,6 @@
 """What the broker has done, counted and logged in one place: grants, denials, every
-refusal by its code, the recent events for `port-broker status`, and the rate limit on
-logging refusals.
+refusal by its code, the recent events for `port-broker status`, and the budgets for
+logging refusals and every other notice about a client.
 
 Every outcome of a connection (broker/connection.py) and every busy refusal comes
 through `record`: the counters, the audit trail and the `recent` list cannot disagree.
@@ -27,11 +27,22 @@ from broker.status import Event, SocketStatus
 if TYPE_CHECKING:
     from broker.activation import HeldSocket
 
+Summarize = Callable[[int | None, int, int], None]
+"""(uid or None for "the others", notices not logged, how many uids)."""
+
 REFUSAL_LOG_BURST: Final = 20
 REFUSAL_LOG_WINDOW: Final = 10.0
-"""At most REFUSAL_LOG_BURST refusals per uid are logged in each REFUSAL_LOG_WINDOW
-seconds, the rest only counted and summed up: one user's flood of refused requests must
-not push grants past journald's rate limit. Grants are always logged."""
+"""At most REFUSAL_LOG_BURST notices per uid (refusals, dropped connections, user
+database timeouts) are logged in each REFUSAL_LOG_WINDOW seconds, the rest only counted
+and summed up: one user's flood of refused requests must not drown the trail, nor push
+grants past the journal's limits. Grants are always logged."""
+
+NOTICE_LOG_TOTAL: Final = 500
+"""Notices logged in one REFUSAL_LOG_WINDOW from all uids together: many uids (a
+rootless-container user owns 65,536) flood no more than one would, by much."""
+
+SUMMARY_LINES: Final = 10
+"""uids summed up one by one at each flush; the others share one line."""
 
 REFUSAL_LOG_UIDS: Final = 4096
 """uids whose refusal-log windows are tracked at once; past that all windows end early."""
@@ -57,21 +68,27 @@ class _Window:
 
 
 class RefusalLimiter:
-    """Per-uid budget for logging refusals (REFUSAL_LOG_BURST per REFUSAL_LOG_WINDOW).
+    """The budgets for logging notices: REFUSAL_LOG_BURST per uid and NOTICE_LOG_TOTAL
+    for all, per REFUSAL_LOG_WINDOW; what is left out is summed up per uid when its
+    window ends (SUMMARY_LINES uids at each `flush`, one line for the rest).
 
     Args:
         clock: Seconds, monotonic (trio's clock in the broker, so tests can jump it).
-        summarize: Called with (uid, how many were not logged) when a window that
-            dropped some ends.
+        summarize: Called with (uid, how many were not logged) for a window that
+            dropped some, and with (None, total, uids) for the rest of a flush.
     """
 
-    def __init__(self, clock: Callable[[], float], summarize: Callable[[int, int], None]) -> None:
+    def __init__(self, clock: Callable[[], float], summarize: Summarize) -> None:
         self._clock = clock
         self._summarize = summarize
         self._windows: dict[int, _Window] = {}
+        self._ended: list[tuple[int, int]] = []  # (uid, dropped), summed up at `flush`
+        self._total_start = clock()
+        self._total = 0
+        self.suppressed = 0
 
     def allow(self, uid: int) -> bool:
-        """Whether another refusal of `uid` may be logged now; if not, it is counted."""
+        """Whether another notice of `uid` may be logged now; if not, it is counted."""
         now = self._clock()
         window = self._windows.get(uid)
         if window is not None and now - window.start >= REFUSAL_LOG_WINDOW:
@@ -79,16 +96,31 @@ class RefusalLimiter:
             window = None
         if window is None:
             if len(self._windows) >= REFUSAL_LOG_UIDS:
-                self.flush(everything=True)
+                self._end_windows(everything=True)
             window = self._windows[uid] = _Window(now)
-        if window.logged < REFUSAL_LOG_BURST:
+        if now - self._total_start >= REFUSAL_LOG_WINDOW:
+            self._total_start, self._total = now, 0
+        if window.logged < REFUSAL_LOG_BURST and self._total < NOTICE_LOG_TOTAL:
             window.logged += 1
+            self._total += 1
             return True
         window.dropped += 1
+        self.suppressed += 1
         return False
 
     def flush(self, *, everything: bool = False) -> None:
-        """End the windows that are over (all of them, if `everything`)."""
+        """End the windows that are over (all of them, if `everything`) and sum up
+        what they left out."""
+        self._end_windows(everything=everything)
+        ended, self._ended = self._ended, []
+        ended.sort(key=lambda item: -item[1])
+        for uid, dropped in ended[:SUMMARY_LINES]:
+            self._summarize(uid, dropped, 1)
+        rest = ended[SUMMARY_LINES:]
+        if rest:
+            self._summarize(None, sum(dropped for _, dropped in rest), len(rest))
+
+    def _end_windows(self, *, everything: bool) -> None:
         now = self._clock()
         for uid, window in list(self._windows.items()):
             if everything or now - window.start >= REFUSAL_LOG_WINDOW:
@@ -97,7 +129,7 @@ class RefusalLimiter:
     def _end(self, uid: int, window: _Window) -> None:
         del self._windows[uid]
         if window.dropped:
-            self._summarize(uid, window.dropped)
+            self._ended.append((uid, window.dropped))
 
 
 class Ledger:
@@ -153,6 +185,19 @@ class Ledger:
                 PEER_PID=peer.pid,
             )
 
+    def notice(
+        self, peer: Peer | int, message: str, level: Level = Level.NOTICE, **fields: object
+    ) -> None:
+        """Log a notice about one client (its connection dropped, its user unknown to
+        a silent NSS) within its uid's budget, like a refusal."""
+        uid = peer if isinstance(peer, int) else peer.uid
+        if self.limiter.allow(uid):
+            self.audit.log(level, message, PEER_UID=uid, **fields)
+
+    def warning(self, uid: int, message: str) -> None:
+        """`notice` at the warning level (what the user database reports)."""
+        self.notice(uid, message, Level.WARNING)
+
     def busy(self) -> None:
         """Count a connection refused for a limit (not logged: it costs nothing)."""
         self.refusals[Code.BUSY] += 1
@@ -191,10 +236,11 @@ class Ledger:
             }
         )
 
-    def _summarize(self, uid: int, dropped: int) -> None:
-        self.audit.log(
-            Level.NOTICE,
-            f"{dropped} more refusals of uid {uid} in {REFUSAL_LOG_WINDOW:g} s were not logged",
-            PEER_UID=uid,
-            SUPPRESSED=dropped,
-        )
+    def _summarize(self, uid: int | None, dropped: int, uids: int) -> None:
+        window = f"in {REFUSAL_LOG_WINDOW:g} s were not logged"
+        if uid is not None:
+            self.audit.log(Level.NOTICE, f"{dropped} more notices of uid {uid} {window}",
+                           PEER_UID=uid, SUPPRESSED=dropped)  # fmt: skip
+        else:
+            self.audit.log(Level.NOTICE, f"{dropped} more notices of {uids} other uids {window}",
+                           SUPPRESSED=dropped, PEER_UIDS=uids)  # fmt: skip

@@ -70,11 +70,11 @@ class Broker:
         self.intake = intake
         self.standing = Standing(config)
         self.audit = audit
-        self.users = UserDatabase(audit)
+        self.ledger = Ledger(audit, trio.current_time)
+        self.users = UserDatabase(self.ledger.warning)
         self.admission = Admission(
             config.max_connections, config.max_connections_per_user, config.policy.source
         )
-        self.ledger = Ledger(audit, trio.current_time)
         self.holdings = self._holdings(config)
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
@@ -187,6 +187,7 @@ class Broker:
             "denials": ledger.denials.total(),
             "refusals": dict(ledger.refusals),
             "recent": list(ledger.recent),
+            "log": {"suppressed": ledger.limiter.suppressed, "lost": self.audit.lost},
         }
 
 
@@ -234,7 +235,7 @@ async def _converse(
             try:
                 await _send_reply(conn, action, peer, ledger)
             except OSError as e:
-                ledger.audit.log(Level.NOTICE, f"dropped {peer.describe()}: {e.strerror}")
+                ledger.notice(peer, f"dropped {peer.describe()}: {e.strerror}", PEER_PID=peer.pid)
                 return
             connection.sent()
             # Let the others in before this client's next request (it may already be

@@ -49,6 +49,11 @@ class Event(TypedDict):
     reason: str
 
 
+class Log(TypedDict):
+    suppressed: int
+    lost: int
+
+
 class Report(TypedDict):
     """The reply's `status` object, key by key (docs/protocol.md, "status")."""
 
@@ -63,3 +68,4 @@ class Report(TypedDict):
     denials: int
     refusals: dict[str, int]
     recent: list[Event]
+    log: Log

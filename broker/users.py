@@ -15,14 +15,12 @@ import os
 import pwd
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 import trio
 
-from broker.names import Level
-
 if TYPE_CHECKING:
-    from broker.audit import Audit
     from broker.identity import Peer
 
 USER_CACHE_SECONDS: Final = 5.0
@@ -52,12 +50,13 @@ class UserDatabase:
     """uid → `Entry`, cached for `ttl` seconds (LRU-bounded), NSS asked in a thread.
 
     Args:
-        audit: Where a lookup that missed its deadline is reported.
+        warn: Told (uid, message) of a lookup that missed its deadline (the ledger's
+            `notice`: within that uid's logging budget).
         ttl: Seconds an answer is reused.
     """
 
-    def __init__(self, audit: Audit, ttl: float = USER_CACHE_SECONDS) -> None:
-        self._audit = audit
+    def __init__(self, warn: Callable[[int, str], None], ttl: float = USER_CACHE_SECONDS) -> None:
+        self._warn = warn
         self._ttl = ttl
         self._cache: OrderedDict[int, tuple[float, str | None, frozenset[int]]] = OrderedDict()
         self._threads = trio.CapacityLimiter(USER_LOOKUP_THREADS)
@@ -74,8 +73,8 @@ class UserDatabase:
                 )
             if hit is None:
                 hit = (None, frozenset())
-                self._audit.log(
-                    Level.WARNING,
+                self._warn(
+                    peer.uid,
                     f"the user database did not answer for uid {peer.uid} within "
                     f"{timeout:g}s; going on without its user name and groups for "
                     f"{self._ttl:g}s (check NSS: sssd, LDAP, nscd)",

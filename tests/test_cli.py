@@ -126,6 +126,7 @@ REPORT: Final[dict[str, Any]] = {
         }
         for i in range(12)
     ],
+    "log": {"suppressed": 40, "lost": 2},
 }
 
 
@@ -135,6 +136,8 @@ def test_format_status_renders_the_report(utc: None) -> None:
         "clients: 2 connected, 1500 served (limit 1024); 13 grants, 3 denials",
         "configuration: generation 3, loaded 1970-01-02 00:00:00",
         "  last reload refused at 1970-01-02 01:00:00: /etc/port-broker/broker.toml: bad",
+        "log: 40 notices about clients summed up, not logged one by one; 2 records the journal "
+        "did not take",
         "",
         "NAME   PROTO        ADDRESS          GRANTS  DENIALS",
         "http   tcp6         [::]:80          12      3",

@@ -18,6 +18,7 @@ import pwd
 import select
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -35,6 +36,7 @@ from broker.identity import (
     peer_credentials,
     unit_from_cgroup,
 )
+from broker.ledger import Ledger
 from broker.policy import Rule
 from broker.users import UserDatabase
 from tests.harness import processes
@@ -199,8 +201,8 @@ def database_groups(user: pwd.struct_passwd) -> frozenset[int]:
 
 def new_users(ttl: float | None = None) -> UserDatabase:
     """The user database as the server holds one (its warnings to stderr)."""
-    audit = Audit(journal=False)
-    return UserDatabase(audit) if ttl is None else UserDatabase(audit, ttl=ttl)
+    warn = Ledger(Audit(journal=False), time.monotonic).warning
+    return UserDatabase(warn) if ttl is None else UserDatabase(warn, ttl=ttl)
 
 
 def identify(fd: int) -> Peer:

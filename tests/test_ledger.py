@@ -13,10 +13,12 @@ from broker.connection import Kind, Outcome
 from broker.errors import Code
 from broker.identity import Peer
 from broker.ledger import (
+    NOTICE_LOG_TOTAL,
     RECENT_EVENTS,
     REFUSAL_LOG_BURST,
     REFUSAL_LOG_UIDS,
     REFUSAL_LOG_WINDOW,
+    SUMMARY_LINES,
     Ledger,
 )
 from tests.harness.inprocess import audit_fields, audit_lines
@@ -80,11 +82,12 @@ def test_refusals_are_logged_within_a_budget_per_uid_and_grants_always(
     assert books.denials["secret"] == REFUSAL_LOG_BURST + 31  # all counted
     books.limiter.flush()  # the window is not over: nothing summed up yet
     assert capsys.readouterr().err == ""
+    assert books.limiter.suppressed == 30
     clock.now = REFUSAL_LOG_WINDOW
     books.limiter.flush()
     (summary,) = audit_lines(capsys.readouterr().err, "were not logged")
     assert summary.startswith(
-        f"port-broker: notice: 30 more refusals of uid 1000 in {REFUSAL_LOG_WINDOW:g} s"
+        f"port-broker: notice: 30 more notices of uid 1000 in {REFUSAL_LOG_WINDOW:g} s"
     )
     assert audit_fields(summary)["suppressed"] == "30"
     books.record(DENIAL, ALICE)  # a new window: logged again
@@ -99,8 +102,9 @@ def test_tracking_too_many_uids_ends_every_window_early(
         books.record(DENIAL, ALICE)  # one dropped
     for uid in range(2000, 2000 + REFUSAL_LOG_UIDS):  # a flood of uids
         books.record(DENIAL, Peer(pid=1, uid=uid, gid=uid))
-    (summary,) = audit_lines(capsys.readouterr().err, "were not logged")
-    assert "1 more refusals of uid 1000" in summary
+    books.limiter.flush()
+    (summary, *_) = audit_lines(capsys.readouterr().err, "were not logged")
+    assert "1 more notices of uid 1000" in summary
     assert len(books.limiter._windows) <= REFUSAL_LOG_UIDS
 
 
@@ -111,3 +115,40 @@ def test_an_internal_failure_is_always_logged(capsys: pytest.CaptureFixture[str]
     assert books.refusals == {"internal": REFUSAL_LOG_BURST + 5}
     err = capsys.readouterr().err
     assert len(audit_lines(err, "port-broker: error: a bug")) == REFUSAL_LOG_BURST + 5
+
+
+def test_many_uids_together_log_no_more_than_the_overall_budget(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = Clock()
+    books = ledger(clock)
+    uids = range(3000, 3000 + 2 * NOTICE_LOG_TOTAL)  # each within its own budget
+    for uid in uids:
+        books.record(DENIAL, Peer(pid=1, uid=uid, gid=uid))
+        books.record(GRANT, Peer(pid=1, uid=uid, gid=uid))  # grants: never held back
+    err = capsys.readouterr().err
+    assert len(audit_lines(err, "denied socket")) == NOTICE_LOG_TOTAL
+    assert len(audit_lines(err, "granted socket")) == len(uids)
+    clock.now = REFUSAL_LOG_WINDOW
+    books.limiter.flush()
+    summaries = audit_lines(capsys.readouterr().err, "were not logged")
+    # SUMMARY_LINES uids one by one, the rest in one line: bounded, whoever floods.
+    assert len(summaries) == SUMMARY_LINES + 1
+    rest = len(uids) - NOTICE_LOG_TOTAL - SUMMARY_LINES
+    assert f"{rest} more notices of {rest} other uids" in summaries[-1]
+    assert books.limiter.suppressed == len(uids) - NOTICE_LOG_TOTAL
+    books.record(DENIAL, ALICE)  # a new overall window
+    assert len(audit_lines(capsys.readouterr().err, "denied socket")) == 1
+
+
+def test_notices_share_the_refusals_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    books = ledger()
+    for _ in range(REFUSAL_LOG_BURST):
+        books.notice(ALICE, "dropped user alice: Broken pipe")
+    books.warning(ALICE.uid, "the user database did not answer for uid 1000")
+    books.record(DENIAL, ALICE)
+    err = capsys.readouterr().err
+    lines = audit_lines(err, "port-broker: ")
+    assert len(lines) == REFUSAL_LOG_BURST
+    assert all(audit_fields(line)["peer_uid"] == "1000" for line in lines)
+    assert books.limiter.suppressed == 2

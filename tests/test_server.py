@@ -385,8 +385,8 @@ async def test_silent_half_sent_garbage_and_vanishing_clients_do_not_stop_a_legi
         assert served.broker.admission.active == 2  # the silent and the half-sent one wait
         err = capsys.readouterr().err
         assert len(audit_lines(err, "granted socket 'http'")) == 1  # only the legitimate one
-        (dropped,) = audit_lines(err, f"dropped {me()}")
-        assert dropped.endswith(": Broken pipe")
+        (dropped,) = audit_lines(err, f"dropped {me()}: Broken pipe ")
+        assert audit_fields(dropped)["peer_pid"] == str(os.getpid())
         for sock in bad:
             sock.close()
         assert await settled_fds() == baseline
@@ -733,7 +733,7 @@ async def test_a_user_database_that_does_not_answer_delays_one_client_not_each(
     try:
         async with running_broker(rundir, client_timeout=timeout) as served:
             monkeypatch.setattr(users, "query", hangs)
-            served.broker.users = users.UserDatabase(served.broker.audit)  # forget our uid
+            served.broker.users = users.UserDatabase(served.broker.ledger.warning)  # forget us
             start = trio.current_time()
             for _ in range(3):
                 ask = client.acquire_trio("http", path=served.path, timeout=START_TIMEOUT)
@@ -747,7 +747,7 @@ async def test_a_user_database_that_does_not_answer_delays_one_client_not_each(
     assert warning == (
         f"port-broker: warning: the user database did not answer for uid {UID} within "
         f"{timeout:g}s; going on without its user name and groups for 5s (check NSS: "
-        "sssd, LDAP, nscd)"
+        f"sssd, LDAP, nscd) peer_uid={UID}"
     )
 
 
@@ -1109,4 +1109,32 @@ async def test_a_flood_of_refusals_is_logged_in_part_and_summed_up(
     assert len(audit_lines(err, "denied socket 'secret'")) == REFUSAL_LOG_BURST
     assert len(audit_lines(err, "granted socket 'http'")) == 1
     (summary,) = audit_lines(err, "were not logged")
-    assert summary.startswith(f"port-broker: notice: 30 more refusals of uid {UID} in ")
+    assert summary.startswith(f"port-broker: notice: 30 more notices of uid {UID} in ")
+    assert served.broker.report()["log"] == {"suppressed": 30, "lost": 0}
+
+
+async def test_clients_that_hang_up_before_their_answer_do_not_flood_the_log(
+    rundir: Path, capsys: pytest.CaptureFixture[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    # connect, ask, close without reading: each answer fails (EPIPE), each a notice.
+    rounds = REFUSAL_LOG_BURST * 5
+    async with running_broker(rundir) as served:
+        for _ in range(rounds):
+            hasty = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            hasty.connect(served.path)
+            hasty.sendall(LIST)
+            hasty.close()
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(REFUSAL_LOG_WINDOW + STATUS_INTERVAL)  # the window ends
+        (await client.acquire_trio("http", path=served.path)).close()  # grants: always
+        suppressed = served.broker.report()["log"]["suppressed"]
+    err = capsys.readouterr().err
+    dropped = audit_lines(err, f"dropped {me()}: ")
+    assert len(dropped) == REFUSAL_LOG_BURST
+    assert audit_fields(dropped[0])["peer_uid"] == str(UID)
+    (summary,) = audit_lines(err, "were not logged")
+    assert summary.startswith(
+        f"port-broker: notice: {suppressed} more notices of uid {UID} in 10 s were not logged"
+    )
+    assert suppressed > 0
+    assert len(audit_lines(err, "granted socket 'http'")) == 1
