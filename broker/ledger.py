@@ -83,8 +83,8 @@ class RefusalLimiter:
         self._summarize = summarize
         self._windows: dict[int, _Window] = {}
         self._ended: list[tuple[int, int]] = []  # (uid, dropped), summed up at `flush`
-        self._total_start = clock()
-        self._total = 0
+        self._total_start = float("-inf")  # set by the first notice: trio's clock may not
+        self._total = 0  # run yet when the broker is built
         self.suppressed = 0
 
     def allow(self, uid: int) -> bool:
