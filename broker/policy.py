@@ -113,6 +113,13 @@ class Policy:
             )
         return Decision(False, f"{peer.describe()} may not {what}: {reason}")
 
+    def names(self, peer: Peer) -> bool:
+        """Whether any rule (a socket's, or the status rule) names `peer`: whom the
+        broker keeps room for under a flood (broker/admission.py)."""
+        return self.status.match(peer) is not None or any(
+            rule.match(peer) is not None for rule in self.sockets.values()
+        )
+
     def may_acquire(self, name: str, peer: Peer) -> bool:
         """Return whether `peer` may have `name` (for `list`)."""
         rule = self.sockets.get(name)

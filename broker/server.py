@@ -140,7 +140,8 @@ class Broker:
                     peer = peer_credentials(conn, groups=self.holdings.policy.names_groups)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
-                refusal = self.admission.admit_peer(peer.uid)
+                named = self._named(peer)
+                refusal = self.admission.admit_peer(peer.uid, named=named)
                 if refusal is not None:
                     _refuse_busy(conn, refusal, self.ledger)
                     return
@@ -150,13 +151,22 @@ class Broker:
                     connection = Connection(peer, lambda: self.holdings, timeout=timeout)
                     await _converse(conn, connection, self.ledger, self._reload)
                 finally:
-                    self.admission.leave_peer(peer.uid)
+                    self.admission.leave_peer(peer.uid, named=named)
         except Exception as e:  # one client's trouble must never stop the others
             self.ledger.failure(
                 f"internal error serving a client: {e!r}", traceback.format_exc(limit=20)
             )
         finally:
             self.admission.leave()
+
+    def _named(self, peer: Peer) -> bool:
+        """Whether the policy names `peer` (admission keeps room for it), from the kernel's
+        account and the user database's cached groups: no wait. Root and the broker's
+        own uid count as named: they reload it."""
+        if peer.uid in (0, self.holdings.owner):
+            return True
+        cached = self.users.cached(peer.uid)
+        return self.holdings.policy.names(peer.with_user(*cached) if cached else peer)
 
     async def _reload(self) -> tuple[status.Configuration, str | None]:
         """A reload asked for over the control socket: what is in force once it is done,

@@ -25,6 +25,7 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Final
@@ -1067,6 +1068,52 @@ async def test_serve_pings_the_watchdog_when_it_is_for_this_process(
 
 
 # --- one user's share ---------------------------------------------------------------
+
+
+HOLDER: Final = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])  # and never a byte: a slow client
+    held.append(sock)
+print("connected", flush=True)
+sys.stdin.read()  # until the test is done
+"""
+
+
+async def test_slow_connections_of_many_uids_leave_room_for_the_named_ones(
+    rundir: Path,
+) -> None:
+    # 4 uids no rule names, 3 silent connections each, against max_connections=8: they
+    # share 6 slots (a quarter is kept), and this process, named, is still served.
+    attackers = range(61000, 61004)
+    async with running_broker(rundir, max_connections=8, client_timeout=LONG_TIMEOUT) as served:
+        holders = []
+        for uid in attackers:
+            holder = await trio.lowlevel.open_process(
+                [*as_user(uid), SYSTEM_PYTHON, "-I", "-c", HOLDER, served.path, "3"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            holders.append(holder)
+        try:
+            for holder in holders:
+                assert holder.stdout is not None
+                with trio.fail_after(START_TIMEOUT):
+                    assert await holder.stdout.receive_some() == b"connected\n"
+            with trio.fail_after(START_TIMEOUT):
+                while served.broker.admission.connections < 12:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert served.broker.admission.unnamed == 6
+            assert served.broker.ledger.refusals["busy"] == 6
+            for _ in range(2):  # the reserve: the named peer gets its sockets
+                (await client.acquire_trio("http", path=served.path, timeout=1.0)).close()
+        finally:
+            for holder in holders:
+                holder.kill()
+                await holder.wait()
 
 
 async def test_one_uid_cannot_take_every_connection(rundir: Path) -> None:

@@ -1,0 +1,89 @@
+"""Tests for `broker.admission`: who gets a connection slot, without I/O.
+
+The limits (global, per uid) and the room kept for the peers the policy names; the
+server's use of them against real connections is in tests/test_server.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.admission import NAMED_RESERVE, Admission
+
+SOURCE = "/etc/port-broker/broker.toml"
+
+
+def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
+    slots = Admission(16, 64, SOURCE)
+    assert slots.reserved == 16 // NAMED_RESERVE == 4
+    for uid in range(12):  # 12 attacking uids, one connection each
+        assert slots.admit() is None
+        assert slots.admit_peer(70000 + uid, named=False) is None
+    assert slots.admit() is None
+    refusal = slots.admit_peer(70012, named=False)
+    assert refusal == (
+        f"the broker is serving 12 connections of peers no rule in {SOURCE} names, all it "
+        "keeps for them; retry shortly"
+    )
+    slots.leave()
+    for _ in range(4):  # the named ones still get in, up to the global limit
+        assert slots.admit() is None
+        assert slots.admit_peer(33, named=True) is None
+    assert slots.admit() is not None  # full now, for everyone
+
+
+def test_one_uid_is_held_to_its_own_limit_named_or_not() -> None:
+    slots = Admission(1024, 2, SOURCE)
+    assert slots.admit_peer(33, named=True) is None
+    assert slots.admit_peer(33, named=True) is None
+    assert slots.admit_peer(33, named=True) == (
+        f"uid 33 already has 2 connections to the broker, its limit "
+        f"(max_connections_per_user in {SOURCE}); retry shortly"
+    )
+    slots.leave_peer(33, named=True)
+    assert slots.admit_peer(33, named=True) is None
+
+
+def test_a_reload_moves_the_reserve_with_the_limit() -> None:
+    slots = Admission(16, 64, SOURCE)
+    slots.limit(4, 64, SOURCE)
+    assert slots.reserved == 1
+    slots.limit(1, 64, SOURCE)
+    assert slots.reserved == 1  # at least one, always
+
+
+events = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 5), st.booleans()), max_size=200
+)  # (connect or leave, uid, named)
+
+
+@given(events)
+@settings(max_examples=200, deadline=None)
+def test_counts_never_drift_and_the_reserve_holds(steps: list[tuple[bool, int, bool]]) -> None:
+    slots = Admission(8, 3, SOURCE)
+    held: list[tuple[int, bool]] = []
+    for connect, uid, named in steps:
+        if connect:
+            if slots.admit() is not None:
+                continue
+            if slots.admit_peer(uid, named=named) is not None:
+                slots.leave()
+                continue
+            held.append((uid, named))
+        elif held:
+            gone, was_named = held.pop(uid % len(held))
+            slots.leave_peer(gone, named=was_named)
+            slots.leave()
+        assert slots.active == len(held) <= 8
+        assert slots.unnamed == sum(not n for _, n in held) <= 8 - slots.reserved
+        assert all(count <= 3 for count in slots.per_uid.values())
+        assert sum(slots.per_uid.values()) == len(held)
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4, 1024])
+def test_the_reserve_is_a_quarter_and_never_everything(limit: int) -> None:
+    slots = Admission(limit, 64, SOURCE)
+    assert slots.reserved == max(1, limit // 4)
+    assert slots.max_connections - slots.reserved >= 0
