@@ -1,8 +1,11 @@
 """`port-broker exec`: acquire sockets, hand them to a program the way systemd does.
 
 The sockets are placed at fd 3, 4, … in request order; LISTEN_FDS, LISTEN_FDNAMES and
-LISTEN_PID are set (sd_listen_fds(3)); then the program replaces this process, so the
-pid stays the same and nothing of port-broker remains running. Node serves with
+LISTEN_PID are set (sd_listen_fds(3)), and LISTEN_PIDFDID where the kernel gives
+processes a pidfd of their own (as systemd 256+ does); every other LISTEN_* inherited
+is removed, so nothing stale (another process's LISTEN_PIDFDID, which would make
+sd_listen_fds() refuse the sockets) reaches the program. Then the program replaces this
+process, so the pid stays the same and nothing of port-broker remains running. Node serves with
 `server.listen({fd: 3})`, gunicorn with `--bind fd://3`, uvicorn with `--fd 3`.
 
 Standard library only, and quick: this runs before every worker starts.
@@ -36,12 +39,37 @@ def place_fds(fds: Sequence[int]) -> None:
         os.close(fd)
 
 
+def pidfd_id() -> int | None:
+    """This process's pidfd inode number, which systemd 256+ puts in LISTEN_PIDFDID: a
+    number no other process shares for the boot where pidfds have a file system of their
+    own (pidfs, Linux 6.9+); None before that, where every pidfd shares the anonymous
+    inode of eventfds and the like, and so its st_dev."""
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError:
+        return None
+    try:
+        anonymous = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            shared = os.fstat(anonymous).st_dev
+        finally:
+            os.close(anonymous)
+        own = os.fstat(pidfd)
+        return None if own.st_dev == shared else own.st_ino
+    finally:
+        os.close(pidfd)
+
+
 def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[str, str]:
-    """Return `base` plus LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID for this process."""
-    env = dict(base)
+    """Return `base` without any LISTEN_* of its own, plus LISTEN_FDS, LISTEN_FDNAMES,
+    LISTEN_PID and (where the kernel has it) LISTEN_PIDFDID for this process."""
+    env = {key: value for key, value in base.items() if not key.startswith("LISTEN_")}
     env["LISTEN_FDS"] = str(len(names))
     env["LISTEN_FDNAMES"] = ":".join(names)
     env["LISTEN_PID"] = str(os.getpid())
+    pidfdid = pidfd_id()
+    if pidfdid is not None:
+        env["LISTEN_PIDFDID"] = str(pidfdid)
     return env
 
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 import pytest
 import trio
 
-from broker.launcher import LISTEN_FDS_START, listen_environment
+from broker.launcher import LISTEN_FDS_START, listen_environment, pidfd_id
 from tests.harness.inprocess import (
     public_dir,
     running_broker,
@@ -132,16 +132,30 @@ def test_place_fds_with_nothing_changes_nothing() -> None:
     assert result["bystanders"]["3"][0] == result["bystanders"]["3"][1]
 
 
-def test_listen_environment_sets_what_sd_listen_fds_reads() -> None:
-    base = {"PATH": "/usr/bin", "LISTEN_FDS": "9", "LISTEN_FDNAMES": "stale", "LISTEN_PID": "1"}
+def test_listen_environment_sets_what_sd_listen_fds_reads_from_a_clean_slate() -> None:
+    base = {"PATH": "/usr/bin", "LISTEN_FDS": "9", "LISTEN_FDNAMES": "stale", "LISTEN_PID": "1",
+            "LISTEN_PIDFDID": "4242", "LISTEN_SOMETHING_NEW": "x"}  # fmt: skip
     env = listen_environment(["http", "dual", "dual"], base)
+    own = pidfd_id()
     assert env == {
         "PATH": "/usr/bin",
         "LISTEN_FDS": "3",
         "LISTEN_FDNAMES": "http:dual:dual",
         "LISTEN_PID": str(os.getpid()),
+        **({} if own is None else {"LISTEN_PIDFDID": str(own)}),
     }
     assert base["LISTEN_FDS"] == "9"  # a copy: the caller's mapping is untouched
+
+
+def test_the_pidfd_id_is_this_processs_own_where_pidfds_have_their_own_inodes() -> None:
+    mine = os.pidfd_open(os.getpid())
+    init = os.pidfd_open(1)
+    try:
+        unique = os.fstat(mine).st_ino != os.fstat(init).st_ino  # pidfs (Linux 6.9+)
+        assert pidfd_id() == (os.fstat(mine).st_ino if unique else None)
+    finally:
+        os.close(mine)
+        os.close(init)
 
 
 EXEC_WITH: Final = """
@@ -166,15 +180,19 @@ exec_with([("http", http), ("dns", dns)], [sys.executable, "-I", "-c", sys.argv[
 
 @pytest.mark.parametrize("mode", ["inherit", "environ"])
 def test_exec_with_replaces_the_process_with_the_sockets_at_3_and_up(mode: str) -> None:
-    env = {**os.environ, "LISTEN_FDS": "9", "LISTEN_FDNAMES": "stale", "KEEP": "inherited"}
+    env = {**os.environ, "LISTEN_FDS": "9", "LISTEN_FDNAMES": "stale", "KEEP": "inherited",
+           "LISTEN_PIDFDID": "4242", "LISTEN_OTHER": "stale"}  # fmt: skip
     done = run_child(EXEC_WITH, mode, LISTEN_FDS_PROBE, env=env)
     assert done.returncode == 0, done.stderr
     before, after = (json.loads(line) for line in done.stdout.splitlines())
     assert after["pid"] == before["pid"]  # replaced in place
+    unique = pidfd_id() is not None
     assert after["env"] == {
         "LISTEN_FDS": "2",
         "LISTEN_FDNAMES": "http:dns",
         "LISTEN_PID": str(before["pid"]),
+        "LISTEN_PIDFDID": str(after["pidfd_ino"]) if unique else None,  # its own
+        "LISTEN_OTHER": None,
         "KEEP": "given" if mode == "environ" else "inherited",
     }
     assert after["open"] == [0, 1, 2, 3, 4]  # nothing else leaks into the program
@@ -184,6 +202,16 @@ def test_exec_with_replaces_the_process_with_the_sockets_at_3_and_up(mode: str) 
         ("SOCK_STREAM", 1),
         ("SOCK_DGRAM", 0),
     ]
+
+
+def test_libsystemd_takes_the_sockets_despite_a_stale_listen_pidfdid() -> None:
+    # sd_listen_fds() of systemd 256+ refuses the fds when LISTEN_PIDFDID names another
+    # process: what a worker started from a socket-activated parent inherits.
+    probe = "from systemd import daemon; print(daemon.listen_fds())"
+    env = {**os.environ, "LISTEN_PIDFDID": "4242"}
+    done = run_child(EXEC_WITH, "inherit", probe, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[3, 4]"
 
 
 def test_exec_with_finds_the_program_on_path() -> None:

@@ -142,9 +142,13 @@ for fd in range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))):
         "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
     })
     sock.detach()
-keys = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "KEEP")
+keys = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_OTHER", "KEEP")
+pidfd = os.pidfd_open(os.getpid())
+pidfd_ino = os.fstat(pidfd).st_ino
+os.close(pidfd)
 print(json.dumps({
     "pid": os.getpid(),
+    "pidfd_ino": pidfd_ino,
     "env": {k: os.environ.get(k) for k in keys},
     "open": open_fds(),
     "fds": fds,
