@@ -29,6 +29,7 @@ import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from fnmatch import fnmatchcase
 from functools import partial
 from typing import Annotated, Any, Final, cast
 
@@ -82,6 +83,15 @@ UserId = Annotated[StrictInt | str, AfterValidator(partial(_resolve_id, kind="us
 GroupId = Annotated[StrictInt | str, AfterValidator(partial(_resolve_id, kind="group"))]
 
 
+_USERS_OWN_UNITS: Final = (
+    ("user@", "user@1000.service", "every process of a user's own service manager"),
+    ("session-", "session-1.scope", "every process of a login session"),
+)
+"""Units whose processes any user starts, each with the prefix a pattern must start
+with to mean them: a glob (`*.service`) that matches them by accident would hand the
+socket to every logged-in user (docs/security.md)."""
+
+
 class RuleSettings(BaseModel):
     """Who may have a socket (or read the status): users, groups, units. Default: nobody."""
 
@@ -104,6 +114,13 @@ class RuleSettings(BaseModel):
                     f"{entry!r} is not a service or scope name or pattern "
                     "(examples: 'web.service', 'machine-*.scope')"
                 )
+            for prefix, example, meaning in _USERS_OWN_UNITS:
+                if fnmatchcase(example, entry) and not entry.startswith(prefix):
+                    raise ValueError(
+                        f"{entry!r} also matches {example} ({meaning}), and so whatever any "
+                        f"logged-in user runs; name the units meant (web.service, "
+                        f"web-*.service), or write {prefix}... if that is what is meant"
+                    )
         return value
 
     def to_rule(self) -> Rule:

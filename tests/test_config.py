@@ -272,6 +272,36 @@ def test_invalid_unit_patterns_are_refused(tmp_path: Path, unit: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("pattern", "example"),
+    [
+        ("*.service", "user@1000.service"),
+        ("*@*.service", "user@1000.service"),
+        ("u*.service", "user@1000.service"),
+        ("*.scope", "session-1.scope"),
+        ("s*-[0-9].scope", "session-1.scope"),
+    ],
+)
+def test_a_pattern_that_matches_every_users_own_units_is_refused(
+    tmp_path: Path, pattern: str, example: str
+) -> None:
+    path = write(tmp_path, f'[sockets.http]\nunits = ["{pattern}"]\n')
+    said = error(path)
+    assert said.startswith(f"{path}: sockets.http.units: {pattern!r} also matches {example} (")
+    assert "and so whatever any logged-in user runs; name the units meant" in said
+
+
+@pytest.mark.parametrize(
+    "pattern", ["user@1000.service", "user@*.service", "session-*.scope", "web-*.service",
+                "machine-*.scope", "*-web.service"],
+)  # fmt: skip
+def test_patterns_that_name_users_units_or_none_of_them_are_taken(
+    tmp_path: Path, pattern: str
+) -> None:
+    path = write(tmp_path, f'[sockets.http]\nunits = ["{pattern}"]\n')
+    assert loader.load(str(path), {}).policy.sockets["http"].units == (pattern,)
+
+
 def test_the_control_socket_cannot_have_a_rule(tmp_path: Path) -> None:
     path = write(tmp_path, '[sockets.control]\nusers = ["www-data"]\n')
     assert error(path) == (
