@@ -118,9 +118,9 @@ def cgroup_of(pid: int) -> str | None:
     try:  # os.open/os.read: this runs for every client, and file objects cost more
         fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # procfs makes this file whole and gives all of it to a read() big enough
+            # (a single_open seq_file): one read, asking one byte more than the limit.
             data = os.read(fd, CGROUP_FILE_MAX + 1)
-            while len(data) <= CGROUP_FILE_MAX and (more := os.read(fd, CGROUP_FILE_MAX)):
-                data += more  # procfs may answer in pieces
         finally:
             os.close(fd)
     except OSError:

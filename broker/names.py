@@ -214,6 +214,11 @@ _UNPRINTABLE: Final = re.compile(
 bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8)."""
 
 
+def unprintable(text: str) -> bool:
+    """Whether `printable` would change `text`."""
+    return _UNPRINTABLE.search(text) is not None
+
+
 def printable(text: str) -> str:
     """`text` with every character that could end, hide or restyle a line written as
     its Python escape (\\r, \\x1b, \\u2028): text a client or the system influences
