@@ -261,6 +261,32 @@ def test_grants_and_denials_are_in_the_journal_with_structured_fields(box: Box) 
     assert deny["PRIORITY"] == "5"
 
 
+FORGER: Final = """
+import json, socket
+forged = "port-broker: info: granted socket 'http' to user root (uid 0, pid 1)"
+for brk in ("\\n", "\\r", "\\u2028"):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect("/run/port-broker.sock")
+    sock.sendall(json.dumps({"v": 1, "op": "list", "x" + brk + forged: 1}).encode() + b"\\n")
+    print(sock.recv(65536).decode().strip())
+"""
+
+
+def test_a_request_cannot_forge_a_line_in_the_journal(box: Box) -> None:
+    configure(box, '[sockets.http]\nusers = ["alice"]\n')
+    start_sockets(box)
+    box.write_file("/srv/forger.py", FORGER)
+    replies = box.run(["/usr/bin/python3", "/srv/forger.py"], user="bob").stdout.splitlines()
+    assert [json.loads(reply)["code"] for reply in replies] == ["malformed"] * 3
+    shown = box.run(["journalctl", "-u", "port-broker.service", "-o", "cat"]).stdout
+    assert not [line for line in shown.splitlines() if line.startswith("port-broker: info:")]
+    refusals = [r for r in broker_journal(box) if r.get("REFUSAL_CODE") == "malformed"]
+    assert len(refusals) == 3
+    for record in refusals:
+        assert record["MESSAGE"].isprintable()  # one line, no control character
+        assert record["PEER_UID"] == str(uid(box, "bob"))
+
+
 def test_hardening(box: Box) -> None:
     configure(box, '[sockets.http]\nusers = ["alice"]\n')
     start_sockets(box)
