@@ -32,6 +32,13 @@ from broker.protocol import SocketInfo
 BACKLOG: Final = 4096
 """Listen backlog for sockets bound here: SOMAXCONN, as systemd's Backlog= default."""
 
+CONTROL_BACKLOG: Final = 512
+"""The control socket's queue, set by the broker whoever bound it (listen() again only
+changes the backlog): a connection waits in it for every one ahead, and under a
+connect/close flood the queue stays full, so its length is a worker's wait. 512 is
+served in ~20 ms even with a flooder taking most of the CPU; a longer queue only makes
+a worker's wait behind the flood longer, and clients wait for room in a full one."""
+
 CONTROL_MODE: Final = 0o666
 """Everyone may connect to the control socket; the policy decides (SocketMode= default)."""
 

@@ -1,8 +1,12 @@
-"""Who gets a connection slot: the global limit, the per-uid limit, and the room kept
-for the peers the policy names.
+"""Who gets a connection slot: the global limit, the per-uid limit, the room kept for
+the peers the policy names, and the rate at which the others may connect.
 
-The accept loop asks `admit()` before a connection gets a task, and `admit_peer()` once
-the kernel has said who it is; both say why not, for a `busy` refusal.
+The accept loop asks `admit(uid)` before a connection gets a task, knowing only the
+peer's uid (one getsockopt), and `admit_peer()` once the kernel has said who it is;
+both say why not, for a `busy` refusal. A refusal at accept costs the broker a few
+microseconds (no task, no /proc read, nothing logged), a served connection a hundred:
+so a connect/close flood is refused at accept, faster than it can fill the queue, and a
+worker behind it waits milliseconds, not the time it takes to serve the whole queue.
 
 Fairness under a flood (docs/security.md has the reasoning): one uid holds at most
 `max_per_user` slots, and peers that no rule names (those the broker can only refuse)
@@ -11,19 +15,56 @@ with slow or idle connections, `reserved` slots (a quarter) stay for the workers
 admins the policy names. Whether a peer is named is decided from the kernel's account of
 it (uid, groups, unit) and the user database's cached groups, before any wait.
 
+Connection rate: a uid that no `users` entry names (nor root, nor the broker's uid) may
+open UNNAMED_RATE connections a second (bursts of UNNAMED_BURST), and all such uids
+together UNNAMED_TOTAL_RATE. Peers named only by a group or a unit share their uid's
+rate: whether they are named is only known after the more costly part of identifying
+them, which is what the rate spares.
+
 Must never: let `active` or a uid's count drift (every admit has exactly one leave);
-refuse a named peer while a slot not taken by a named peer is held back for it.
+refuse a named peer while a slot not taken by a named peer is held back for it; limit
+the connection rate of a uid a `users` entry names.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from broker.status import Connections
 
 NAMED_RESERVE: Final = 4
 """1/NAMED_RESERVE of the slots (at least one) are for peers the policy names."""
+
+UNNAMED_RATE: Final = 200.0
+UNNAMED_BURST: Final = 400.0
+"""Connections a second one uid that no `users` entry names may open, and how many at
+once: `port-broker list` in a loop, a worker named by a group or unit starting, a
+hundred workers of one user restarting at once, all fit; a flood does not."""
+UNNAMED_TOTAL_RATE: Final = 2000.0
+UNNAMED_TOTAL_BURST: Final = 2000.0
+"""The same for all such uids together (a rootless-container user owns 65,536): about a
+fifth of what the broker serves a second, so that a flood from any number of uids leaves
+it time for the named ones."""
+RATE_UIDS: Final = 4096
+"""uids whose connection rate is tracked at once; past that the oldest are forgotten
+(they start again with a full bucket, within the total rate)."""
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class Admission:
@@ -33,13 +74,28 @@ class Admission:
         max_connections: Connections served at once.
         max_per_user: Connections one uid may hold at once.
         source: Where the limits are set, for messages.
+        clock: Seconds, monotonic (trio's clock in the broker, so tests can move it).
+
+    Attributes:
+        named_uids: The uids whose connection rate is not limited (`users` entries,
+            root, the broker's uid); the server sets them with each configuration.
     """
 
-    def __init__(self, max_connections: int, max_per_user: int, source: str) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        max_per_user: int,
+        source: str,
+        clock: Callable[[], float],
+    ) -> None:
         self.active = 0
         self.connections = 0
         self.unnamed = 0
         self.per_uid: Counter[int] = Counter()
+        self.named_uids: frozenset[int] = frozenset()
+        self._clock = clock
+        self._buckets: dict[int, _Bucket] = {}
+        self._total: _Bucket | None = None
         self.limit(max_connections, max_per_user, source)
 
     def limit(self, max_connections: int, max_per_user: int, source: str) -> None:
@@ -53,9 +109,14 @@ class Admission:
         """The status report's `connections`."""
         return {"active": self.active, "total": self.connections, "limit": self.max_connections}
 
-    def admit(self) -> str | None:
-        """Take a slot for a new connection; return why not (it holds no slot then)."""
+    def admit(self, uid: int | None) -> str | None:
+        """Take a slot for a new connection of `uid` (None: the kernel knows of none);
+        return why not (it holds no slot then)."""
         self.connections += 1
+        if uid is None or uid not in self.named_uids:
+            why = self._rate(uid)
+            if why is not None:
+                return why
         if self.active >= self.max_connections:
             return (
                 f"the broker is serving its limit of {self.max_connections} connections; "
@@ -67,6 +128,28 @@ class Admission:
     def leave(self) -> None:
         """Give back a slot `admit` took."""
         self.active -= 1
+
+    def _rate(self, uid: int | None) -> str | None:
+        now = self._clock()
+        if self._total is None:
+            self._total = _Bucket(UNNAMED_TOTAL_BURST, now)
+        key = -1 if uid is None else uid
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= RATE_UIDS:
+                del self._buckets[next(iter(self._buckets))]  # the longest tracked
+            bucket = self._buckets[key] = _Bucket(UNNAMED_BURST, now)
+        if not bucket.take(now, UNNAMED_RATE, UNNAMED_BURST):
+            return (
+                f"uid {uid} opens connections faster than {UNNAMED_RATE:g} a second, the "
+                f"most for a uid no users entry in {self.source} names; retry shortly"
+            )
+        if not self._total.take(now, UNNAMED_TOTAL_RATE, UNNAMED_TOTAL_BURST):
+            return (
+                f"peers no users entry in {self.source} names open connections faster than "
+                f"{UNNAMED_TOTAL_RATE:g} a second together; retry shortly"
+            )
+        return None
 
     def admit_peer(self, uid: int, *, named: bool) -> str | None:
         """Count one more connection of `uid`, named by the policy or not; return why

@@ -214,6 +214,18 @@ def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, st
         os.close(pidfd)
 
 
+def peer_uid(sock: SupportsGetsockopt) -> int | None:
+    """The uid the kernel recorded for the peer of `sock` (one getsockopt), or None if
+    it has none: what the accept loop may know of a connection before it costs more."""
+    try:
+        uid: int = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )[1]
+    except OSError:
+        return None
+    return None if uid == _NO_ID else uid
+
+
 def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> Peer:
     """Return what the kernel says of the process connected to the Unix socket `sock`:
     everything but the user-database name and groups (see `Peer.with_user`).

@@ -113,6 +113,11 @@ class Policy:
             )
         return Decision(False, f"{peer.describe()} may not {what}: {reason}")
 
+    @property
+    def named_uids(self) -> frozenset[int]:
+        """Every uid a `users` entry names, in any rule."""
+        return self.status.uids.union(*(rule.uids for rule in self.sockets.values()))
+
     def names(self, peer: Peer) -> bool:
         """Whether any rule (a socket's, or the status rule) names `peer`: whom the
         broker keeps room for under a flood (broker/admission.py)."""

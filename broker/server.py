@@ -16,6 +16,7 @@ the `Intake`, and the kernel duplicates them into each reply.
 from __future__ import annotations
 
 import array
+import functools
 import math
 import os
 import signal
@@ -30,13 +31,13 @@ import trio
 
 from broker import __version__, status
 from broker.accepting import accept_loop
-from broker.activation import Intake
+from broker.activation import CONTROL_BACKLOG, Intake
 from broker.admission import Admission
 from broker.audit import Audit
 from broker.config import Config, unheld_rules
 from broker.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
 from broker.errors import Code, ConfigError
-from broker.identity import Peer, peer_credentials
+from broker.identity import Peer, peer_credentials, peer_uid
 from broker.ledger import Ledger
 from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
@@ -72,9 +73,7 @@ class Broker:
         self.audit = audit
         self.ledger = Ledger(audit, trio.current_time)
         self.users = UserDatabase(self.ledger.warning)
-        self.admission = Admission(
-            config.max_connections, config.max_connections_per_user, config.policy.source
-        )
+        self.admission = Admission(*_limits(config), trio.current_time)
         self.holdings = self._holdings(config)
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
@@ -90,13 +89,15 @@ class Broker:
         if problem is not None:
             raise ConfigError(problem)
         self.holdings = self._holdings(config)
-        limits = config.max_connections, config.max_connections_per_user, config.policy.source
-        self.admission.limit(*limits)
+        self.admission.limit(*_limits(config))
         self.standing.replace(config)
 
     def _holdings(self, config: Config) -> Holdings:
-        """What connections answer from under `config` (rule 8: our uid may reload)."""
-        return Holdings(config.policy, self.intake.held, self.report, os.geteuid())
+        """What connections answer from under `config` (rule 8: our uid may reload);
+        tells admission whose connection rate it must not limit."""
+        owner = os.geteuid()
+        self.admission.named_uids = config.policy.named_uids | {0, owner}
+        return Holdings(config.policy, self.intake.held, self.report, owner)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish;
@@ -104,6 +105,7 @@ class Broker:
         change, STOPPING=1 at the end; pings the watchdog if WatchdogSec= is set."""
         listener = self.intake.control
         listener.setblocking(False)  # ours (and systemd's, which never reads it)
+        listener.listen(CONTROL_BACKLOG)  # the backlog only: it stays the same socket
         stop = (signal.SIGTERM, signal.SIGINT)
         with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
             async with trio.open_nursery() as clients:
@@ -122,14 +124,15 @@ class Broker:
                 notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
 
-    def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], None]:
-        def admit(conn: socket.socket) -> None:
-            """Start serving a new connection, or refuse it if the broker is full."""
-            refusal = self.admission.admit()
+    def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], bool]:
+        def admit(conn: socket.socket) -> bool:
+            """Start serving a new connection, or refuse it (full, or too fast)."""
+            refusal = self.admission.admit(peer_uid(conn))
             if refusal is not None:
                 _refuse_busy(conn, refusal, self.ledger)
-            else:
-                clients.start_soon(self._handle, conn)
+                return False
+            clients.start_soon(self._handle, conn)
+            return True
 
         return admit
 
@@ -160,10 +163,9 @@ class Broker:
             self.admission.leave()
 
     def _named(self, peer: Peer) -> bool:
-        """Whether the policy names `peer` (admission keeps room for it), from the kernel's
-        account and the user database's cached groups: no wait. Root and the broker's
-        own uid count as named: they reload it."""
-        if peer.uid in (0, self.holdings.owner):
+        """Whether admission keeps room for `peer`: a users entry, root or our uid names
+        it, or any rule does with the user database's cached groups (no wait)."""
+        if peer.uid in self.admission.named_uids:
             return True
         cached = self.users.cached(peer.uid)
         return self.holdings.policy.names(peer.with_user(*cached) if cached else peer)
@@ -201,16 +203,24 @@ class Broker:
         }
 
 
+def _limits(config: Config) -> tuple[int, int, str]:
+    return config.max_connections, config.max_connections_per_user, config.policy.source
+
+
 # --- one connection's bytes ---------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _busy_reply(message: str) -> bytes:
+    return encode_reply(Refusal(Code.BUSY, message))
 
 
 def _refuse_busy(conn: socket.socket, message: str, ledger: Ledger) -> None:
     """Tell a client over a limit to retry, without a task or a wait: a flood of
     connections costs one fd each for no longer than this call. Closes `conn`."""
     ledger.busy()
-    reply = encode_reply(Refusal(Code.BUSY, message))
     with conn, suppress(OSError):  # a full buffer or a vanished peer: just close
-        conn.send(reply)  # non-blocking
+        conn.send(_busy_reply(message))  # non-blocking
 
 
 async def _converse(

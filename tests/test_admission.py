@@ -10,18 +10,43 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.admission import NAMED_RESERVE, Admission
+from broker.admission import (
+    NAMED_RESERVE,
+    UNNAMED_BURST,
+    UNNAMED_RATE,
+    UNNAMED_TOTAL_BURST,
+    UNNAMED_TOTAL_RATE,
+    Admission,
+)
 
 SOURCE = "/etc/port-broker/broker.toml"
+NAMED = 33
+"""A uid a users entry names: its connection rate is not limited."""
+
+
+class Clock:
+    """Seconds, moved by the test (the broker passes trio's clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(max_connections: int, max_per_user: int, clock: Clock | None = None) -> Admission:
+    slots = Admission(max_connections, max_per_user, SOURCE, clock or Clock())
+    slots.named_uids = frozenset({NAMED})
+    return slots
 
 
 def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
-    slots = Admission(16, 64, SOURCE)
+    slots = admission(16, 64)
     assert slots.reserved == 16 // NAMED_RESERVE == 4
     for uid in range(12):  # 12 attacking uids, one connection each
-        assert slots.admit() is None
+        assert slots.admit(NAMED) is None
         assert slots.admit_peer(70000 + uid, named=False) is None
-    assert slots.admit() is None
+    assert slots.admit(NAMED) is None
     refusal = slots.admit_peer(70012, named=False)
     assert refusal == (
         f"the broker is serving 12 connections of peers no rule in {SOURCE} names, all it "
@@ -29,13 +54,13 @@ def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
     )
     slots.leave()
     for _ in range(4):  # the named ones still get in, up to the global limit
-        assert slots.admit() is None
+        assert slots.admit(NAMED) is None
         assert slots.admit_peer(33, named=True) is None
-    assert slots.admit() is not None  # full now, for everyone
+    assert slots.admit(NAMED) is not None  # full now, for everyone
 
 
 def test_one_uid_is_held_to_its_own_limit_named_or_not() -> None:
-    slots = Admission(1024, 2, SOURCE)
+    slots = admission(1024, 2)
     assert slots.admit_peer(33, named=True) is None
     assert slots.admit_peer(33, named=True) is None
     assert slots.admit_peer(33, named=True) == (
@@ -47,7 +72,7 @@ def test_one_uid_is_held_to_its_own_limit_named_or_not() -> None:
 
 
 def test_a_reload_moves_the_reserve_with_the_limit() -> None:
-    slots = Admission(16, 64, SOURCE)
+    slots = admission(16, 64)
     slots.limit(4, 64, SOURCE)
     assert slots.reserved == 1
     slots.limit(1, 64, SOURCE)
@@ -62,11 +87,11 @@ events = st.lists(
 @given(events)
 @settings(max_examples=200, deadline=None)
 def test_counts_never_drift_and_the_reserve_holds(steps: list[tuple[bool, int, bool]]) -> None:
-    slots = Admission(8, 3, SOURCE)
+    slots = admission(8, 3)
     held: list[tuple[int, bool]] = []
     for connect, uid, named in steps:
         if connect:
-            if slots.admit() is not None:
+            if slots.admit(NAMED) is not None:
                 continue
             if slots.admit_peer(uid, named=named) is not None:
                 slots.leave()
@@ -84,6 +109,43 @@ def test_counts_never_drift_and_the_reserve_holds(steps: list[tuple[bool, int, b
 
 @pytest.mark.parametrize("limit", [1, 3, 4, 1024])
 def test_the_reserve_is_a_quarter_and_never_everything(limit: int) -> None:
-    slots = Admission(limit, 64, SOURCE)
+    slots = admission(limit, 64)
     assert slots.reserved == max(1, limit // 4)
     assert slots.max_connections - slots.reserved >= 0
+
+
+def test_a_uid_no_users_entry_names_is_held_to_its_connection_rate() -> None:
+    clock = Clock()
+    slots = admission(1024, 64, clock)
+    for _ in range(int(UNNAMED_BURST)):  # a burst passes
+        assert slots.admit(61000) is None
+        slots.leave()
+    refusal = slots.admit(61000)
+    assert refusal == (
+        f"uid 61000 opens connections faster than {UNNAMED_RATE:g} a second, the most for a "
+        f"uid no users entry in {SOURCE} names; retry shortly"
+    )
+    assert slots.active == 0  # a refusal holds no slot
+    for _ in range(1000):  # the named uid is never held back, flood or not
+        assert slots.admit(NAMED) is None
+        slots.leave()
+    clock.now += 1.0  # a second later: a second's worth again
+    for _ in range(int(UNNAMED_RATE)):
+        assert slots.admit(61000) is None
+        slots.leave()
+    assert slots.admit(61000) is not None
+
+
+def test_many_uids_together_are_held_to_the_total_rate() -> None:
+    clock = Clock()
+    slots = admission(100_000, 64, clock)
+    admitted = 0
+    for uid in range(70000, 70000 + 4000):  # each within its own rate
+        if slots.admit(uid) is None:
+            admitted += 1
+            slots.leave()
+    assert admitted == UNNAMED_TOTAL_BURST
+    refusal = slots.admit(80000)
+    assert refusal is not None
+    assert refusal.endswith(f"faster than {UNNAMED_TOTAL_RATE:g} a second together; retry shortly")
+    assert slots.admit(NAMED) is None
