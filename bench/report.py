@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from bench.attack import AUDIT_LINES_BUDGET, P99_BUDGET_MS, SUCCESS_BUDGET, WORKER_INTERVAL
 from bench.stats import Spread
 
 # The budgets, as issue 7 set them ("MB" read as MiB, the unit /proc reports in).
@@ -174,12 +175,63 @@ def _restart_budgets(data: dict[str, Any]) -> list[Budget]:
     ]
 
 
+def _attack_budgets(data: dict[str, Any]) -> list[Budget]:
+    budgets = []
+    for outcome in data["scenarios"]:
+        name = outcome["scenario"]
+        if name == "none":
+            continue
+        worker = outcome["worker"]
+        budgets += [
+            Budget(
+                "attack",
+                f"named worker's acquisitions under the {name} attack",
+                f"≥ {SUCCESS_BUDGET:.0%} succeed, p99 ≤ {P99_BUDGET_MS:.0f} ms",
+                f"{outcome['success']:.1%} of {worker['attempts']}, p99 {worker['p99_ms']:.1f} ms",
+                outcome["success"] >= SUCCESS_BUDGET and worker["p99_ms"] <= P99_BUDGET_MS,
+                f"{outcome['success']:.1%} succeeded, p99 {worker['p99_ms']:.1f} ms",
+            ),
+            Budget(
+                "attack",
+                f"audit lines per attacking uid ({name})",
+                f"≤ {AUDIT_LINES_BUDGET} per 10 s",
+                f"{max(outcome['audit_lines_per_10s'].values(), default=0):.0f} at most",
+                max(outcome["audit_lines_per_10s"].values(), default=0) <= AUDIT_LINES_BUDGET,
+                "over",
+            ),
+            Budget(
+                "attack",
+                f"grants logged during the {name} attack",
+                "every one",
+                f"{outcome['grants_logged']} of {worker['granted']}",
+                outcome["grants_logged"] == worker["granted"],
+                f"{worker['granted'] - outcome['grants_logged']} missing",
+            ),
+        ]
+    fuzz = data["fuzz"]
+    growth = (fuzz["fds_after"] or 0) - fuzz["fds_before"]
+    budgets.append(
+        Budget(
+            "attack",
+            f"live fuzz ({fuzz['cases']:,} cases)",
+            "0 crashes, 0 internal errors, 0 fd growth",
+            f"broker {'alive' if fuzz['broker_alive'] else 'DEAD'}, "
+            f"{fuzz['internal_errors']} internal errors, fds {fuzz['fds_before']} → "
+            f"{fuzz['fds_after']}",
+            fuzz["broker_alive"] and fuzz["internal_errors"] == 0 and growth == 0,
+            "see the broker's log",
+        )
+    )
+    return budgets
+
+
 def check_budgets(results: dict[str, Any]) -> list[Budget]:
     """Every budget the measured sections allow checking."""
     checks: dict[str, Callable[[dict[str, Any]], list[Budget]]] = {
         "datapath": _datapath_budgets,
         "handoff": _handoff_budgets,
         "restart": _restart_budgets,
+        "attack": _attack_budgets,
     }
     return [
         b
@@ -362,6 +414,48 @@ def _restart_section(data: dict[str, Any], settings: dict[str, Any]) -> list[str
     return lines + _table(header, rows) + [""]
 
 
+def _attack_section(data: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Under attack: a named worker acquiring every {WORKER_INTERVAL * 1000:.0f} ms "
+        f"for {settings['attack_seconds']:g} s, side by side with no attack",
+        "",
+        "flood: one uid in connect, list, close loops; slow: 16 uids with 64 connections "
+        "each, a byte a second. Attackers are uids no rule names; the shipped limits.",
+        "",
+    ]
+    rows = []
+    for outcome in data["scenarios"]:
+        worker = outcome["worker"]
+        lines_per_uid = max(outcome["audit_lines_per_10s"].values(), default=0)
+        rows.append(
+            [
+                outcome["scenario"],
+                f"{worker['granted']:,} / {worker['attempts']:,}",
+                f"{outcome['success']:.1%}",
+                f"{worker['p50_ms']:.1f}",
+                f"{worker['p99_ms']:.1f}",
+                f"{worker['max_ms']:.0f}",
+                f"{lines_per_uid:.0f}",
+                f"{outcome['grants_logged']:,}",
+            ]
+        )
+    header = ["attack", "granted", "success", "p50 ms", "p99 ms", "max ms",
+              "audit lines per attacking uid per 10 s", "grants in the log"]  # fmt: skip
+    fuzz = data["fuzz"]
+    outcomes = ", ".join(f"{k} {v:,}" for k, v in sorted(fuzz["outcomes"].items()))
+    return [
+        *lines,
+        *_table(header, rows),
+        "",
+        f"Live fuzz: {fuzz['cases']:,} hostile requests (random bytes, mutated and split "
+        f"requests, JSON edge cases), one connection each, in {fuzz['seconds']:g} s: "
+        f"{outcomes}. Broker {'alive' if fuzz['broker_alive'] else 'DEAD'}, "
+        f"{fuzz['internal_errors']} internal errors, fds {fuzz['fds_before']} before, "
+        f"{fuzz['fds_after']} after.",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any], budgets: list[Budget]) -> str:
     """The whole report."""
     meta = results["meta"]
@@ -389,6 +483,8 @@ def markdown(results: dict[str, Any], budgets: list[Budget]) -> str:
         lines += _handoff_section(results["handoff"], settings)
     if "restart" in results:
         lines += _restart_section(results["restart"], settings)
+    if "attack" in results:
+        lines += _attack_section(results["attack"], settings)
     misses = [b for b in budgets if not b.passed]
     if misses:
         lines += ["## Closing note: budgets missed", ""]

@@ -4,8 +4,9 @@ Moves itself into a network namespace of its own (loopback only: ports 80 and 44
 free there and no packet leaves it), builds a world-readable port-broker runtime under
 /var/tmp, starts the broker under `systemd-socket-activate` as an unprivileged uid, and
 runs the sections in order: data path, hand-off (with the exec CLI and cold start),
-worker restart. Then it checks the budgets, profiles what missed, and writes
-results.md, results.json and chart.png to bench/results/.
+worker restart, under attack (with a live fuzz run). Then it checks the budgets,
+profiles what missed, and writes results.md, results.json and chart.png to
+bench/results/.
 
 Must never: run as anything but root in a private network namespace, or leave a
 process or a temporary directory behind.
@@ -25,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bench import datapath, handoff, profiling, report, restart
+from bench import attack, datapath, handoff, profiling, report, restart
 from bench.stage import BENCH, Stage, open_stage, rss_kib
 from broker.errors import InterceptError
 from broker.seccomp import check_supported
 from tests.harness.processes import enter_private_network
 
 RESULTS: Final = BENCH / "results"
-SECTIONS: Final = ("datapath", "handoff", "restart")
+SECTIONS: Final = ("datapath", "handoff", "restart", "attack")
 
 RUNNER_NOFILE: Final = 65536
 """Soft fd limit for the runner and the clients it starts: 512 concurrent clients
@@ -63,6 +64,10 @@ class Settings:
     """Worker-restart rounds: each runs both setups once."""
     restarts: int = 5
     """Worker restarts per run."""
+    attack_seconds: float = 10.0
+    """The named worker's time under each attack (and with none)."""
+    fuzz_cases: int = 100_000
+    """Hostile requests of the live fuzz run."""
     sections: tuple[str, ...] = SECTIONS
     contenders: tuple[str, ...] = tuple(c.key for c in datapath.CONTENDERS)
     """Data-path contenders; the first is the reference the others are divided by."""
@@ -80,12 +85,15 @@ QUICK: Final = Settings(
     cold_runs=5,
     restart_rounds=1,
     restarts=3,
+    attack_seconds=3.0,
+    fuzz_cases=10_000,
 )
 """`--quick`: 1-2 minutes; enough to see that everything works and roughly where."""
 
 
 KNOBS: Final = ("rounds", "seconds", "warmup", "handoff_rounds", "handoff_seconds",
-                 "exec_runs", "cold_runs", "restart_rounds", "restarts")  # fmt: skip
+                 "exec_runs", "cold_runs", "restart_rounds", "restarts", "attack_seconds",
+                 "fuzz_cases")  # fmt: skip
 """The numeric settings, each an option (--handoff-rounds N, …)."""
 
 
@@ -182,6 +190,11 @@ def measure(stage: Stage, settings: Settings) -> dict[str, Any]:
         print("worker restart under load:", flush=True)
         results["restart"] = restart.run(
             stage, settings.restart_rounds, settings.restarts, _progress
+        )
+    if "attack" in settings.sections:
+        print("under attack, and a live fuzz run:", flush=True)
+        results["attack"] = attack.run(
+            stage, settings.attack_seconds, settings.fuzz_cases, _progress
         )
     return results
 

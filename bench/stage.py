@@ -41,6 +41,7 @@ ROOT: Final = BENCH.parent
 HELLO: Final = ROOT / "docs" / "examples" / "hello.js"
 """The one Node server every contender runs (LISTEN_FDS, else listen(PORT))."""
 CLIENT: Final = BENCH / "handoff_client.py"
+ATTACK_CLIENT: Final = BENCH / "attack_client.py"
 
 BROKER_NOFILE: Final = 1024
 """The broker's soft fd limit: systemd's default for services (DefaultLimitNOFILE=
@@ -65,6 +66,7 @@ class Stage:
         work: Where logs and the files workers read go.
         hello: hello.js, readable by nobody.
         client: handoff_client.py, readable by nobody.
+        attack_client: attack_client.py, readable by anyone.
         processes: Every process started and not yet stopped.
         broker: The main broker (holding `http` on [::]:80), once started.
     """
@@ -76,6 +78,7 @@ class Stage:
         self.work = make_public_dir(root, "work")
         self.hello = self._public_copy(HELLO)
         self.client = self._public_copy(CLIENT)
+        self.attack_client = self._public_copy(ATTACK_CLIENT)
         self.processes = Processes()
         self.broker: BrokerProcess | None = None
         self._serial = 0
@@ -141,13 +144,15 @@ class Stage:
 
     # --- brokers ------------------------------------------------------------------
 
-    def spawn_broker(self, name: str, sockets: Sequence[tuple[str, str]]) -> BrokerProcess:
+    def spawn_broker(
+        self, name: str, sockets: Sequence[tuple[str, str]], *, policy: str = POLICY
+    ) -> BrokerProcess:
         """Start `systemd-socket-activate` holding `sockets` and a control socket, set to
-        start the broker (as an unprivileged uid) on the first connection; return once
-        it listens, before the broker has started."""
+        start the broker (as an unprivileged uid, under `policy`) on the first
+        connection; return once it listens, before the broker has started."""
         where = make_public_dir(self.root, name)
         config = where / "broker.toml"
-        config.write_text(POLICY)
+        config.write_text(policy)
         config.chmod(0o644)
         control = where / "control.sock"
         log = where / "broker.log"
@@ -166,13 +171,29 @@ class Stage:
     def start_broker(self) -> BrokerProcess:
         """Start the main broker, holding `http` on [::]:80, and activate it."""
         self.broker = self.spawn_broker("broker", [("http", "80")])
-        with socket.socket(socket.AF_UNIX) as probe:  # the first connection starts it
-            probe.settimeout(START_TIMEOUT)
-            probe.connect(str(self.broker.control))
-            probe.sendall(b'{"v":1,"op":"list"}\n')
-            if not probe.recv(4096):
-                raise RuntimeError(f"the broker did not answer:\n{self.broker.output()}")
+        self.activate(self.broker)
         return self.broker
+
+    @staticmethod
+    def answers(broker: BrokerProcess) -> bool:
+        """Whether `broker` answers a `list` (the first connection also starts it)."""
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(START_TIMEOUT)
+            try:
+                probe.connect(str(broker.control))
+                probe.sendall(b'{"v":1,"op":"list"}\n')
+                return bool(probe.recv(4096))
+            except OSError:
+                return False
+
+    def activate(self, broker: BrokerProcess) -> None:
+        """Start `broker` by connecting to it, and wait for its first answer.
+
+        Raises:
+            RuntimeError: if it does not answer.
+        """
+        if not self.answers(broker):
+            raise RuntimeError(f"the broker did not answer:\n{broker.output()}")
 
 
 def _hard_nofile() -> int:
