@@ -17,9 +17,11 @@ it (uid, groups, unit) and the user database's cached groups, before any wait.
 
 Connection rate: a uid that no `users` entry names (nor root, nor the broker's uid) may
 open UNNAMED_RATE connections a second (bursts of UNNAMED_BURST), and all such uids
-together UNNAMED_TOTAL_RATE. Peers named only by a group or a unit share their uid's
-rate: whether they are named is only known after the more costly part of identifying
-them, which is what the rate spares.
+together UNNAMED_TOTAL_RATE. A uid found named by a group or a unit once its peer was
+identified is held to no rate for KNOWN_NAMED_SECONDS after: whether a peer is named
+that way is only known after the costly part of identifying it, which the rate spares;
+so the first connection of such a worker counts against the rates (clients retry
+`busy` within their deadline).
 
 Must never: let `active` or a uid's count drift (every admit has exactly one leave);
 refuse a named peer while a slot not taken by a named peer is held back for it; limit
@@ -28,7 +30,7 @@ the connection rate of a uid a `users` entry names.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -49,8 +51,12 @@ UNNAMED_TOTAL_BURST: Final = 2000.0
 fifth of what the broker serves a second, so that a flood from any number of uids leaves
 it time for the named ones."""
 RATE_UIDS: Final = 4096
-"""uids whose connection rate is tracked at once; past that the oldest are forgotten
-(they start again with a full bucket, within the total rate)."""
+"""uids whose connection rate is tracked at once; past that the least recently seen are
+forgotten (they start again with a full bucket, within the total rate)."""
+KNOWN_NAMED_SECONDS: Final = 300.0
+"""How long a uid the policy was found to name (by a group or a unit, once its peer was
+identified) keeps connecting at any rate: a worker named by its unit is held to no rate
+after its first connection, whatever floods the broker."""
 
 
 @dataclass
@@ -58,13 +64,11 @@ class _Bucket:
     tokens: float
     at: float
 
-    def take(self, now: float, rate: float, burst: float) -> bool:
+    def fill(self, now: float, rate: float, burst: float) -> bool:
+        """Add what `rate` gave since the last time; whether a token is there."""
         self.tokens = min(burst, self.tokens + (now - self.at) * rate)
         self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+        return self.tokens >= 1
 
 
 class Admission:
@@ -94,7 +98,8 @@ class Admission:
         self.per_uid: Counter[int] = Counter()
         self.named_uids: frozenset[int] = frozenset()
         self._clock = clock
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: OrderedDict[int, _Bucket] = OrderedDict()
+        self._known_named: OrderedDict[int, float] = OrderedDict()  # uid -> until when
         self._total: _Bucket | None = None
         self.limit(max_connections, max_per_user, source)
 
@@ -113,7 +118,7 @@ class Admission:
         """Take a slot for a new connection of `uid` (None: the kernel knows of none);
         return why not (it holds no slot then)."""
         self.connections += 1
-        if uid is None or uid not in self.named_uids:
+        if uid is None or not self._named_uid(uid):
             why = self._rate(uid)
             if why is not None:
                 return why
@@ -129,6 +134,12 @@ class Admission:
         """Give back a slot `admit` took."""
         self.active -= 1
 
+    def _named_uid(self, uid: int) -> bool:
+        if uid in self.named_uids:
+            return True
+        until = self._known_named.get(uid)
+        return until is not None and until > self._clock()
+
     def _rate(self, uid: int | None) -> str | None:
         now = self._clock()
         if self._total is None:
@@ -137,18 +148,22 @@ class Admission:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= RATE_UIDS:
-                del self._buckets[next(iter(self._buckets))]  # the longest tracked
+                self._buckets.popitem(last=False)  # the least recently seen
             bucket = self._buckets[key] = _Bucket(UNNAMED_BURST, now)
-        if not bucket.take(now, UNNAMED_RATE, UNNAMED_BURST):
+        else:
+            self._buckets.move_to_end(key)
+        if not bucket.fill(now, UNNAMED_RATE, UNNAMED_BURST):
             return (
                 f"uid {uid} opens connections faster than {UNNAMED_RATE:g} a second, the "
-                f"most for a uid no users entry in {self.source} names; retry shortly"
+                f"most for a uid no rule in {self.source} names; retry shortly"
             )
-        if not self._total.take(now, UNNAMED_TOTAL_RATE, UNNAMED_TOTAL_BURST):
+        if not self._total.fill(now, UNNAMED_TOTAL_RATE, UNNAMED_TOTAL_BURST):
             return (
-                f"peers no users entry in {self.source} names open connections faster than "
+                f"peers no rule in {self.source} names open connections faster than "
                 f"{UNNAMED_TOTAL_RATE:g} a second together; retry shortly"
             )
+        bucket.tokens -= 1  # both had one: only now is either spent
+        self._total.tokens -= 1
         return None
 
     def admit_peer(self, uid: int, *, named: bool) -> str | None:
@@ -166,6 +181,11 @@ class Admission:
             )
         self.per_uid[uid] += 1
         self.unnamed += not named
+        if named and uid not in self.named_uids:  # by a group or a unit: remember it
+            self._known_named[uid] = self._clock() + KNOWN_NAMED_SECONDS
+            self._known_named.move_to_end(uid)
+            if len(self._known_named) > RATE_UIDS:
+                self._known_named.popitem(last=False)
         return None
 
     def leave_peer(self, uid: int, *, named: bool) -> None:

@@ -434,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
         "Only root and the broker's own user may (as with SIGHUP, which reloads too, "
         "without waiting). Sockets are not reloaded: a new one needs a restart.",
     )
-    client_options(reload, timeout=RELOAD_TIMEOUT + 5)
+    client_options(reload, timeout=2 * RELOAD_TIMEOUT + 5)  # (a reload may be running)
     reload.set_defaults(func=cmd_reload)
 
     serve = commands.add_parser(

@@ -37,10 +37,10 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from broker.errors import BrokerUnavailable, ClientError, ProtocolError, refusal
+from broker.errors import BrokerUnavailable, ClientError, Code, ProtocolError, refusal
 from broker.names import DEFAULT_SOCKET, SOCKET_ENV
 from broker.protocol import (
     MAX_REPLY_BYTES,
@@ -72,6 +72,12 @@ bounds a broker that is starting (socket activation) or stuck."""
 
 _TIMEVAL: Final = struct.Struct("@ll")
 """struct timeval, as SO_SNDTIMEO takes it."""
+
+BUSY_RETRY_FIRST: Final = 0.01
+BUSY_RETRY_MAX: Final = 0.1
+"""After a `busy` refusal a client asks again, 10 ms later, then 20, 40, up to 100 ms
+apart, while its deadline allows: a full broker, or a flood that takes a named
+worker's turn, costs it a wait, not a failure."""
 
 CONNECT_RETRY_FIRST: Final = 0.001
 CONNECT_RETRY_MAX: Final = 0.02
@@ -180,30 +186,54 @@ def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Br
     return BrokerUnavailable(f"{path}: {error.strerror or error}")
 
 
-def _connect_waiting(sock: socket.socket, path: str, timeout: float) -> None:
-    """connect(), waiting up to `timeout` seconds for room in a full connection queue.
+def _connect_waiting(sock: socket.socket, path: str, remaining: Callable[[], float]) -> None:
+    """connect(), waiting until the deadline for room in a full connection queue.
 
     A non-blocking connect() to a Unix socket whose queue is full fails at once with
     EAGAIN (one user's connect/close loop can fill it); a blocking one sleeps in the
     kernel until the broker accepts and makes room, for at most SO_SNDTIMEO. So: block,
-    bounded by the deadline, and be woken in the kernel's order.
+    bounded by the deadline, and be woken in the kernel's order. A signal during that
+    wait ends it with EINTR, which CPython takes for "in progress" and then for done:
+    so check that it is connected, and wait again for the time left if not.
     """
-    seconds = max(timeout, 0.001)
     sock.settimeout(None)
-    sock.setsockopt(
-        socket.SOL_SOCKET,
-        socket.SO_SNDTIMEO,
-        _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000)),
-    )
-    sock.connect(path)
+    while True:
+        seconds = max(remaining(), 0.001)  # raises TimeoutError past the deadline
+        timeval = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.connect(path)
+        try:
+            sock.getpeername()
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+        else:
+            return
+
+
+def _busy(reply: Reply) -> bool:
+    return isinstance(reply, Refusal) and reply.code is Code.BUSY
 
 
 def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
-    """Connect, send `request`, return the reply and any fds (the caller owns them)."""
+    """Connect, send `request`, return the reply and any fds (the caller owns them);
+    asked again after a `busy` refusal, with a backoff, while the deadline allows."""
     path = socket_path(path)
     if not timeout > 0:
         raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
     deadline = time.monotonic() + timeout
+    delay = BUSY_RETRY_FIRST
+    while True:
+        reply, fds = _exchange_once(request, path, timeout, deadline)
+        if not _busy(reply) or deadline - time.monotonic() <= delay:
+            return reply, fds
+        time.sleep(delay)
+        delay = min(delay * 2, BUSY_RETRY_MAX)
+
+
+def _exchange_once(
+    request: Request, path: str, timeout: float, deadline: float
+) -> tuple[Reply, list[int]]:
     reader = _ReplyReader(path)
 
     def remaining() -> float:  # one deadline for the whole exchange
@@ -214,7 +244,7 @@ def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply
 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            _connect_waiting(sock, path, remaining())
+            _connect_waiting(sock, path, remaining)
             # A broker that refuses at once (busy) answers and closes before reading the
             # request: the reply is still there to read after our send fails.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -358,7 +388,7 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
     return dict(_inquiry(Status(), StatusReport, path, timeout).report)
 
 
-def reload(*, path: str | None = None, timeout: float = RELOAD_TIMEOUT + 5) -> dict[str, Any]:
+def reload(*, path: str | None = None, timeout: float = 2 * RELOAD_TIMEOUT + 5) -> dict[str, Any]:
     """Make the broker load its configuration again; return, once it is in force, its
     `configuration` object (path, generation, loaded; docs/protocol.md). Only root and
     the broker's own uid may.
@@ -383,10 +413,25 @@ async def _exchange_trio(
     path = socket_path(path)
     if not timeout > 0:
         raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    deadline = trio.current_time() + timeout
+    delay = BUSY_RETRY_FIRST
+    while True:
+        reply, fds = await _exchange_trio_once(request, path, timeout, deadline)
+        if not _busy(reply) or deadline - trio.current_time() <= delay:
+            return reply, fds
+        await trio.sleep(delay)
+        delay = min(delay * 2, BUSY_RETRY_MAX)
+
+
+async def _exchange_trio_once(
+    request: Request, path: str, timeout: float, deadline: float
+) -> tuple[Reply, list[int]]:
+    import trio  # noqa: PLC0415
+
     reader = _ReplyReader(path)
     queued = False  # still waiting for room in the broker's queue?
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_at(deadline):
             plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
                 delay = CONNECT_RETRY_FIRST

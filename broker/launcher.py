@@ -55,9 +55,11 @@ def pidfd_id() -> int | None:
         finally:
             os.close(anonymous)
         own = os.fstat(pidfd)
-        return None if own.st_dev == shared else own.st_ino
+    except OSError:  # out of fds, say: no LISTEN_PIDFDID, as on an older kernel
+        return None
     finally:
         os.close(pidfd)
+    return None if own.st_dev == shared else own.st_ino
 
 
 def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[str, str]:

@@ -2,8 +2,9 @@
 refusal by its code, the recent events for `port-broker status`, and the budgets for
 logging refusals and every other notice about a client.
 
-Every outcome of a connection (broker/connection.py) and every busy refusal comes
-through `record`: the counters, the audit trail and the `recent` list cannot disagree.
+Every outcome of a connection (broker/connection.py) comes through `record`, every busy
+refusal through `busy` and every other notice about a client through `notice`: the
+counters, the audit trail and the `recent` list cannot disagree.
 
 Must never: suppress or delay a grant's record (only refusals are rate-limited), or
 raise into the server (the audit trail itself never does).
@@ -74,8 +75,8 @@ class RefusalLimiter:
 
     Args:
         clock: Seconds, monotonic (trio's clock in the broker, so tests can jump it).
-        summarize: Called with (uid, how many were not logged) for a window that
-            dropped some, and with (None, total, uids) for the rest of a flush.
+        summarize: Called with (uid, how many were not logged, 1) for a window that
+            dropped some, and with (None, total, how many uids) for the rest of a flush.
     """
 
     def __init__(self, clock: Callable[[], float], summarize: Summarize) -> None:

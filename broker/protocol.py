@@ -39,7 +39,8 @@ MAX_NAMES: Final = 32
 RELOAD_TIMEOUT: Final = 30.0
 """Seconds a reload may take (the loader imports pydantic, ~0.2 s, and asks NSS for every
 user and group named): past that it is refused and the configuration in force stays. The
-reply to `reload` comes within this, so a client waits that long (and a little more)."""
+reply to `reload` comes within twice this (one may be running when it is asked for), so
+a client waits that long, and a little more."""
 
 SCM_MAX_FD: Final = 253
 """The kernel's limit on fds in one SCM_RIGHTS message (include/net/scm.h)."""

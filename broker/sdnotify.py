@@ -7,6 +7,7 @@ Must never: raise into the broker, or ping the watchdog for another process
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Final
@@ -19,11 +20,13 @@ rare enough to cost nothing under a storm of grants."""
 
 
 def notify(state: str) -> None:
-    """Send `state` (newline-separated assignments) to systemd, if it listens."""
+    """Send `state` (newline-separated assignments) to systemd, if it listens; a
+    notification systemd does not take is lost, never raised (sd_notify can fail)."""
     if os.environ.get("NOTIFY_SOCKET"):
         from systemd import daemon  # noqa: PLC0415 (imported once, then cached)
 
-        daemon.notify(state)
+        with contextlib.suppress(OSError):
+            daemon.notify(state)
 
 
 async def publish_status(line: Callable[[], str], before: Callable[[], None]) -> None:

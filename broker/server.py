@@ -1,9 +1,10 @@
 """The broker's trio driver: accept control connections, move their bytes, keep time.
 
-Each connection is served by its own task: identify the peer from the kernel, take a
-slot (broker/admission.py), then move bytes between the socket and the connection's
-rules (broker/connection.py), which decide every reply; outcomes go to the ledger
-(broker/ledger.py). A slow, silent, malformed or vanishing client costs one task and
+Each connection takes a slot as it is accepted (broker/admission.py, knowing only the
+peer's uid), then is served by its own task: identify the peer from the kernel, count
+it against its uid and its share, then move bytes between the socket and the
+connection's rules (broker/connection.py), which decide every reply; outcomes go to the
+ledger (broker/ledger.py). A slow, silent, malformed or vanishing client costs one task and
 one fd until its deadline, never anyone else's time. Everything is bounded:
 connections (`max_connections`, `max_connections_per_user`), request size and count,
 time per request and reply (`client_timeout`), and the shutdown grace.
@@ -143,8 +144,8 @@ class Broker:
                     peer = peer_credentials(conn, groups=self.holdings.policy.names_groups)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
-                named = self._named(peer)
-                refusal = self.admission.admit_peer(peer.uid, named=named)
+                uid, named = peer.uid, self._named(peer)
+                refusal = self.admission.admit_peer(uid, named=named)
                 if refusal is not None:
                     _refuse_busy(conn, refusal, self.ledger)
                     return
@@ -154,7 +155,7 @@ class Broker:
                     connection = Connection(peer, lambda: self.holdings, timeout=timeout)
                     await _converse(conn, connection, self.ledger, self._reload)
                 finally:
-                    self.admission.leave_peer(peer.uid, named=named)
+                    self.admission.leave_peer(uid, named=named)
         except Exception as e:  # one client's trouble must never stop the others
             self.ledger.failure(
                 f"internal error serving a client: {e!r}", traceback.format_exc(limit=20)
@@ -245,7 +246,7 @@ async def _converse(
             if action is CLOSE:
                 return
             if action is RELOAD:
-                deadline.deadline = math.inf  # the reload keeps its own time (RELOAD_TIMEOUT)
+                deadline.deadline = math.inf  # bounded by the reloads: one running, then ours
                 action = connection.reloaded(*await reload())
             phase = Phase.SENDING
             deadline.deadline = trio.current_time() + connection.timeout

@@ -84,9 +84,11 @@ GroupId = Annotated[StrictInt | str, AfterValidator(partial(_resolve_id, kind="g
 
 
 _USERS_OWN_UNITS: Final = (
-    ("user@", "user@1000.service", "every process of a user's own service manager"),
-    ("session-", "session-1.scope", "every process of a login session"),
-)
+    *(("user@", f"user@{uid}.service", "every process of a user's own service manager")
+      for uid in (*range(1000, 1010), 0, 65534, 100000)),
+    *(("session-", f"session-{n}.scope", "every process of a login session")
+      for n in ("1", "c1", *map(str, range(10, 20)))),
+)  # fmt: skip
 """Units whose processes any user starts, each with the prefix a pattern must start
 with to mean them: a glob (`*.service`) that matches them by accident would hand the
 socket to every logged-in user (docs/security.md)."""

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.admission import (
+    KNOWN_NAMED_SECONDS,
     NAMED_RESERVE,
     UNNAMED_BURST,
     UNNAMED_RATE,
@@ -123,7 +124,7 @@ def test_a_uid_no_users_entry_names_is_held_to_its_connection_rate() -> None:
     refusal = slots.admit(61000)
     assert refusal == (
         f"uid 61000 opens connections faster than {UNNAMED_RATE:g} a second, the most for a "
-        f"uid no users entry in {SOURCE} names; retry shortly"
+        f"uid no rule in {SOURCE} names; retry shortly"
     )
     assert slots.active == 0  # a refusal holds no slot
     for _ in range(1000):  # the named uid is never held back, flood or not
@@ -149,3 +150,40 @@ def test_many_uids_together_are_held_to_the_total_rate() -> None:
     assert refusal is not None
     assert refusal.endswith(f"faster than {UNNAMED_TOTAL_RATE:g} a second together; retry shortly")
     assert slots.admit(NAMED) is None
+
+
+def test_a_uid_found_named_by_a_group_or_unit_is_then_held_to_no_rate() -> None:
+    clock = Clock()
+    slots = admission(100_000, 1000, clock)
+    worker = 4242  # named by a unit: admission learns it once the peer is identified
+    assert slots.admit(worker) is None
+    assert slots.admit_peer(worker, named=True) is None
+    for uid in range(70000, 70000 + 3000):  # a flood from many uids empties the total
+        if slots.admit(uid) is None:
+            slots.leave()
+    assert slots.admit(70000 + 3001) is not None
+    for _ in range(int(UNNAMED_BURST) * 2):  # the worker is not held back
+        assert slots.admit(worker) is None
+        slots.leave()
+    clock.now += KNOWN_NAMED_SECONDS  # until it has not been seen named for a while:
+    admitted = 0  # then its own rate again
+    while slots.admit(worker) is None:
+        admitted += 1
+        slots.leave()
+    assert admitted == UNNAMED_BURST
+
+
+def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
+    clock = Clock()
+    slots = admission(100_000, 1000, clock)
+    for uid in range(70000, 70000 + int(UNNAMED_TOTAL_BURST)):
+        assert slots.admit(uid) is None
+        slots.leave()
+    for _ in range(50):  # refused by the total, again and again
+        assert slots.admit(61000) is not None
+    clock.now += 1.0  # the total refills: the uid still has its whole burst
+    admitted = 0
+    while slots.admit(61000) is None:
+        admitted += 1
+        slots.leave()
+    assert admitted == UNNAMED_BURST

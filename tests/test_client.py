@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -268,8 +269,7 @@ async def test_a_bad_reply_is_broker_unavailable_and_leaves_no_fd(
     [
         ("denied", AccessDenied),
         ("unknown-socket", UnknownSocket),
-        ("busy", RequestRefused),
-        ("timeout", RequestRefused),
+        ("timeout", RequestRefused),  # busy is asked again: tests below
         ("internal", RequestRefused),
     ],
 )
@@ -594,6 +594,103 @@ async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
             sock.close()
         thread.join(PEER_TIMEOUT)
     assert time.monotonic() - start >= QUEUE_FULL_FOR
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_busy_is_asked_again_within_the_deadline(rundir: Path, variant: Variant) -> None:
+    path = rundir / "full.sock"
+    busy = line(ok=False, code="busy", message="the broker is serving its limit; retry shortly")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        listener.settimeout(PEER_TIMEOUT)
+        requests = []
+
+        def broker() -> None:
+            for answer in (replies(busy), replies(busy), granted_with(1, 1)):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(PEER_TIMEOUT)
+                    received = b""
+                    while not received.endswith(b"\n"):
+                        received += conn.recv(4096)
+                    requests.append(received)
+                    answer(conn)
+
+        thread = threading.Thread(target=broker, daemon=True)
+        thread.start()
+        with no_fd_left():
+            sock = await acquire(variant, "http", str(path), timeout=START_TIMEOUT)
+            sock.close()
+        thread.join(PEER_TIMEOUT)
+    assert len(requests) == 3  # busy, busy, then served
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant: Variant) -> None:
+    path = rundir / "full.sock"
+    busy = line(ok=False, code="busy", message="the broker is serving its limit; retry shortly")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(64)
+        stop = threading.Event()
+
+        def broker() -> None:
+            listener.settimeout(0.05)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.sendall(busy)
+
+        thread = threading.Thread(target=broker, daemon=True)
+        thread.start()
+        try:
+            with no_fd_left(), pytest.raises(RequestRefused) as raised:
+                await acquire(variant, "http", str(path), timeout=0.3)
+        finally:
+            stop.set()
+            thread.join(PEER_TIMEOUT)
+    assert raised.value.code == "busy"
+
+
+def test_a_signal_while_waiting_for_room_does_not_end_the_wait(rundir: Path) -> None:
+    # SO_SNDTIMEO makes a blocking connect() return EINTR on a signal, which CPython
+    # took for a completed connect: the client must notice and wait on.
+    path = rundir / "busy.sock"
+    ticks = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
+    ):
+        listener.bind(str(path))
+        listener.listen(0)
+        first.connect(str(path))  # the queue is full
+        listener.settimeout(PEER_TIMEOUT)
+
+        def broker() -> None:
+            time.sleep(QUEUE_FULL_FOR)
+            listener.accept()[0].close()
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(PEER_TIMEOUT)
+                while not conn.recv(4096).endswith(b"\n"):
+                    pass
+                granted_with(1, 1)(conn)
+
+        thread = threading.Thread(target=broker, daemon=True)
+        thread.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        try:
+            client.acquire("http", path=str(path), timeout=START_TIMEOUT).close()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            thread.join(PEER_TIMEOUT)
+    assert ticks  # signals did arrive during the wait
 
 
 # --- against the real broker ------------------------------------------------------

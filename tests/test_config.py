@@ -280,6 +280,9 @@ def test_invalid_unit_patterns_are_refused(tmp_path: Path, unit: str) -> None:
         ("u*.service", "user@1000.service"),
         ("*.scope", "session-1.scope"),
         ("s*-[0-9].scope", "session-1.scope"),
+        ("*1.service", "user@1001.service"),
+        ("*@?.service", "user@0.service"),
+        ("*-c*.scope", "session-c1.scope"),
     ],
 )
 def test_a_pattern_that_matches_every_users_own_units_is_refused(
