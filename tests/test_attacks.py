@@ -116,32 +116,33 @@ async def test_slow_connections_of_many_uids_leave_room_for_the_named_ones(
 
 FLOODER: Final = """
 import socket, sys
-refused = 0
 for _ in range(int(sys.argv[2])):
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(sys.argv[1])
-    sock.sendall(b'{"v":1,"op":"list"}\\n')
-    refused += b'"busy"' in sock.recv(4096)
+    try:  # a connection refused at accept may be closed before the request goes
+        sock.sendall(b'{"v":1,"op":"list"}\\n')
+        sock.recv(4096)
+    except OSError:
+        pass
     sock.close()
-print(refused, flush=True)
 """
 
 
 async def test_a_connect_close_flood_is_refused_at_accept_and_a_named_worker_served(
     rundir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rounds = int(UNNAMED_BURST) + 200
+    rounds = int(UNNAMED_BURST) + 1000
     async with running_broker(rundir) as served:
         began = trio.current_time()
         with trio.fail_after(START_TIMEOUT):
             done = await trio.run_process(
-                [*as_user(61000), SYSTEM_PYTHON, "-I", "-c", FLOODER, served.path, str(rounds)],
-                capture_stdout=True,
+                [*as_user(61000), SYSTEM_PYTHON, "-I", "-c", FLOODER, served.path, str(rounds)]
             )
         took = trio.current_time() - began
-        refused = int(done.stdout)
+        assert done.returncode == 0
+        refused = served.broker.ledger.refusals["busy"]
         assert refused >= rounds - UNNAMED_BURST - UNNAMED_RATE * took  # all but the rate
-        assert served.broker.ledger.refusals["busy"] == refused
+        assert refused > 0
         (await client.acquire_trio("http", path=served.path, timeout=1.0)).close()
     # Refused at accept: not one line each in the log (the list answers are not logged).
     assert len(audit_lines(capsys.readouterr().err, "peer_uid=61000")) == 0
