@@ -124,6 +124,7 @@ class Broker:
                     main.cancel_scope.cancel()
                 notify("STOPPING=1")
                 clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+            self.ledger.limiter.flush(everything=True)  # sum up what was left out
 
     def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], bool]:
         def admit(conn: socket.socket) -> bool:
@@ -166,7 +167,7 @@ class Broker:
     def _named(self, peer: Peer) -> bool:
         """Whether admission keeps room for `peer`: a users entry, root or our uid names
         it, or any rule does with the user database's cached groups (no wait)."""
-        if peer.uid in self.admission.named_uids:
+        if peer.mapped and peer.uid in self.admission.named_uids:
             return True
         cached = self.users.cached(peer.uid)
         return self.holdings.policy.names(peer.with_user(*cached) if cached else peer)

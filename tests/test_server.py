@@ -37,6 +37,7 @@ from broker import __version__, client, connection, loader, status, users
 from broker.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.errors import AccessDenied, ConfigError, RequestRefused
 from broker.identity import Peer
+from broker.ledger import REFUSAL_LOG_BURST
 from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
 from broker.sdnotify import STATUS_INTERVAL
@@ -64,6 +65,7 @@ from tests.harness.inprocess import (
     open_fds,
     owned,
     running_broker,
+    send_signal_to_self,
     settled_fds,
     udp_socket,
 )
@@ -791,10 +793,17 @@ print(json.dumps(out))
 # --- lifecycle --------------------------------------------------------------------
 
 
-def send_signal_to_self(signum: signal.Signals) -> None:
-    # Only while a handler (trio's) is installed: the default action would end pytest.
-    assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    os.kill(os.getpid(), signum)
+async def test_what_was_left_out_of_the_log_is_summed_up_when_the_broker_stops(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
+        for _ in range(REFUSAL_LOG_BURST + 5):
+            assert (await wire.request(acquire_line("secret")))["code"] == "denied"
+        send_signal_to_self(signal.SIGTERM)  # well inside the 10 s window
+        with trio.fail_after(CLIENT_TIMEOUT):
+            await served.stopped.wait()
+    (summary,) = audit_lines(capsys.readouterr().err, "were not logged")
+    assert summary.startswith(f"port-broker: notice: 5 more notices of uid {UID} in ")
 
 
 # --- reload -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -370,3 +371,10 @@ def audit_fields(line: str) -> dict[str, str]:
 def audit_lines(err: str, needle: str) -> list[str]:
     """The lines of `err` (what the broker wrote to stderr) that contain `needle`."""
     return [line for line in err.splitlines() if needle in line]
+
+
+def send_signal_to_self(signum: signal.Signals) -> None:
+    """Signal this process, as systemd would signal the broker. Only while a handler
+    (trio's) is installed: the default action would end pytest."""
+    assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    os.kill(os.getpid(), signum)
