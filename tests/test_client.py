@@ -587,8 +587,8 @@ async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
                 granted_with(1, 1)(conn)
 
         thread = threading.Thread(target=broker, daemon=True)
+        start = time.monotonic()  # before the broker's wait begins
         thread.start()
-        start = time.monotonic()
         with no_fd_left():
             sock = await acquire(variant, "http", str(path), timeout=START_TIMEOUT)
             sock.close()
