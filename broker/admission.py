@@ -166,9 +166,10 @@ class Admission:
         self._total.tokens -= 1
         return None
 
-    def admit_peer(self, uid: int, *, named: bool) -> str | None:
+    def admit_peer(self, uid: int, *, named: bool, mapped: bool = True) -> str | None:
         """Count one more connection of `uid`, named by the policy or not; return why
-        not (not counted then)."""
+        not (not counted then). A uid named by a group or a unit is remembered as named
+        (no connection rate) unless it is unmapped: the overflow uid is anyone's."""
         if self.per_uid[uid] >= self.max_per_user:
             return (
                 f"uid {uid} already has {self.max_per_user} connections to the broker, its "
@@ -181,7 +182,7 @@ class Admission:
             )
         self.per_uid[uid] += 1
         self.unnamed += not named
-        if named and uid not in self.named_uids:  # by a group or a unit: remember it
+        if named and mapped and uid not in self.named_uids:  # by a group or a unit
             self._known_named[uid] = self._clock() + KNOWN_NAMED_SECONDS
             self._known_named.move_to_end(uid)
             if len(self._known_named) > RATE_UIDS:

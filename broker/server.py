@@ -146,7 +146,7 @@ class Broker:
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 uid, named = peer.uid, self._named(peer)
-                refusal = self.admission.admit_peer(uid, named=named)
+                refusal = self.admission.admit_peer(uid, named=named, mapped=peer.mapped)
                 if refusal is not None:
                     _refuse_busy(conn, refusal, self.ledger)
                     return

@@ -187,3 +187,15 @@ def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
         admitted += 1
         slots.leave()
     assert admitted == UNNAMED_BURST
+
+
+def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
+    clock = Clock()
+    slots = admission(100_000, 1000, clock)
+    overflow = 65534  # what every unmapped uid shows as
+    assert slots.admit_peer(overflow, named=True, mapped=False) is None
+    admitted = 0
+    while slots.admit(overflow) is None:  # still held to the rate: it names nobody
+        admitted += 1
+        slots.leave()
+    assert admitted == UNNAMED_BURST
