@@ -11,6 +11,7 @@ compare them).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import socket
 from typing import Final
@@ -207,22 +208,26 @@ _PRIORITY: Final = {
 
 # --- printable text ---------------------------------------------------------------
 
-_UNPRINTABLE: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
-)
-"""C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
-bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8)."""
+@functools.cache
+def _unprintable() -> re.Pattern[str]:
+    """C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
+    bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8).
+    Compiled when first needed: `exec` imports this module and never needs it."""
+    return re.compile(
+        "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+    )
 
 
 def unprintable(text: str) -> bool:
     """Whether `printable` would change `text`."""
-    return _UNPRINTABLE.search(text) is not None
+    return _unprintable().search(text) is not None
 
 
 def printable(text: str) -> str:
     """`text` with every character that could end, hide or restyle a line written as
     its Python escape (\\r, \\x1b, \\u2028): text a client or the system influences
     (a request's keys, a cgroup, a user name) stays one line, shown as it is."""
-    if _UNPRINTABLE.search(text) is None:  # the common case: nothing to escape
+    pattern = _unprintable()
+    if pattern.search(text) is None:  # the common case: nothing to escape
         return text
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+    return pattern.sub(lambda m: ascii(m.group())[1:-1], text)
