@@ -208,6 +208,7 @@ _PRIORITY: Final = {
 
 # --- printable text ---------------------------------------------------------------
 
+
 @functools.cache
 def _unprintable() -> re.Pattern[str]:
     """C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
