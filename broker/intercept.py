@@ -19,6 +19,8 @@ What this module must never do:
   bind() fails with EAFNOSUPPORT and one line on stderr saying what to hold instead;
 - widen what the program asked for: a bind() to 127.0.0.1:80 never gets a socket held
   on 0.0.0.0:80 (it continues to the kernel and fails there, with a note on stderr);
+- answer a bind() of a socket in another network namespace (a container's): its port 80
+  is its own, not the held socket's;
 - block in the notification loop: every bind()/listen() of the program and of all its
   descendants waits for us, so a stalled supervisor stalls them all;
 - leak: the held sockets, the listener fd and our socketpair never reach the program as
@@ -285,9 +287,11 @@ class _Supervisor:
             self._pass(n)  # ENOTSOCK: the kernel's answer
             return
         with sock:
-            # socket() may have set O_NONBLOCK if someone set a default timeout: undo it
-            fcntl.fcntl(dup, fcntl.F_SETFL, fd_flags & ~os.O_CLOEXEC)
-            self._bind_mapped(n, sock, fd=fd, fd_flags=fd_flags, address=parsed)
+            if not self.tracee.in_our_network(sock):
+                self._pass(n)  # another network namespace: its own ports, its own bind()
+            else:  # socket() may have set O_NONBLOCK (a default timeout): undo that
+                fcntl.fcntl(dup, fcntl.F_SETFL, fd_flags & ~os.O_CLOEXEC)
+                self._bind_mapped(n, sock, fd=fd, fd_flags=fd_flags, address=parsed)
 
     def _bind_mapped(
         self,

@@ -1,6 +1,7 @@
 """What the --intercept supervisor does to the traced program: open a pidfd for one of
 its threads, duplicate one of its fds (with the flags pidfd_getfd does not carry), read
-the sockaddr a bind() passes from its memory. Each read is checked against the
+the sockaddr a bind() passes from its memory, tell whether one of its sockets lives in
+the supervisor's own network namespace. Each read is checked against the
 notification afterwards (seccomp_unotify(2)): what a task that has exited or been
 interrupted meanwhile left behind is dropped, never acted on.
 
@@ -12,12 +13,27 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import sys
 from typing import Final
 
 from broker import seccomp, syscalls
 
 SOCKADDR_MAX: Final = 128
 """sizeof(struct sockaddr_storage): nothing we match on is longer."""
+
+SO_NETNS_COOKIE: Final = getattr(socket, "SO_NETNS_COOKIE", 71)
+"""Linux 5.14+: a number naming the network namespace a socket lives in, for the life
+of the boot (asm-generic/socket.h); no capability needed to read it."""
+
+
+def netns_cookie(sock: socket.socket) -> int | None:
+    """The cookie of `sock`'s network namespace, or None before Linux 5.14."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    except OSError:
+        return None
+    return int.from_bytes(raw, sys.byteorder)
 
 
 class Tracee:
@@ -30,6 +46,15 @@ class Tracee:
     def __init__(self, listener: int) -> None:
         self.listener = listener
         self.thread_pidfds = True  # until the kernel says PIDFD_THREAD is unknown
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ours:
+            self.netns = netns_cookie(ours)
+
+    def in_our_network(self, sock: socket.socket) -> bool:
+        """Whether the program's socket `sock` (a duplicate) lives in our network
+        namespace: the only one whose ports the held sockets stand for. A container's
+        own namespace has its own port 80. (Before Linux 5.14 this cannot be told:
+        every socket counts as ours.)"""
+        return self.netns is None or netns_cookie(sock) in (None, self.netns)
 
     def pidfd_open(self, tid: int) -> int:
         """A pidfd for thread `tid` (a notification names threads), or its process

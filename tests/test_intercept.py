@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import given
@@ -1047,6 +1047,33 @@ def test_port_map_gives_a_held_socket_for_another_port(
     assert listen_backlogs(netns) == {80: HOLDER_BACKLOG}  # its listen(7) did not run
     assert "unmapped pid=" in http_get(netns, "http://127.0.0.1:80/")
     assert run.wait() == 0
+
+
+OWN_NETWORK: Final = """
+import json, socket, sys
+sock = socket.socket()
+sock.bind(("0.0.0.0", 80))  # root of its own user namespace: port 80 of its own network
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as here:
+    mine = here.getsockopt(socket.SOL_SOCKET, 71, 8)  # SO_NETNS_COOKIE
+print(json.dumps({
+    "listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+    "own_network": sock.getsockopt(socket.SOL_SOCKET, 71, 8) == mine,
+}), flush=True)
+"""
+
+
+@needs_root
+def test_a_bind_in_another_network_namespace_gets_its_own_socket(
+    scenario: Callable[..., Scenario],
+) -> None:
+    """What a container does: its bind(80) in its own network namespace is its own,
+    not the host's held socket (which the program's launcher, say rootlessport, serves)."""
+    argv = ["unshare", "--user", "--map-root-user", "--net", SYSTEM_PYTHON, "-I", "-c",
+            OWN_NETWORK]  # fmt: skip
+    run = scenario(argv, [V4_80])
+    report = run.wait_for_report(lambda r: "listening" in r)
+    assert report == {"listening": 0, "own_network": True}  # not the held, listening one
+    assert run.wait() == 0, run.stderr
 
 
 @needs_root
