@@ -462,7 +462,10 @@ def _parser() -> argparse.ArgumentParser:
         "--control", metavar="PATH", help="bind the control socket here (with --bind)"
     )
     serve.add_argument(
-        "--user", metavar="NAME", help="after binding as root, become this user (with --bind)"
+        "--user",
+        metavar="NAME|UID[:GID]",
+        help="after binding as root, become this user (with --bind); a uid the user "
+        "database does not know is taken as it is",
     )
     serve.set_defaults(func=cmd_serve)
     return parser

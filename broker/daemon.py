@@ -5,14 +5,17 @@ s6-fdholder-daemon's exec chain (bind → drop privileges → serve):
    pydantic never enters the broker (broker/loader.py);
 2. import everything the server needs, before any privilege change (after it, the
    interpreter may no longer read its own modules);
-3. take the sockets: systemd's (LISTEN_FDS), or bind them here as root and drop to
-   `--user` (broker/activation.py);
-4. check the configuration against the sockets, fit RLIMIT_NOFILE to the limits, and
-   log what is served;
+3. take the sockets: systemd's (LISTEN_FDS), or bind them here as root, once `--user`
+   is known to exist (broker/activation.py);
+4. check the configuration against the sockets, then drop to `--user`
+   (broker/privileges.py), fit RLIMIT_NOFILE to the limits, and log what is served;
 5. serve until SIGTERM (broker/server.py).
 
+A start refused after binding removes the control socket file it bound (it is still
+root then); one refused before binds nothing.
+
 Must never: serve a socket before the configuration is checked against it, keep root
-past step 3, or serve as root without saying so.
+past step 4's checks, or serve as root without saying so.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def serve(
         raise BrokerError(f"cannot start the configuration loader: {e.strerror}") from None
     import trio  # noqa: PLC0415 (step 2: while the loader child works)
 
-    from broker import activation, server  # noqa: PLC0415
+    from broker import activation, privileges, server  # noqa: PLC0415
     from broker.audit import Audit  # noqa: PLC0415
 
     audit = Audit()
@@ -74,18 +77,25 @@ def serve(
         intake = activation.from_systemd()
     try:
         _check(loaded, intake, audit)
+        if user:  # after the checks: a refused start can still remove what it bound
+            privileges.drop_privileges(user)
         fit_open_files(loaded.max_connections, intake, audit)
         summary = "; ".join(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
         )
         audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
         trio.run(server.Broker(intake, loaded, audit).serve)
+    except BaseException:
+        if control:  # bound here as root: a refused start leaves no socket file behind
+            with contextlib.suppress(OSError):
+                os.unlink(control)
+        raise
     finally:
         intake.close()
 
 
 def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake:
-    """Step 3 without systemd: bind as root, then drop to `user` for good."""
+    """Step 3 without systemd: bind as root (`user` is dropped to after the checks)."""
     from broker import activation, privileges  # noqa: PLC0415 (imported in step 2)
 
     if not control:
@@ -95,15 +105,10 @@ def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake
             "refusing to serve as root: pass --user NAME to drop to after binding "
             "(e.g. --user port-broker)"
         )
-    specs = [activation.BindSpec.parse(spec) for spec in binds]
-    intake = activation.bind_all(specs, control)
     if user:
-        try:
-            privileges.drop_privileges(user)
-        except BaseException:
-            intake.close()
-            raise
-    return intake
+        privileges.resolve_user(user)  # an unknown user is refused before anything is bound
+    specs = [activation.BindSpec.parse(spec) for spec in binds]
+    return activation.bind_all(specs, control)
 
 
 def _check(loaded: Config, intake: Intake, audit: Audit) -> None:

@@ -659,7 +659,7 @@ def report_after_dropping(user: str) -> Callable[[], dict[str, Any]]:
         status = Path("/proc/self/status").read_text()
         no_new_privs = re.search(r"^NoNewPrivs:\s*(\d)$", status, re.MULTILINE)
         return {
-            "name": entry.pw_name,
+            "name": entry.name,
             "uids": list(os.getresuid()),
             "gids": list(os.getresgid()),
             "groups": sorted(os.getgroups()),
@@ -691,11 +691,34 @@ def test_drop_privileges_leaves_root_for_good(user: str) -> None:
     }
 
 
+@pytest.mark.needs_root
+@pytest.mark.parametrize(
+    ("user", "gid"), [("65532", 65532), ("65532:65533", 65533)], ids=["uid", "uid:gid"]
+)
+def test_drop_privileges_to_a_uid_the_user_database_does_not_know(user: str, gid: int) -> None:
+    # A container's user (distroless's nonroot is 65532): ids as given, no groups.
+    with pytest.raises(KeyError):
+        pwd.getpwuid(65532)
+    report = run_in_child(report_after_dropping(user))
+    assert report["result"]["name"] == "65532"
+    assert report["result"]["uids"] == [65532] * 3
+    assert report["result"]["gids"] == [gid] * 3
+    assert report["result"]["groups"] == []
+    assert report["result"]["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}
+    assert (report["result"]["back_to_root"], report["result"]["bind_80"]) == (
+        False,
+        errno.EACCES,
+    )
+
+
 @pytest.mark.parametrize(
     ("user", "message"),
     [
         ("pbtest-no-such-user", "--user pbtest-no-such-user: no such user"),
-        ("4294967000", "--user 4294967000: no such user"),
+        ("4294967295", "--user 4294967295: ids go from 0 to 4294967294"),
+        ("99999999999999999999", "--user 99999999999999999999: ids go from 0 to 4294967294"),
+        ("65532:x", "--user 65532:x: give NAME, UID or UID:GID"),
+        ("0:65534", "--user 0:65534: is root; give an unprivileged user"),
         ("\u00b2", "--user \u00b2: no such user"),
         ("root", "--user root: is root; give an unprivileged user"),
         ("0", "--user 0: is root; give an unprivileged user"),

@@ -607,6 +607,23 @@ def test_serve_refuses_to_start_wrongly(rundir: Path, args: list[str], message: 
     assert done.returncode == 78
     assert done.stderr.startswith("port-broker serve: ")
     assert message in done.stderr
+    assert not (rundir / "control.sock").exists()  # a refused start leaves nothing behind
+
+
+@pytest.mark.needs_root
+def test_serve_refused_after_binding_removes_its_control_socket(rundir: Path) -> None:
+    config = rundir / "broker.toml"
+    config.write_text("[sockets.https]\nusers = [65532]\n")  # https is not bound below
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "PORT_BROKER_"))}
+    done = subprocess.run(
+        [*PORT_BROKER, "serve", "--config", str(config), "--bind", "http=127.0.0.1:8081",
+         "--control", "control.sock", "--user", "65532"],
+        capture_output=True, text=True, timeout=START_TIMEOUT, check=False, env=env,
+        cwd=rundir,
+    )  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    assert "rules for https but the broker holds no such socket" in done.stderr
+    assert not (rundir / "control.sock").exists()
 
 
 # --- open-file limit --------------------------------------------------------------
