@@ -11,11 +11,12 @@ one that would answer on an address it did not ask for without saying so.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from broker.activation import format_address
 from broker.errors import InterceptError
@@ -177,3 +178,77 @@ def build_map(
                 raise ValueError(f"port_map key {port!r} is not a port number")
             mapping[port] = [described[s.fileno()] for s in socks]
     return list(described.values()), mapping
+
+
+def v6only_note(wanted_v6only: bool, held: Held, who: str) -> str | None:
+    """What to tell `who`, given the IPv6 socket `held`, if it asked for the other
+    IPV6_V6ONLY: the held socket's setting is the one that counts."""
+    if held.endpoint.family != socket.AF_INET6 or wanted_v6only == held.v6only:
+        return None
+    where = show_endpoint(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
+    if held.v6only:
+        return (
+            f"{who} wants a dual-stack socket but the one held on {where} is IPv6-only: it "
+            "gets no IPv4 connections"
+        )
+    return (
+        f"{who} set IPV6_V6ONLY but the socket held on {where} is dual-stack: it also gets "
+        "IPv4 connections"
+    )
+
+
+def unserved_families(
+    mapping: Mapping[int, Sequence[Held]], given: set[tuple[int, int]]
+) -> list[str]:
+    """For each port where the program took a held socket of one family but not the one
+    held for the other (an IPv4-only program under the IPv4 + IPv6-only pair): what
+    happens to the other family's clients, and what to do."""
+    notes = []
+    for held in mapping.values():
+        taken = [h for h in held if h.inode in given]
+        for left in (h for h in held if h.inode not in given):
+            if not taken or any(h.endpoint.family == left.endpoint.family for h in taken):
+                continue
+            took = taken[0].endpoint
+            where = show_endpoint(left.endpoint.family, left.endpoint.ip, left.endpoint.port)
+            family = "IPv6" if left.endpoint.family == socket.AF_INET6 else "IPv4"
+            notes.append(
+                f"the program took the socket held on "
+                f"{show_endpoint(took.family, took.ip, took.port)} but not the one held on "
+                f"{where}: its {family} clients connect and wait until they time out, and "
+                "a worker given that socket next gets their dead connections; serve both "
+                "families (bind :: too), or hold one family only"
+            )
+    return notes
+
+
+FAMILIES_CHECK_DELAY: Final = 2.0
+"""Seconds after its first bind() to a held socket before the program is told of a held
+family it left unserved: a server binds each of its families within milliseconds."""
+
+
+class FamilyCheck:
+    """When to look, once, for a held family the program left unserved (see
+    `unserved_families`): FAMILIES_CHECK_DELAY after its first held bind()."""
+
+    def __init__(self) -> None:
+        self.given: set[tuple[int, int]] = set()  # held sockets the program took
+        self._due: float | None = None  # None: nothing taken yet; inf: looked already
+
+    def took(self, inode: tuple[int, int], now: float) -> None:
+        self.given.add(inode)
+        if self._due is None:
+            self._due = now + FAMILIES_CHECK_DELAY
+
+    def timeout_ms(self, now: float) -> int | None:
+        """How long the supervisor may wait for other events before `due`."""
+        if self._due is None or self._due == math.inf:
+            return None
+        return max(0, math.ceil((self._due - now) * 1000))
+
+    def due(self, mapping: Mapping[int, Sequence[Held]], now: float) -> list[str]:
+        """What to say now (once, when due)."""
+        if self._due is None or now < self._due:
+            return []
+        self._due = math.inf
+        return unserved_families(mapping, self.given)

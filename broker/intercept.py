@@ -71,12 +71,14 @@ import os
 import select
 import signal
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 from broker import seccomp, spawn, syscalls
 from broker.bindings import (
     Endpoint,
+    FamilyCheck,
     Held,
     Pass,
     Refuse,
@@ -84,6 +86,7 @@ from broker.bindings import (
     decide,
     parse_sockaddr,
     show_endpoint,
+    v6only_note,
 )
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.seccomp import check_supported
@@ -152,6 +155,7 @@ class _Supervisor:
         self.held_inodes = {h.inode for h in held}
         self.listening_inodes = {h.inode for h in held if h.endpoint.type != socket.SOCK_DGRAM}
         self.nonblock_given: dict[tuple[int, int], bool] = {}
+        self.families = FamilyCheck()
         self.child_status: int | None = None
         self.tracee = Tracee(listener)
 
@@ -163,7 +167,9 @@ class _Supervisor:
         poller.register(self.sigfd, select.POLLIN)
         filter_in_use, stop = True, False
         while not stop and (filter_in_use or self.child_status is None):
-            for fd, events in poller.poll():
+            for note in self.families.due(self.mapping, time.monotonic()):
+                _say(note)
+            for fd, events in poller.poll(self.families.timeout_ms(time.monotonic())):
                 if fd == self.sigfd:
                     stop = self._on_signals()
                 elif events & select.POLLIN:
@@ -327,7 +333,10 @@ class _Supervisor:
             self._reply(n.id, error=decision.error)
             return
         held = candidates[decision.choice]
-        self._warn_v6only(sock, held, who)
+        if held.endpoint.family == socket.AF_INET6:
+            wanted = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            if note := v6only_note(wanted, held, who):
+                _say(note)
         try:
             seccomp.add_fd(
                 self.listener, n.id, held.sock.fileno(), fd, cloexec=bool(fd_flags & os.O_CLOEXEC)
@@ -344,24 +353,7 @@ class _Supervisor:
         # not before: a failed ADDFD leaves the flag as the other holders had it.
         self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
         self._reply(n.id)
-
-    def _warn_v6only(self, sock: socket.socket, held: Held, who: str) -> None:
-        if held.endpoint.family != socket.AF_INET6:
-            return
-        wanted = bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-        if wanted == held.v6only:
-            return
-        where = show_endpoint(held.endpoint.family, held.endpoint.ip, held.endpoint.port)
-        if held.v6only:
-            _say(
-                f"{who} wants a dual-stack socket but the one held on {where} is "
-                "IPv6-only: it gets no IPv4 connections"
-            )
-        else:
-            _say(
-                f"{who} set IPV6_V6ONLY but the socket held on {where} is dual-stack: "
-                "it also gets IPv4 connections"
-            )
+        self.families.took(held.inode, time.monotonic())
 
     def _match_nonblocking(self, wanted: bool, held: Held, who: str) -> None:
         """Give the shared open file description the program's own O_NONBLOCK."""

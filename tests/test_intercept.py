@@ -31,14 +31,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import intercept, seccomp
-from broker.bindings import Endpoint, Inject, Pass, Refuse, decide, parse_sockaddr
+from broker.bindings import (
+    FAMILIES_CHECK_DELAY,
+    Endpoint,
+    FamilyCheck,
+    Held,
+    Inject,
+    Pass,
+    Refuse,
+    decide,
+    parse_sockaddr,
+    unserved_families,
+)
 from broker.intercept import InterceptError, InterceptUnsupported
 from tests.harness.processes import NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
@@ -130,6 +141,37 @@ def test_decide_passes_other_socket_types_silently() -> None:
 def test_decide_matches_datagram_sockets() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY), endpoint(socket.AF_INET, UDP, V4_ANY)]
     assert decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == Inject(1)
+
+
+def held(family: int, port: int, inode: int, *, v6only: bool = False) -> Held:
+    """A held socket as the supervisor describes it (its socket object is not needed)."""
+    ip = V6_ANY if family == socket.AF_INET6 else V4_ANY
+    return Held(cast(socket.socket, None), endpoint(family, TCP, ip, port), v6only, (1, inode))
+
+
+def test_a_family_left_unserved_is_told_once_after_the_delay() -> None:
+    v4, v6 = held(socket.AF_INET, 80, 1), held(socket.AF_INET6, 80, 2, v6only=True)
+    mapping = {80: [v6, v4]}
+    check = FamilyCheck()
+    assert check.timeout_ms(0.0) is None  # nothing taken: nothing to wait for
+    assert check.due(mapping, 100.0) == []
+    check.took(v4.inode, 10.0)
+    assert check.timeout_ms(10.0) == FAMILIES_CHECK_DELAY * 1000
+    assert check.due(mapping, 10.0 + FAMILIES_CHECK_DELAY / 2) == []
+    [note] = check.due(mapping, 10.0 + FAMILIES_CHECK_DELAY)
+    assert note.startswith("the program took the socket held on 0.0.0.0:80 but not the one held")
+    assert "on [::]:80: its IPv6 clients connect and wait until they time out" in note
+    assert check.due(mapping, 100.0) == []  # once
+    assert check.timeout_ms(100.0) is None
+
+
+def test_both_families_taken_or_one_held_is_nothing_to_tell() -> None:
+    v4, v6 = held(socket.AF_INET, 80, 1), held(socket.AF_INET6, 80, 2, v6only=True)
+    assert unserved_families({80: [v6, v4]}, {v4.inode, v6.inode}) == []
+    assert unserved_families({80: [v4]}, {v4.inode}) == []
+    assert unserved_families({80: [v6, v4]}, set()) == []  # nothing taken: no program yet
+    [note] = unserved_families({80: [v6, v4]}, {v6.inode})
+    assert "its IPv4 clients connect" in note
 
 
 def test_parse_sockaddr_reads_what_the_kernel_reads() -> None:
@@ -923,6 +965,12 @@ def test_python_http_server_ipv4_gets_the_ipv4_socket(
     argv = [SYSTEM_PYTHON, "-I", "-m", "http.server", "80", "--directory", str(stage / "www")]
     run = scenario(argv, [V6_ONLY_80, V4_80])
     assert http_get(netns, "http://127.0.0.1/token.txt") == "token-from-the-test\n"
+    # The IPv6 socket held beside it has nobody accepting under this program: it is told.
+    deadline = time.monotonic() + FAMILIES_CHECK_DELAY + STARTUP_TIMEOUT
+    unserved = "took the socket held on 0.0.0.0:80 but not the one held on [::]:80"
+    while unserved not in run.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "its IPv6 clients connect and wait until they time out" in run.stderr
     run.kill(signal.SIGINT)  # http.server exits 0 on KeyboardInterrupt
     assert run.wait() == 0
     assert "127.0.0.1" in run.stderr  # its access log decoded the IPv4 peer
