@@ -5,9 +5,9 @@ LISTEN_PID are set (sd_listen_fds(3)), and LISTEN_PIDFDID where the kernel gives
 processes a pidfd of their own (as systemd 256+ does); every other LISTEN_* inherited
 is removed, so nothing stale (another process's LISTEN_PIDFDID, which would make
 sd_listen_fds() refuse the sockets) reaches the program. Then the program replaces this
-process, so the pid stays the same and nothing of port-broker remains running. Node serves with
-`server.listen({fd: 3})`, gunicorn by itself (it reads LISTEN_FDS; adding `--bind fd://3`
-would make it close fd 3 twice), uvicorn with `--fd 3`.
+process, so the pid stays the same and nothing of port-broker remains running. Node
+serves with `server.listen({fd: 3})`, gunicorn by itself (it reads LISTEN_FDS; adding
+`--bind fd://3` would make it close fd 3 twice), uvicorn with `--fd 3`.
 
 Standard library only, and quick: this runs before every worker starts.
 """
