@@ -13,7 +13,8 @@ read the flag of an fd it is given: `getblocking()` says True regardless.)
 Synchronous functions use only the standard library, so a worker's start-up stays
 cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`,
 `reload`.
-The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called.
+The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called;
+the asyncio ones are in broker/aio.py.
 
 The broker's socket is found at the `path` argument, else $PORT_BROKER_SOCKET, else
 /run/port-broker.sock. Every call has a deadline (`timeout`, default 5 s) covering

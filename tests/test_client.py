@@ -11,6 +11,7 @@ Permission errors are met by a real process of another uid.
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import functools
 import json
@@ -29,7 +30,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import client, names
+from broker import aio, client, names
 from broker.errors import (
     AccessDenied,
     BrokerUnavailable,
@@ -58,8 +59,8 @@ SHORT_TIMEOUT: Final = 0.2
 """The sync client's timeout against peers that never answer: any value fails the same
 way; a short one keeps the test fast. (The trio client waits on the autojump clock.)"""
 
-Variant = Literal["sync", "trio"]
-VARIANTS: Final[list[Variant]] = ["sync", "trio"]
+Variant = Literal["sync", "trio", "asyncio"]
+VARIANTS: Final[list[Variant]] = ["sync", "trio", "asyncio"]
 Script = Callable[[socket.socket], None]
 
 
@@ -74,10 +75,15 @@ def rundir(public_root: Path) -> Path:
 async def acquire_many(
     variant: Variant, names: Sequence[str], path: str | None, timeout: float = 5.0
 ) -> list[tuple[str, socket.socket]]:
-    """`acquire_many` (in a thread) or `acquire_many_trio`; plain sockets either way."""
+    """`acquire_many` (in a thread), `acquire_many_trio`, or broker.aio's (an asyncio
+    loop in a thread); plain sockets whichever."""
     if variant == "sync":
         return await trio.to_thread.run_sync(
             functools.partial(client.acquire_many, names, path=path, timeout=timeout)
+        )
+    if variant == "asyncio":
+        return await trio.to_thread.run_sync(
+            asyncio.run, aio.acquire_many(names, path=path, timeout=timeout)
         )
     grants = await client.acquire_many_trio(names, path=path, timeout=timeout)
     return [(name, socket.socket(fileno=sock.detach())) for name, sock in grants]
@@ -89,6 +95,10 @@ async def acquire(
     if variant == "sync":
         return await trio.to_thread.run_sync(
             functools.partial(client.acquire, name, path=path, timeout=timeout)
+        )
+    if variant == "asyncio":
+        return await trio.to_thread.run_sync(
+            asyncio.run, aio.acquire(name, path=path, timeout=timeout)
         )
     sock = await client.acquire_trio(name, path=path, timeout=timeout)
     return socket.socket(fileno=sock.detach())
@@ -819,7 +829,7 @@ async def test_the_path_argument_then_the_environment_then_the_default(
 def test_the_client_imports_only_the_standard_library() -> None:
     # A worker's start-up path: no trio, no pydantic, no systemd until asked for.
     code = (
-        "import sys, broker.client, broker.launcher;"
+        "import sys, broker.client, broker.launcher, broker.aio;"
         "print(sorted(m for m in ('trio', 'pydantic', 'systemd') if m in sys.modules))"
     )
     done = subprocess.run(

@@ -1,0 +1,137 @@
+"""The client library for asyncio (uvicorn, aiohttp, hypercorn and most Python servers
+run on it): `acquire` and `acquire_many` as coroutines, beside broker.client's sync and
+trio versions, with the same requests, reply reader, deadline, waits and errors.
+
+    import asyncio, broker.aio
+    sock = await broker.aio.acquire("http")   # a listening socket.socket, non-blocking
+    server = await asyncio.start_server(handle, sock=sock)
+
+Ownership: sockets returned are the caller's to close; on any error, every fd received
+is closed before the exception propagates.
+
+Standard library only, as broker.client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Sequence
+
+from broker.client import (
+    _ANCILLARY_BYTES,
+    _RECV_BYTES,
+    BUSY_RETRY_FIRST,
+    BUSY_RETRY_MAX,
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
+    DEFAULT_TIMEOUT,
+    Grant,
+    _busy,
+    _granted,
+    _names,
+    _ReplyReader,
+    _single,
+    _unavailable,
+    socket_path,
+)
+from broker.protocol import Acquire, Reply, Request, encode_request
+
+__all__ = ["acquire", "acquire_many"]
+
+
+async def acquire_many(
+    names: Sequence[str], *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> list[Grant]:
+    """asyncio version of `broker.client.acquire_many`: all of the sockets, or none.
+
+    Raises:
+        As `broker.client.acquire_many`.
+    """
+    reply, fds = await _exchange(Acquire(_names(names)), path, timeout)
+    return _granted(reply, fds, socket_path(path))
+
+
+async def acquire(
+    name: str, *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> socket.socket:
+    """asyncio version of `broker.client.acquire`.
+
+    Raises:
+        As `broker.client.acquire`.
+    """
+    return _single(name, await acquire_many([name], path=path, timeout=timeout))
+
+
+async def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
+    """As broker.client's: asked again after `busy`, with a backoff, within the deadline."""
+    where = socket_path(path)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = BUSY_RETRY_FIRST
+    while True:
+        reply, fds = await _exchange_once(request, where, timeout, deadline)
+        if not _busy(reply) or deadline - loop.time() <= delay:
+            return reply, fds
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, BUSY_RETRY_MAX)
+
+
+async def _exchange_once(
+    request: Request, path: str, timeout: float, deadline: float
+) -> tuple[Reply, list[int]]:
+    loop = asyncio.get_running_loop()
+    reader = _ReplyReader(path)
+    queued = False  # still waiting for room in the broker's queue?
+    flags = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    try:
+        async with asyncio.timeout_at(deadline):
+            with socket.socket(socket.AF_UNIX, flags) as sock:
+                delay = CONNECT_RETRY_FIRST
+                while True:  # asyncio's sock_connect takes a full queue's EAGAIN for done
+                    try:
+                        sock.connect(path)  # a Unix socket connects at once, or EAGAIN
+                        break
+                    except BlockingIOError:
+                        queued = True
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, CONNECT_RETRY_MAX)
+                queued = False
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    await loop.sock_sendall(sock, encode_request(request))
+                while not reader.done:
+                    await _readable(loop, sock)
+                    with contextlib.suppress(BlockingIOError):
+                        reader.feed(
+                            *sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+                        )
+        return reader.result()
+    except TimeoutError:
+        reader.close_fds()
+        late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
+        raise _unavailable(path, late, timeout) from None
+    except OSError as e:
+        reader.close_fds()
+        raise _unavailable(path, e, timeout) from None
+    except BaseException:
+        reader.close_fds()
+        raise
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until `sock` has something to read (asyncio has no sock_recvmsg)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # the loop may call again before the reader is removed
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
