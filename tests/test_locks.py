@@ -21,9 +21,9 @@ from packaging.utils import canonicalize_name
 from tests.harness.runtime import ROOT, RUNTIME_DEPENDENCIES
 
 LOCKS: Final = ROOT / ".ci" / "requirements"
-LAYERS: Final = ("build", "runtime", "dev", "bench")
+LAYERS: Final = ("build", "runtime", "dev", "bench", "servers")
 """Each lock is resolved with the one before it as constraints (.ci/lock); dev holds
-runtime, bench holds dev."""
+runtime, bench holds dev. servers stands alone (what the recipes' workers run)."""
 
 
 def entries(lock: str) -> Iterator[tuple[Requirement, int]]:
@@ -78,6 +78,7 @@ def test_every_pin_is_exact_and_hashed(lock: str) -> None:
         ("runtime", ["runtime"]),
         ("dev", ["runtime", "test", "lint", "lock", "dev"]),
         ("bench", ["runtime", "test", "lint", "lock", "dev", "bench"]),
+        ("servers", ["servers"]),
     ],
 )
 def test_each_lock_holds_what_pyproject_asks_for(lock: str, wanted: list[str]) -> None:
@@ -103,7 +104,7 @@ def test_a_lock_keeps_the_versions_of_the_one_below(lower: str, upper: str) -> N
     assert {name: above.get(name) for name in below} == below
 
 
-@pytest.mark.parametrize("lock", LAYERS[1:])
+@pytest.mark.parametrize("lock", LAYERS[1:4])
 def test_the_build_tools_are_the_same_in_every_lock(lock: str) -> None:
     build, other = pins("build"), pins(lock)
     assert {name: other[name] for name in build if name in other} == {

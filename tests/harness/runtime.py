@@ -6,11 +6,16 @@ runtime dependencies (as locked: .ci/setup installs .ci/requirements/runtime.txt
 unprivileged workers and brokers cannot read a checkout or venv under /root, and the
 interpreter first on PATH may be private too.
 
+`build_servers()` does the same for the servers the docs' recipes start as workers
+(gunicorn, uvicorn: .venv/servers, from .ci/requirements/servers.txt), with a
+`bin/NAME` for each of their commands.
+
 Must never: write anywhere but the directory it is given.
 """
 
 from __future__ import annotations
 
+import configparser
 import shutil
 from pathlib import Path
 from typing import Final
@@ -67,3 +72,44 @@ def make_public_dir(parent: Path, name: str) -> Path:
     path.mkdir(mode=0o755)
     path.chmod(0o755)
     return path
+
+
+SERVERS: Final = ROOT / ".venv" / "servers"
+"""The servers the docs' recipes start (.ci/requirements/servers.txt), installed by
+.ci/setup with `pip install --target`."""
+
+_COMMAND: Final = """\
+#!/usr/bin/python3 -I
+import os, sys
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+                             "site")]
+from {module} import {function}
+sys.exit({function}())
+"""
+
+
+def build_servers(dest: Path) -> Path:
+    """Lay out the recipes' servers, world-readable, in `dest`; return its bin/, which
+    holds a command per console script they declare (gunicorn, uvicorn), run on
+    /usr/bin/python3 as `pip install` would have made it.
+
+    Raises:
+        RuntimeError: if .ci/setup has not installed SERVERS.
+    """
+    if not SERVERS.is_dir():
+        raise RuntimeError(f"{SERVERS} is missing: run .ci/setup (servers.txt)")
+    site = dest / "site"
+    shutil.copytree(SERVERS, site, symlinks=True, ignore=shutil.ignore_patterns("bin"))
+    commands = dest / "bin"
+    commands.mkdir(parents=True)
+    for entry_points in site.glob("*.dist-info/entry_points.txt"):
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(entry_points)
+        if parser.has_section("console_scripts"):
+            for name, target in parser.items("console_scripts"):
+                module, _, function = target.partition(":")
+                (commands / name).write_text(_COMMAND.format(module=module, function=function))
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or path.parent == commands else 0o644)
+    return commands
