@@ -79,6 +79,12 @@ def serve(
         _check(loaded, intake, audit)
         if user:  # after the checks: a refused start can still remove what it bound
             privileges.drop_privileges(user)
+        elif os.geteuid() == 0:
+            audit.log(
+                Level.WARNING,
+                "serving as root: run the broker under DynamicUser= or --user instead; it "
+                "needs no privilege at all",
+            )
         fit_open_files(loaded.max_connections, intake, audit)
         summary = "; ".join(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
@@ -121,12 +127,6 @@ def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
     for name in sorted(set(intake.held) - set(loaded.policy.sockets)):
         audit.log(
             Level.WARNING, f"socket {name!r} has no rule in {loaded.path}: nobody may acquire it"
-        )
-    if os.geteuid() == 0:
-        audit.log(
-            Level.WARNING,
-            "serving as root: run the broker under DynamicUser= or --user instead; it needs "
-            "no privilege at all",
         )
 
 

@@ -346,6 +346,7 @@ def test_fallback_binds_as_root_and_drops_to_the_user(
     assert status["NoNewPrivs"] == "1"
     assert worker.poll() is None
     assert broker.stop() == 0
+    assert "serving as root" not in broker.output()  # it was root only until it dropped
 
 
 def test_fallback_refuses_to_serve_as_root(launcher: Path, workdir: Path) -> None:
