@@ -31,7 +31,7 @@ from tests.harness.processes import (
     start_broker,
     wait_for,
 )
-from tests.harness.runtime import SYSTEM_PYTHON
+from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 POLICY: Final = '[sockets.http]\nusers = ["nobody"]\n'
 
@@ -134,23 +134,38 @@ def test_unmodified_node_listen_80(
     assert ss.split()[2] == "4096", ss
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param([SYSTEM_PYTHON, "-m", "http.server", "80", "--bind", "::"], id="python"),
-        pytest.param(["busybox", "httpd", "-f", "-p", "80"], id="static-busybox"),
-    ],
-)
-def test_unmodified_dual_stack_servers(
-    processes: Processes, launcher: Path, dual: BrokerProcess, workdir: Path, command: list[str]
+def intercept_recipe(program: str) -> str:
+    """The command docs/intercept.md's first example block gives for `program`."""
+    block = (ROOT / "docs" / "intercept.md").read_text().split("```sh\n", 1)[1]
+    for line in block.split("```", 1)[0].splitlines():
+        command = line.split("#", 1)[0].strip()
+        if command.split(" -- ", 1)[-1].split()[0] == program:
+            return command
+    raise AssertionError(f"docs/intercept.md gives no command for {program}")
+
+
+NODE_ON_3000: Final = """
+const http = require('http');
+http.createServer((q, r) => r.end(`node on ${process.pid}\\n`)).listen(3000);
+"""
+
+
+@pytest.mark.parametrize("program", ["python3", "busybox", "node"])
+def test_the_docs_intercept_commands_as_written(
+    processes: Processes, launcher: Path, dual: BrokerProcess, workdir: Path, program: str
 ) -> None:
+    # As a user types them: `port-broker` on PATH, the broker found by
+    # PORT_BROKER_SOCKET, in a directory holding the files they serve or run.
+    command = intercept_recipe(program)
     (workdir / "index.html").write_text("hello from the working directory\n")
     (workdir / "index.html").chmod(0o644)
-    proc = processes.start(["sh", "-c", f'cd "{workdir}" && exec "$@"', "sh",
-                            *as_user(NOBODY), str(launcher), "exec", "--socket",
-                            str(dual.control), "--intercept", "http", "--", *command])  # fmt: skip
-    assert "hello from the working directory" in served("127.0.0.1")
-    assert "hello from the working directory" in served("::1")
+    script(workdir, "server.js", NODE_ON_3000)
+    env = {"PATH": f"{launcher.parent}:/usr/bin:/bin", "HOME": "/nonexistent",
+           "LANG": "C.UTF-8", "PORT_BROKER_SOCKET": str(dual.control)}  # fmt: skip
+    proc = processes.start([*as_user(NOBODY), "sh", "-c", command], env=env, cwd=workdir)
+    expected = "node on" if program == "node" else "hello from the working directory"
+    assert expected in served("127.0.0.1")
+    assert expected in served("::1")
     assert proc.poll() is None
 
 
