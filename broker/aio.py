@@ -20,22 +20,24 @@ import errno
 import socket
 from collections.abc import Sequence
 
-from broker.client import (
-    _ANCILLARY_BYTES,
-    _RECV_BYTES,
+from broker.client import DEFAULT_TIMEOUT, socket_path
+from broker.exchange import (
+    ANCILLARY_BYTES,
     BUSY_RETRY_FIRST,
     BUSY_RETRY_MAX,
     CONNECT_RETRY_FIRST,
     CONNECT_RETRY_MAX,
-    DEFAULT_TIMEOUT,
+    RECV_BYTES,
     Grant,
-    _busy,
-    _granted,
-    _names,
-    _ReplyReader,
-    _single,
-    _unavailable,
-    socket_path,
+    ReplyReader,
+    as_names,
+    check_timeout,
+    connected,
+    delays,
+    grants_from,
+    is_busy,
+    single,
+    unavailable,
 )
 from broker.protocol import Acquire, Reply, Request, encode_request
 
@@ -50,8 +52,8 @@ async def acquire_many(
     Raises:
         As `broker.client.acquire_many`.
     """
-    reply, fds = await _exchange(Acquire(_names(names)), path, timeout)
-    return _granted(reply, fds, socket_path(path))
+    reply, fds = await _exchange(Acquire(as_names(names)), path, timeout)
+    return grants_from(reply, fds, socket_path(path))
 
 
 async def acquire(
@@ -62,44 +64,39 @@ async def acquire(
     Raises:
         As `broker.client.acquire`.
     """
-    return _single(name, await acquire_many([name], path=path, timeout=timeout))
+    return single(name, await acquire_many([name], path=path, timeout=timeout))
 
 
 async def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
     """As broker.client's: asked again after `busy`, with a backoff, within the deadline."""
     where = socket_path(path)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    check_timeout(timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = BUSY_RETRY_FIRST
+    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
     while True:
         reply, fds = await _exchange_once(request, where, timeout, deadline)
-        if not _busy(reply) or deadline - loop.time() <= delay:
+        delay = next(waits)
+        if not is_busy(reply) or deadline - loop.time() <= delay:
             return reply, fds
         await asyncio.sleep(delay)
-        delay = min(delay * 2, BUSY_RETRY_MAX)
 
 
 async def _exchange_once(
     request: Request, path: str, timeout: float, deadline: float
 ) -> tuple[Reply, list[int]]:
     loop = asyncio.get_running_loop()
-    reader = _ReplyReader(path)
+    reader = ReplyReader(path)
     queued = False  # still waiting for room in the broker's queue?
     flags = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
     try:
         async with asyncio.timeout_at(deadline):
             with socket.socket(socket.AF_UNIX, flags) as sock:
-                delay = CONNECT_RETRY_FIRST
-                while True:  # asyncio's sock_connect takes a full queue's EAGAIN for done
-                    try:
-                        sock.connect(path)  # a Unix socket connects at once, or EAGAIN
+                for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
+                    if connected(sock, path):  # (not sock_connect: see connected)
                         break
-                    except BlockingIOError:
-                        queued = True
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, CONNECT_RETRY_MAX)
+                    queued = True
+                    await asyncio.sleep(delay)
                 queued = False
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     await loop.sock_sendall(sock, encode_request(request))
@@ -107,16 +104,16 @@ async def _exchange_once(
                     await _readable(loop, sock)
                     with contextlib.suppress(BlockingIOError):
                         reader.feed(
-                            *sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+                            *sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
                         )
         return reader.result()
     except TimeoutError:
         reader.close_fds()
         late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
-        raise _unavailable(path, late, timeout) from None
+        raise unavailable(path, late, timeout) from None
     except OSError as e:
         reader.close_fds()
-        raise _unavailable(path, e, timeout) from None
+        raise unavailable(path, e, timeout) from None
     except BaseException:
         reader.close_fds()
         raise

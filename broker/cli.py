@@ -46,7 +46,7 @@ from broker.names import (
 if TYPE_CHECKING:
     import socket
 
-    from broker.client import Grant
+    from broker.exchange import Grant
 
 
 def _fail(command: str, message: str, status: int) -> int:

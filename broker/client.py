@@ -14,7 +14,8 @@ Synchronous functions use only the standard library, so a worker's start-up stay
 cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`,
 `reload`.
 The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called;
-the asyncio ones are in broker/aio.py.
+the asyncio ones are in broker/aio.py. What all three share (the reply reader, the
+waits, the error messages) is broker/exchange.py.
 
 The broker's socket is found at the `path` argument, else $PORT_BROKER_SOCKET, else
 /run/port-broker.sock. Every call has a deadline (`timeout`, default 5 s) covering
@@ -31,7 +32,6 @@ connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -41,15 +41,30 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from broker.errors import BrokerUnavailable, ClientError, Code, ProtocolError, refusal
+from broker.errors import BrokerUnavailable, refusal
+from broker.exchange import (
+    ANCILLARY_BYTES,
+    BUSY_RETRY_FIRST,
+    BUSY_RETRY_MAX,
+    CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_MAX,
+    RECV_BYTES,
+    Grant,
+    ReplyReader,
+    as_names,
+    check_timeout,
+    close_all,
+    connected,
+    delays,
+    grants_from,
+    is_busy,
+    single,
+    unavailable,
+)
 from broker.names import DEFAULT_SOCKET, SOCKET_ENV
 from broker.protocol import (
-    MAX_REPLY_BYTES,
     RELOAD_TIMEOUT,
-    SCM_MAX_FD,
     Acquire,
-    Granted,
-    LineBuffer,
     Listing,
     ListSockets,
     Refusal,
@@ -61,7 +76,6 @@ from broker.protocol import (
     Status,
     StatusReport,
     encode_request,
-    parse_reply,
 )
 
 if TYPE_CHECKING:
@@ -74,117 +88,12 @@ bounds a broker that is starting (socket activation) or stuck."""
 _TIMEVAL: Final = struct.Struct("@ll")
 """struct timeval, as SO_SNDTIMEO takes it."""
 
-BUSY_RETRY_FIRST: Final = 0.01
-BUSY_RETRY_MAX: Final = 0.1
-"""After a `busy` refusal a client asks again, 10 ms later, then 20, 40, up to 100 ms
-apart, while its deadline allows: a full broker, or a flood that takes a named
-worker's turn, costs it a wait, not a failure."""
-
-CONNECT_RETRY_FIRST: Final = 0.001
-CONNECT_RETRY_MAX: Final = 0.02
-"""The trio client's wait between connect() attempts while the broker's queue is full:
-doubling from 1 ms to 20 ms, so a queue that empties is noticed within 20 ms."""
-
-_RECV_BYTES: Final = 65536
-_ANCILLARY_BYTES: Final = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-
-Grant = tuple[str, socket.socket]
-"""A granted socket with its name."""
-
 ReplyT = TypeVar("ReplyT", Listing, StatusReport, Reloaded)
-SocketT = TypeVar("SocketT", socket.socket, "trio.socket.SocketType")
 
 
 def socket_path(path: str | None = None) -> str:
     """Return where the broker listens: `path`, else $PORT_BROKER_SOCKET, else the default."""
     return path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-
-
-class _ReplyReader:
-    """Sans-IO collector of one reply: feed it what recvmsg returned until `done`."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.buffer = LineBuffer(MAX_REPLY_BYTES)
-        self.fds: list[int] = []
-        self.line: bytes | None = None
-
-    def feed(
-        self,
-        data: bytes,
-        ancdata: list[tuple[int, int, bytes]],
-        flags: int,
-        _address: object = None,
-    ) -> None:
-        """Take one recvmsg() result.
-
-        Raises:
-            BrokerUnavailable: on end of stream, truncated fds or an oversized reply.
-        """
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
-            raise BrokerUnavailable(f"{self.path}: reply carried more fds than expected")
-        if not data:
-            raise BrokerUnavailable(
-                f"{self.path}: the broker closed the connection without answering"
-            )
-        self.buffer.feed(data)
-        try:
-            self.line = self.buffer.next_line()
-        except ProtocolError as e:
-            raise BrokerUnavailable(f"{self.path}: {e.message}") from None
-
-    @property
-    def done(self) -> bool:
-        return self.line is not None
-
-    def result(self) -> tuple[Reply, list[int]]:
-        """Return the parsed reply and its fds; the caller owns the fds.
-
-        Raises:
-            BrokerUnavailable: if the reply is not valid or its fds do not match it.
-        """
-        if self.line is None:
-            raise BrokerUnavailable(f"{self.path}: reply incomplete")
-        try:
-            reply = parse_reply(self.line)
-        except ProtocolError as e:
-            raise BrokerUnavailable(f"{self.path}: invalid reply: {e.message}") from None
-        expected = len(reply.sockets) if isinstance(reply, Granted) else 0
-        if len(self.fds) != expected:
-            raise BrokerUnavailable(
-                f"{self.path}: reply lists {expected} sockets but carried {len(self.fds)} fds"
-            )
-        return reply, self.fds
-
-    def close_fds(self) -> None:
-        _close_all(self.fds)
-        self.fds = []
-
-
-def _unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> BrokerUnavailable:
-    if isinstance(error, TimeoutError):
-        return BrokerUnavailable(f"{path}: the broker did not answer within {timeout:g} s")
-    hints = {
-        FileNotFoundError: "no such socket: is port-broker.socket running? (set "
-        f"{SOCKET_ENV} if the broker listens elsewhere)",
-        ConnectionRefusedError: "nothing is listening there: is port-broker.socket running?",
-        PermissionError: "permission denied: the socket or a directory above it is not "
-        "accessible to this user",
-    }
-    for kind, hint in hints.items():
-        if isinstance(error, kind):
-            return BrokerUnavailable(f"{path}: {hint}")
-    if error.errno == errno.EAGAIN:  # connect() waited for room until the deadline
-        return BrokerUnavailable(
-            f"{path}: the broker's connection queue stayed full for {timeout:g} s: it is "
-            "overloaded or stuck; retry shortly"
-        )
-    return BrokerUnavailable(f"{path}: {error.strerror or error}")
 
 
 def _connect_waiting(sock: socket.socket, path: str, remaining: Callable[[], float]) -> None:
@@ -212,30 +121,25 @@ def _connect_waiting(sock: socket.socket, path: str, remaining: Callable[[], flo
             return
 
 
-def _busy(reply: Reply) -> bool:
-    return isinstance(reply, Refusal) and reply.code is Code.BUSY
-
-
 def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
     """Connect, send `request`, return the reply and any fds (the caller owns them);
     asked again after a `busy` refusal, with a backoff, while the deadline allows."""
     path = socket_path(path)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    check_timeout(timeout)
     deadline = time.monotonic() + timeout
-    delay = BUSY_RETRY_FIRST
+    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
     while True:
         reply, fds = _exchange_once(request, path, timeout, deadline)
-        if not _busy(reply) or deadline - time.monotonic() <= delay:
+        delay = next(waits)
+        if not is_busy(reply) or deadline - time.monotonic() <= delay:
             return reply, fds
         time.sleep(delay)
-        delay = min(delay * 2, BUSY_RETRY_MAX)
 
 
 def _exchange_once(
     request: Request, path: str, timeout: float, deadline: float
 ) -> tuple[Reply, list[int]]:
-    reader = _ReplyReader(path)
+    reader = ReplyReader(path)
 
     def remaining() -> float:  # one deadline for the whole exchange
         left = deadline - time.monotonic()
@@ -253,55 +157,14 @@ def _exchange_once(
                 sock.sendall(encode_request(request))
             while not reader.done:
                 sock.settimeout(remaining())
-                reader.feed(*sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
+                reader.feed(*sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
         return reader.result()
     except (OSError, TimeoutError) as e:
         reader.close_fds()
-        raise _unavailable(path, e, timeout) from None
+        raise unavailable(path, e, timeout) from None
     except BaseException:
         reader.close_fds()
         raise
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _granted(reply: Reply, fds: list[int], path: str) -> list[Grant]:
-    """Turn an acquire reply from `path` into (name, socket) pairs, or raise its refusal.
-
-    Raises:
-        BrokerUnavailable: if the reply is not a grant, or carried an fd that is not a
-            socket (every fd is closed then).
-        RequestRefused: the broker's refusal.
-    """
-    if isinstance(reply, Refusal):
-        raise refusal(reply.code, reply.message)
-    if not isinstance(reply, Granted):
-        _close_all(fds)
-        raise BrokerUnavailable(f"{path}: expected an acquire reply, got {type(reply).__name__}")
-    grants: list[Grant] = []
-    try:
-        for info, fd in zip(reply.sockets, fds, strict=True):
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError as e:
-                raise BrokerUnavailable(
-                    f"{path}: the reply carried an fd that is not a socket ({e.strerror})"
-                ) from None
-            grants.append((info.name, sock))
-    except BaseException:
-        for _, sock in grants:
-            sock.close()
-        for fd in fds[len(grants) :]:
-            os.close(fd)
-        raise
-    return grants
-
-
-def _names(names: Iterable[str] | str) -> tuple[str, ...]:
-    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def acquire_many(
@@ -326,8 +189,8 @@ def acquire_many(
         UnknownSocket: the broker holds no socket by one of the names.
         RequestRefused: any other refusal (e.g. busy).
     """
-    reply, fds = _exchange(Acquire(_names(names)), path, timeout)
-    return _granted(reply, fds, socket_path(path))
+    reply, fds = _exchange(Acquire(as_names(names)), path, timeout)
+    return grants_from(reply, fds, socket_path(path))
 
 
 def acquire(
@@ -342,25 +205,14 @@ def acquire(
         ClientError: if the name is held as several sockets (use `acquire_many`), and
             everything `acquire_many` raises.
     """
-    return _single(name, acquire_many([name], path=path, timeout=timeout))
-
-
-def _single(name: str, grants: list[tuple[str, SocketT]]) -> SocketT:
-    if len(grants) != 1:
-        for _, sock in grants:
-            sock.close()
-        raise ClientError(
-            f"socket {name!r} is held as {len(grants)} sockets (e.g. IPv4 and "
-            "IPv6); use acquire_many() to receive all of them"
-        )
-    return grants[0][1]
+    return single(name, acquire_many([name], path=path, timeout=timeout))
 
 
 def _inquiry(request: Request, expected: type[ReplyT], path: str | None, timeout: float
              ) -> ReplyT:  # fmt: skip
     """Send a request that carries no fds back; return its reply or raise its refusal."""
     reply, fds = _exchange(request, path, timeout)
-    _close_all(fds)  # only a (wrong) acquire reply carries any
+    close_all(fds)  # only a (wrong) acquire reply carries any
     if isinstance(reply, Refusal):
         raise refusal(reply.code, reply.message)
     if not isinstance(reply, expected):
@@ -412,16 +264,15 @@ async def _exchange_trio(
     import trio  # noqa: PLC0415  (only trio users pay for importing trio)
 
     path = socket_path(path)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    check_timeout(timeout)
     deadline = trio.current_time() + timeout
-    delay = BUSY_RETRY_FIRST
+    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
     while True:
         reply, fds = await _exchange_trio_once(request, path, timeout, deadline)
-        if not _busy(reply) or deadline - trio.current_time() <= delay:
+        delay = next(waits)
+        if not is_busy(reply) or deadline - trio.current_time() <= delay:
             return reply, fds
         await trio.sleep(delay)
-        delay = min(delay * 2, BUSY_RETRY_MAX)
 
 
 async def _exchange_trio_once(
@@ -429,21 +280,17 @@ async def _exchange_trio_once(
 ) -> tuple[Reply, list[int]]:
     import trio  # noqa: PLC0415
 
-    reader = _ReplyReader(path)
+    reader = ReplyReader(path)
     queued = False  # still waiting for room in the broker's queue?
     try:
         with trio.fail_at(deadline):
             plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
-                delay = CONNECT_RETRY_FIRST
-                while True:
-                    try:
-                        plain.connect(path)  # a Unix socket connects at once, or EAGAIN
+                for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
+                    if connected(plain, path):
                         break
-                    except BlockingIOError:  # full: wait without stopping the event loop
-                        queued = True
-                        await trio.sleep(delay)
-                        delay = min(delay * 2, CONNECT_RETRY_MAX)
+                    queued = True  # full: wait without stopping the event loop
+                    await trio.sleep(delay)
                 queued = False
                 data = memoryview(encode_request(request))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -451,16 +298,16 @@ async def _exchange_trio_once(
                         data = data[await sock.send(data) :]
                 while not reader.done:
                     reader.feed(
-                        *await sock.recvmsg(_RECV_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+                        *await sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
                     )
         return reader.result()
     except trio.TooSlowError:
         reader.close_fds()
         late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
-        raise _unavailable(path, late, timeout) from None
+        raise unavailable(path, late, timeout) from None
     except OSError as e:
         reader.close_fds()
-        raise _unavailable(path, e, timeout) from None
+        raise unavailable(path, e, timeout) from None
     except BaseException:
         reader.close_fds()
         raise
@@ -479,8 +326,8 @@ async def acquire_many_trio(
     """
     import trio  # noqa: PLC0415
 
-    reply, fds = await _exchange_trio(Acquire(_names(names)), path, timeout)
-    grants = _granted(reply, fds, socket_path(path))
+    reply, fds = await _exchange_trio(Acquire(as_names(names)), path, timeout)
+    grants = grants_from(reply, fds, socket_path(path))
     return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in grants]
 
 
@@ -492,4 +339,4 @@ async def acquire_trio(
     Raises:
         As `acquire`.
     """
-    return _single(name, await acquire_many_trio([name], path=path, timeout=timeout))
+    return single(name, await acquire_many_trio([name], path=path, timeout=timeout))
