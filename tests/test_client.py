@@ -572,11 +572,12 @@ QUEUE_FULL_FOR: Final = 0.3
 """Seconds the scripted broker below keeps its queue full before it makes room."""
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
-    rundir: Path, variant: Variant
-) -> None:
-    path = rundir / "busy.sock"
+@contextlib.contextmanager
+def full_queue_then_served(path: Path) -> Iterator[threading.Thread]:
+    """A broker at `path` whose queue (backlog 0) is full; QUEUE_FULL_FOR seconds after
+    the thread yielded is started, it makes room for one connection and grants it one
+    socket. The caller starts the thread, and joins it inside any fd count (the thread's
+    sockets are this process's)."""
     with (
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
@@ -596,11 +597,18 @@ async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
                     pass
                 granted_with(1, 1)(conn)
 
-        thread = threading.Thread(target=broker, daemon=True)
+        yield threading.Thread(target=broker, daemon=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
+    rundir: Path, variant: Variant
+) -> None:
+    with full_queue_then_served(rundir / "busy.sock") as thread:
         start = time.monotonic()  # before the broker's wait begins
         thread.start()
         with no_fd_left():  # the broker's thread, in this process, is done by then too
-            sock = await acquire(variant, "http", str(path), timeout=START_TIMEOUT)
+            sock = await acquire(variant, "http", str(rundir / "busy.sock"), START_TIMEOUT)
             sock.close()
             thread.join(PEER_TIMEOUT)
     assert time.monotonic() - start >= QUEUE_FULL_FOR
@@ -670,33 +678,13 @@ async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant:
 def test_a_signal_while_waiting_for_room_does_not_end_the_wait(rundir: Path) -> None:
     # SO_SNDTIMEO makes a blocking connect() return EINTR on a signal, which CPython
     # took for a completed connect: the client must notice and wait on.
-    path = rundir / "busy.sock"
     ticks = []
     previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener,
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first,
-    ):
-        listener.bind(str(path))
-        listener.listen(0)
-        first.connect(str(path))  # the queue is full
-        listener.settimeout(PEER_TIMEOUT)
-
-        def broker() -> None:
-            time.sleep(QUEUE_FULL_FOR)
-            listener.accept()[0].close()
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(PEER_TIMEOUT)
-                while not conn.recv(4096).endswith(b"\n"):
-                    pass
-                granted_with(1, 1)(conn)
-
-        thread = threading.Thread(target=broker, daemon=True)
+    with full_queue_then_served(rundir / "busy.sock") as thread:
         thread.start()
         signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
         try:
-            client.acquire("http", path=str(path), timeout=START_TIMEOUT).close()
+            client.acquire("http", path=str(rundir / "busy.sock"), timeout=START_TIMEOUT).close()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
