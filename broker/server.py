@@ -78,6 +78,7 @@ class Broker:
         self.holdings = self._holdings(config)
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
+        self._current = lambda: self.holdings  # what connections answer from, now
 
     def apply(self, config: Config) -> None:
         """Put `config` in force for every request from now on (connected clients
@@ -153,7 +154,7 @@ class Broker:
                 try:
                     timeout = self.standing.config.client_timeout
                     peer = await self.users.complete(peer, timeout)
-                    connection = Connection(peer, lambda: self.holdings, timeout=timeout)
+                    connection = Connection(peer, self._current, timeout=timeout)
                     await _converse(conn, connection, self.ledger, self._reload)
                 finally:
                     self.admission.leave_peer(uid, named=named)
