@@ -1,14 +1,16 @@
 # Shared by .ci/setup, .ci/install and bench/run (sourced, not run).
 
 # install_debian_packages FILE [WHO]: install the packages FILE lists (one a line,
-# # comments) that are not installed yet, without Recommends (so FILE must list what is
-# needed). WHO names the caller in messages (default: the script's name).
+# # comments) that are neither installed nor provided by an installed package (NodeSource's
+# nodejs provides npm, and conflicts with Debian's), without Recommends (so FILE must list
+# what is needed). WHO names the caller in messages (default: the script's name).
 install_debian_packages() {
-    local list=$1 who=${2:-${0##*/}} package missing=()
+    local list=$1 who=${2:-${0##*/}} package provided missing=()
     mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$list")
+    provided=$(dpkg-query -W -f='${db:Status-Abbrev}|${Package},${Provides}\n' \
+        | sed -n 's/^ii *|//p' | tr ',' '\n' | sed -e 's/(.*)//' -e 's/[[:space:]]//g')
     for package in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' \
-            || missing+=("$package")
+        grep -qxF "$package" <<<"$provided" || missing+=("$package")
     done
     ((${#missing[@]})) || return 0
     if ((EUID != 0)); then

@@ -9,7 +9,9 @@ socket under one name), status and signal propagation.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -31,7 +33,7 @@ from tests.harness.processes import (
     start_broker,
     wait_for,
 )
-from tests.harness.runtime import ROOT, SYSTEM_PYTHON
+from tests.harness.runtime import ROOT, SYSTEM_PYTHON, VITE
 
 POLICY: Final = '[sockets.http]\nusers = ["nobody"]\n'
 
@@ -96,18 +98,18 @@ def intercepted(
                             *command])  # fmt: skip
 
 
-def served(host: str) -> str:
+def served(host: str, port: int = 80, timeout: float = START_TIMEOUT) -> str:
     """GET / once the program has bound (it starts asynchronously)."""
     body: list[str] = []
 
     def answered() -> bool:
         try:
-            body.append(http_get(host))
+            body.append(http_get(host, port))
         except OSError:
             return False
         return True
 
-    wait_for(answered, f"an answer on {host}:80")
+    wait_for(answered, f"an answer on {host}:{port}", timeout)
     return body[-1]
 
 
@@ -166,6 +168,31 @@ def test_the_docs_intercept_commands_as_written(
     expected = "node on" if program == "node" else "hello from the working directory"
     assert expected in served("127.0.0.1")
     assert expected in served("::1")
+    assert proc.poll() is None
+
+
+def test_the_docs_vite_command_as_written(
+    processes: Processes, launcher: Path, workdir: Path
+) -> None:
+    # README.md and docs/intercept.md give the same line; it runs in docs/examples/vite,
+    # with that project's packages as .ci/setup installed them from its lock.
+    command = intercept_recipe("npx")
+    assert f"\n{command}\n" in (ROOT / "README.md").read_text()
+    if not VITE.is_dir():
+        raise RuntimeError(f"{VITE} is missing: run .ci/setup (docs/examples/vite)")
+    broker = start_broker(processes, launcher, workdir, '[sockets.https]\nusers = ["nobody"]\n',
+                          sockets=(("https", "443"),))  # fmt: skip
+    app = workdir / "vite"
+    shutil.copytree(VITE, app, symlinks=True)
+    shutil.copy(ROOT / "docs" / "examples" / "vite" / "index.html", app)
+    (workdir / "home").mkdir()
+    for path in [app, workdir / "home", *app.rglob("*")]:
+        os.lchown(path, NOBODY, NOBODY)  # vite writes its cache in node_modules/.vite
+    env = {"PATH": f"{launcher.parent}:/usr/bin:/bin", "HOME": str(workdir / "home"),
+           "LANG": "C.UTF-8", "PORT_BROKER_SOCKET": str(broker.control)}  # fmt: skip
+    proc = processes.start([*as_user(NOBODY), "sh", "-c", command], env=env, cwd=app)
+    assert "<p>hello from vite</p>" in served("127.0.0.1", 443, timeout=START_TIMEOUT * 3)
+    assert "<p>hello from vite</p>" in served("::1", 443)
     assert proc.poll() is None
 
 

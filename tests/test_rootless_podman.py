@@ -50,6 +50,11 @@ SERVE: Final = "httpd -p 443 -h /www && exec httpd -f -p 80 -h /www"
 """What the container runs: busybox httpd on 80 and 443, both bound in its own
 network namespace (plain HTTP on 443 too: the test is about the ports)."""
 
+PEER_CGI: Final = b"""#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' "$REMOTE_ADDR"
+"""
+"""/cgi-bin/peer: the client address the server in the container sees."""
+
 _SETUP: Final = """\
 set -e
 mount -t tmpfs -o mode=755 tmpfs /dev/net
@@ -65,6 +70,13 @@ becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a short path as logind's
 FORWARDER: Final = {"slirp4netns": "rootlessport", "pasta": "pasta"}
 """The process that binds the host's ports for `-p`, by podman's --network (pasta is
 podman 5's default; its process may be pasta.avx2)."""
+
+
+PEER: Final = {
+    "slirp4netns": {"127.0.0.1": "[::ffff:10.0.2.100]", "::1": "[::ffff:10.0.2.100]"},
+    "pasta": {"127.0.0.1": "[::ffff:169.254.2.1]", "::1": "[::1]"},
+}
+"""Whom the server in the container sees for a client on 127.0.0.1 and on ::1."""
 
 
 def unavailable(network: str) -> str | None:
@@ -103,12 +115,13 @@ def image_tar(path: Path) -> None:
             info.type, info.mode, info.size, info.linkname = kind, mode, len(data), link
             tar.addfile(info, io.BytesIO(data) if data else None)
 
-        for directory in ("bin", "www", "tmp"):
+        for directory in ("bin", "www", "www/cgi-bin", "tmp"):
             add(directory)
         add("bin/busybox", tarfile.REGTYPE, Path("/bin/busybox").read_bytes())
         for applet in ("sh", "httpd"):
             add(f"bin/{applet}", tarfile.SYMTYPE, link="busybox")
         add("www/index.html", tarfile.REGTYPE, b"hello from a rootless container\n", mode=0o644)
+        add("www/cgi-bin/peer", tarfile.REGTYPE, PEER_CGI)
 
 
 @pytest.fixture
@@ -175,21 +188,27 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
             log=output, env=env,
         )  # fmt: skip
 
-    def answered() -> bool:
+    waiting = {(port, host) for port in (80, 443) for host in REQUESTS}
+
+    def answered() -> bool:  # once on each port from each family: the container is up
         if unshare.poll() is not None:
             raise AssertionError(f"podman exited ({unshare.returncode}):\n{log.read_text()}")
-        return ok("127.0.0.1", 443)
+        waiting.difference_update({(port, host) for port, host in waiting if ok(host, port)})
+        return not waiting
 
     try:
-        wait_for(answered, "the container on port 443", timeout=START_TIMEOUT * 3)
+        wait_for(answered, "the container on ports 80 and 443", timeout=START_TIMEOUT * 3)
     except AssertionError as e:
-        raise AssertionError(f"{e}; podman's output:\n{log.read_text()}") from None
+        raise AssertionError(f"{e}; not {waiting}; podman's output:\n{log.read_text()}") from None
     answers = {
         (port, host): sum(ok(host, port) for _ in range(count))
         for port in (80, 443)
         for host, count in REQUESTS.items()
     }
     assert answers == {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
+    # What the forwarder costs: the server no longer sees the client's address.
+    peers = {host: http_get(host, 80, "/cgi-bin/peer").strip() for host in REQUESTS}
+    assert peers == PEER[network]
 
     # No capability anywhere: every process the user's command started runs as 65534
     # and has none in the host's user namespace; those with capabilities (podman's

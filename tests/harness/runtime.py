@@ -78,6 +78,10 @@ SERVERS: Final = ROOT / ".venv" / "servers"
 """The servers the docs' recipes start (.ci/requirements/servers.txt), installed by
 .ci/setup with `pip install --target`."""
 
+VITE: Final = ROOT / ".venv" / "vite"
+"""docs/examples/vite's package.json and lock, with the node_modules `npm ci` installed
+from them (.ci/setup)."""
+
 _COMMAND: Final = """\
 #!/usr/bin/python3 -I
 import os, sys
