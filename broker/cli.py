@@ -148,10 +148,14 @@ def _exec_in_place(grants: Sequence[Grant], command: list[str]) -> int:
 
 def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: list[str]) -> int:
     """Supervise `command`, giving its bind() to a held port the held socket."""
+    import os
+
+    from broker.idmap import Relay
     from broker.intercept import run_intercepted
 
     held = [sock for _, sock in grants]
     port_map: dict[int, list[socket.socket]] | None = None
+    relay: Relay | None = None
     try:
         if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
             port_map = {}
@@ -159,12 +163,17 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
                 port_map.setdefault(sock.getsockname()[1], []).append(sock)
             for port, name in mapping.items():
                 port_map[port] = [sock for granted, sock in grants if granted == name]
-        return run_intercepted(command, held, port_map)
+        relay = Relay(os.environ)  # newuidmap/newgidmap, which no_new_privs disarms
+        return run_intercepted(
+            command, held, port_map, env=relay.environment(), services=relay.services()
+        )
     except OSError as e:
         return _cannot_run(command, e)
     except InterceptError as e:
         return _fail("exec", e.message, Exit.FAILURE)
     finally:
+        if relay is not None:
+            relay.close()
         for sock in held:
             sock.close()
 

@@ -53,12 +53,11 @@ Known limits (see also the docstring of `run_intercepted`):
   (same uid and dumpable, or CAP_SYS_PTRACE; with Yama ptrace_scope=1, a descendant:
   hence we are a child subreaper, so orphans stay our descendants). A program that makes
   itself non-dumpable gets its binds passed to the kernel, with a note on stderr.
-- A signal sent to both us and the program (systemd's KillMode=control-group sends
-  SIGTERM to every process of the unit) reaches the program twice: use KillMode=mixed.
-  Signals a terminal sends to our process group (^C) are not forwarded a second time.
+- A signal sent to both us and the program (KillMode=control-group) reaches the program
+  twice: use KillMode=mixed. A terminal's ^C to our process group is not forwarded again.
+- no_new_privs disarms setuid programs: broker/idmap.py runs newuidmap/newgidmap for it.
 
-Standard library only (ctypes for the syscalls Python lacks; no trio, no pydantic): this
-runs on a worker's start-up path, like `broker.client`.
+Standard library only (ctypes for the syscalls Python lacks): a worker's start-up path.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from broker import seccomp, spawn, syscalls
@@ -147,8 +146,11 @@ class _Supervisor:
         child: int,
         held: list[Held],
         mapping: dict[int, list[Held]],
+        *,
+        services: Mapping[int, Callable[[], None]],
     ) -> None:
         self.listener = listener
+        self.services = services
         self.sigfd = sigfd
         self.child = child
         self.mapping = mapping
@@ -165,6 +167,8 @@ class _Supervisor:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         poller.register(self.sigfd, select.POLLIN)
+        for fd in self.services:
+            poller.register(fd, select.POLLIN)
         filter_in_use, stop = True, False
         while not stop and (filter_in_use or self.child_status is None):
             for note in self.families.due(self.mapping, time.monotonic()):
@@ -172,6 +176,8 @@ class _Supervisor:
             for fd, events in poller.poll(self.families.timeout_ms(time.monotonic())):
                 if fd == self.sigfd:
                     stop = self._on_signals()
+                elif fd in self.services:
+                    self.services[fd]()
                 elif events & select.POLLIN:
                     self._on_notification()
                 elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
@@ -408,6 +414,7 @@ def run_intercepted(
     port_map: Mapping[int, Sequence[socket.socket]] | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    services: Mapping[int, Callable[[], None]] | None = None,
 ) -> int:
     """Run a program whose bind() to a held port gets the held socket; return its status.
 
@@ -434,6 +441,7 @@ def run_intercepted(
         port_map: Which held sockets a bind() to each port may get, in preference order.
             Default: each held socket for its own port.
         env: The program's environment; default ours.
+        services: fds to serve meanwhile, each with what to run when it is readable.
 
     Returns:
         The program's exit status, or 128 + the signal number that killed it.
@@ -472,7 +480,7 @@ def run_intercepted(
         sigfd = syscalls.signalfd(watched)
         held_fds = [h.sock.fileno() for h in described]
         pid, listener = spawn.start(argv, env=env, held_fds=held_fds, old_mask=old_mask)
-        supervisor = _Supervisor(listener, sigfd, pid, described, mapping)
+        supervisor = _Supervisor(listener, sigfd, pid, described, mapping, services=services or {})
         try:
             return supervisor.serve()
         finally:

@@ -32,7 +32,6 @@ from tests.harness.processes import (
     NOBODY,
     START_TIMEOUT,
     Processes,
-    as_user,
     http_get,
     interception_unsupported,
     proc_status,
@@ -55,16 +54,27 @@ printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' "$REMOTE_ADDR"
 """
 """/cgi-bin/peer: the client address the server in the container sees."""
 
+SUBORDINATE: Final = "nobody:200000:65536\n"
+"""The user's /etc/subuid and /etc/subgid line, as `adduser` writes one for every user."""
+
 _SETUP: Final = """\
 set -e
 mount -t tmpfs -o mode=755 tmpfs /dev/net
 mknod -m 666 /dev/net/tun c 10 200
 mount -t tmpfs -o mode=700,uid=65534,gid=65534 tmpfs /mnt
+mount --bind "$1" /etc/subuid
+mount --bind "$1" /etc/subgid
+shift
 exec "$@"
 """
-"""Run as root at the start of the test's mount namespace, then exec the rest. /mnt
-becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a short path as logind's
-/run/user/UID is: podman's sockets are there, and Unix socket paths end at 107 bytes."""
+"""Run as root at the start of the test's mount namespace, with the subordinate-id file
+as $1, then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a
+short path as logind's /run/user/UID is: podman's sockets are there, and Unix socket
+paths end at 107 bytes."""
+
+LOGIN: Final = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
+"""As uid 65534 logged in: no capability, and the full bounding set a login keeps, with
+which the setuid newuidmap and newgidmap can map the subordinate ids."""
 
 
 FORWARDER: Final = {"slirp4netns": "rootlessport", "pasta": "pasta"}
@@ -174,17 +184,24 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
            "localhost/web", "sh", "-c", SERVE]  # fmt: skip
     exec_ = [str(launcher), "exec", "--socket", str(broker.control), "--intercept",
              "http,https", "--", *run]  # fmt: skip
+    # The import leaves podman's pause process holding the user namespace it made; the
+    # user's first podman command of a boot runs under the launcher, so it goes, and
+    # the podman under the launcher makes the namespace anew (with newuidmap).
     user = (
         f"{shlex.join([*PODMAN, 'import', str(home / 'image.tar'), 'localhost/web'])}"
-        f" >/dev/null && exec {shlex.join(exec_)}"
+        " >/dev/null && kill $(cat /mnt/libpod/tmp/pause.pid)"
+        f" && exec {shlex.join(exec_)}"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_RUNTIME_DIR": "/mnt"}
+    subordinate = rundir / "subid"
+    subordinate.write_text(SUBORDINATE)
+    subordinate.chmod(0o644)
     log = rundir / "podman.log"
     with log.open("w") as output:
         unshare = processes.start(
             ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
-             "--propagation=private", "sh", "-c", _SETUP, "setup",
-             *as_user(NOBODY), "sh", "-c", user],
+             "--propagation=private", "sh", "-c", _SETUP, "setup", str(subordinate),
+             *LOGIN, "--", "sh", "-c", user],
             log=output, env=env,
         )  # fmt: skip
 
@@ -215,6 +232,7 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     # forwarder, conmon, the container) have them only in the user namespace podman made.
     host_userns = os.readlink("/proc/self/ns/user")
     seen: dict[str, set[str]] = {"host": set(), "own": set()}
+    container_map: list[str] = []
     for pid in descendants(unshare.pid):
         try:
             status = proc_status(pid)
@@ -227,9 +245,15 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
             seen["host"].add(status["Name"])
         else:
             seen["own"].add(status["Name"])
+            if status["Name"] == "httpd":
+                container_map = Path(f"/proc/{pid}/uid_map").read_text().split()
     forwarder = FORWARDER[network]
-    assert seen["host"] == {"port-broker"}  # --intercept's supervisor
+    # The host's user namespace holds the launcher and the podman that made podman's.
+    assert "port-broker" in seen["host"] and seen["host"] <= {"port-broker", "podman"}
     assert {"podman", "conmon", "httpd"} <= seen["own"]
+    # newuidmap mapped the subordinate ids (the launcher ran it: under the filter's
+    # no_new_privs, its setuid bit counts for nothing).
+    assert container_map == ["0", "65534", "1", "1", "200000", "65536"]
     assert any(name.startswith(forwarder) for name in seen["own"]), seen
 
     # The broker's sockets went to the forwarder; the container's httpd bound its own,

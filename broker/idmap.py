@@ -1,0 +1,184 @@
+"""newuidmap and newgidmap for programs under `exec --intercept`.
+
+The bind() filter needs no_new_privs, under which a setuid program runs without its
+privilege. Rootless podman and rootlesskit (rootless Docker) set up their user namespace
+with the setuid newuidmap and newgidmap, which then fail ("write to uid_map failed:
+Operation not permitted") on any host that gives the user subordinate ids.
+
+So the launcher, which runs without no_new_privs, runs them on the program's behalf:
+the program's PATH starts with a private directory (mode 0700, the user's own) holding a
+`newuidmap` and a `newgidmap` that pass their arguments to the launcher over a Unix
+socket in that directory; the launcher runs the real one (found on the PATH it was
+given) with those arguments and passes back its output and exit status. Nothing is
+gained that the user lacks: the request must come from the launcher's own uid and pid
+namespace (where the PID argument means the same process), and the mapper itself checks
+the user's /etc/subuid and /etc/subgid as always.
+
+Standard library only: this runs on a worker's start-up path (only with --intercept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, NoReturn
+
+MAPPERS: Final = ("newuidmap", "newgidmap")
+SOCKET_NAME: Final = "socket"
+MAX_REQUEST: Final = 64 * 1024
+"""Bytes of arguments a request may carry (a mapping is a few dozen)."""
+TIMEOUT: Final = 10.0
+"""Seconds for reading a request, and for the real mapper to run."""
+_SHIM: Final = """\
+#!{python} -I
+import sys
+sys.path.insert(0, {package!r})
+from broker.idmap import shim
+shim()
+"""
+_PEERCRED: Final = struct.Struct("3i")
+
+
+class Relay:
+    """The directory of stand-ins and the socket they reach the launcher on.
+
+    `active` is False (and nothing is created) when no mapper is on PATH.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        path = environ.get("PATH", os.defpath)
+        self.mappers = {name: real for name in MAPPERS if (real := shutil.which(name, path=path))}
+        self.path = path
+        self.directory: Path | None = None
+        self.listener: socket.socket | None = None
+        if not self.mappers:
+            return
+        runtime = environ.get("XDG_RUNTIME_DIR")
+        parent = runtime if runtime and os.access(runtime, os.W_OK | os.X_OK) else None
+        self.directory = Path(tempfile.mkdtemp(prefix="port-broker-idmap.", dir=parent))
+        try:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(str(self.directory / SOCKET_NAME))
+            self.listener.listen(16)
+            self.listener.setblocking(False)
+            package = str(Path(__file__).resolve().parent.parent)
+            text = _SHIM.format(python=sys.executable, package=package)
+            for name in self.mappers:
+                shim_path = self.directory / name
+                shim_path.write_text(text)
+                shim_path.chmod(0o700)
+        except BaseException:
+            self.close()
+            raise
+
+    def environment(self) -> dict[str, str]:
+        """The program's environment: ours, with the stand-ins first on PATH."""
+        env = dict(self.environ)
+        if self.directory is not None:
+            env["PATH"] = f"{self.directory}{os.pathsep}{self.path}"
+        return env
+
+    def services(self) -> dict[int, Callable[[], None]]:
+        """For `run_intercepted`: our socket, and what to run when it is readable."""
+        return {} if self.listener is None else {self.listener.fileno(): self.serve}
+
+    def serve(self) -> None:
+        """Answer every stand-in waiting to be accepted."""
+        while self.listener is not None:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(self._answer(conn))
+
+    def _answer(self, conn: socket.socket) -> bytes:
+        conn.settimeout(TIMEOUT)
+        pid, uid, _ = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        request = b""  # read whole before any answer: unread bytes would reset it
+        while chunk := conn.recv(MAX_REQUEST + 1 - len(request)):
+            request += chunk
+            if len(request) > MAX_REQUEST:
+                return _reply(1, "request too long")
+        name, *args = os.fsdecode(request).split("\0")
+        if uid != os.getuid():
+            return _reply(1, f"asked by uid {uid}, not the launcher's uid {os.getuid()}")
+        if not _same_pid_namespace(pid):
+            return _reply(
+                1,
+                "asked from another pid namespace, where the PID it names is another "
+                "process: run it outside port-broker exec --intercept",
+            )
+        real = self.mappers.get(name)
+        if real is None:
+            return _reply(1, f"{name!r} is not one of {', '.join(self.mappers)}")
+        import subprocess  # noqa: PLC0415  (only here: most programs never ask)
+
+        try:
+            done = subprocess.run(
+                [real, *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return _reply(1, f"{real}: {e}")
+        code = done.returncode if done.returncode >= 0 else 128 - done.returncode
+        return struct.pack("!i", code) + done.stdout + done.stderr
+
+    def close(self) -> None:
+        """Stop serving and remove the directory."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+def _same_pid_namespace(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
+def _reply(status: int, message: str) -> bytes:
+    return struct.pack("!i", status) + f"port-broker exec: {message}\n".encode()
+
+
+def shim() -> NoReturn:
+    """The stand-in's main: ask the launcher to run the real mapper; exit as it did."""
+    here = Path(sys.argv[0])
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2 * TIMEOUT)
+            sock.connect(str(here.parent / SOCKET_NAME))
+            sock.sendall(os.fsencode("\0".join([here.name, *sys.argv[1:]])))
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+    except OSError as e:
+        sys.stderr.write(
+            f"{here.name} (port-broker exec --intercept): cannot reach the launcher at "
+            f"{here.parent / SOCKET_NAME}: {e.strerror or e}\n"
+        )
+        sys.exit(1)
+    if len(reply) < 4:
+        sys.stderr.write(f"{here.name} (port-broker exec --intercept): no answer\n")
+        sys.exit(1)
+    sys.stderr.buffer.write(reply[4:])
+    sys.stderr.flush()
+    sys.exit(struct.unpack("!i", reply[:4])[0])
