@@ -3,7 +3,7 @@
 
 The relay is driven here as the supervisor drives it (serve() when its socket is
 readable), with a stand-in mapper on PATH that reports what it was given; the real
-newuidmap, run for rootless podman, is in tests/test_rootless_podman.py.
+newuidmap, run for rootless podman, is in tests/test_rootless.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,376 @@
+"""An unmodified rootless container on ports 80 and 443: `port-broker exec --intercept
+http,https -- podman run -p 80:80 -p 443:443 IMAGE`, run as uid 65534 with no
+capability anywhere (docs/containers.md, "Rootless podman and Docker, unmodified").
+
+Rootless podman's port forwarder, rootlessport, binds the host's ports 80 and 443 in the
+host's network namespace: under --intercept it receives the broker's sockets. The
+container's own server binds port 80 in the container's network namespace, where the
+broker's rule leaves it to the kernel (docs/intercept.md): rootlessport forwards to it.
+
+The image is built here from busybox-static (no registry is reachable). Two things that
+a normal host has are arranged in the test's private mount namespace: a /dev/net/tun
+that every user may open (slirp4netns needs it; this machine's is mode 0600), and a pid
+namespace of its own, so that everything podman starts (conmon, slirp4netns,
+rootlessport, the pause process) ends with the test.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from tests.harness.processes import (
+    NOBODY,
+    START_TIMEOUT,
+    Processes,
+    http_get,
+    interception_unsupported,
+    proc_status,
+    start_broker,
+    wait_for,
+)
+from tests.harness.runtime import ROOT
+
+REQUESTS: Final = {"127.0.0.1": 40, "::1": 20}
+"""Requests per port and client family; the issue's failure answered about half."""
+
+PODMAN: Final = ("podman", "--storage-driver=vfs", "--runtime=runc")
+"""vfs: no fuse-overlayfs needed; runc: the runtime .ci/debian-packages installs."""
+
+SERVE: Final = "httpd -p 443 -h /www && exec httpd -f -p 80 -h /www"
+"""What the container runs: busybox httpd on 80 and 443, both bound in its own
+network namespace (plain HTTP on 443 too: the test is about the ports)."""
+
+PEER_CGI: Final = b"""#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' "$REMOTE_ADDR"
+"""
+"""/cgi-bin/peer: the client address the server in the container sees."""
+
+SUBORDINATE: Final = "nobody:200000:65536\n"
+"""The user's /etc/subuid and /etc/subgid line, as `adduser` writes one for every user."""
+
+_SETUP: Final = """\
+set -e
+mount -t tmpfs -o mode=755 tmpfs /dev/net
+mknod -m 666 /dev/net/tun c 10 200
+mount -t tmpfs -o mode=700,uid=65534,gid=65534 tmpfs /mnt
+mount --bind "$1" /etc/subuid
+mount --bind "$1" /etc/subgid
+shift
+exec "$@"
+"""
+"""Run as root at the start of the test's mount namespace, with the subordinate-id file
+as $1, then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a
+short path as logind's /run/user/UID is: podman's sockets are there, and Unix socket
+paths end at 107 bytes."""
+
+LOGIN: Final = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
+"""As uid 65534 logged in: no capability, and the full bounding set a login keeps, with
+which the setuid newuidmap and newgidmap can map the subordinate ids."""
+
+
+FORWARDER: Final = {"slirp4netns": "rootlessport", "pasta": "pasta"}
+"""The process that binds the host's ports for `-p`, by podman's --network (pasta is
+podman 5's default; its process may be pasta.avx2)."""
+
+
+PEER: Final = {
+    "slirp4netns": {"127.0.0.1": "[::ffff:10.0.2.100]", "::1": "[::ffff:10.0.2.100]"},
+    "pasta": {"127.0.0.1": "[::ffff:169.254.2.1]", "::1": "[::1]"},
+}
+"""Whom the server in the container sees for a client on 127.0.0.1 and on ::1."""
+
+
+def unavailable(network: str) -> str | None:
+    """Why this podman cannot use `network`, if it cannot."""
+    if shutil.which(network) is None:
+        return f"no {network} installed"
+    version = subprocess.run(["podman", "--version"], capture_output=True, text=True,
+                             check=True).stdout.split()[-1]  # fmt: skip
+    if network == "pasta" and tuple(map(int, version.split(".")[:2])) < (4, 4):
+        return f"podman {version} has no --network=pasta (4.4 and later)"
+    return None
+
+
+def _reason() -> str | None:
+    if (reason := interception_unsupported()) is not None:
+        return reason
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun (the tun module): slirp4netns needs it"
+    return None
+
+
+_REASON = _reason()
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+]
+
+
+def image_tar(path: Path) -> None:
+    """A one-binary image: busybox (static) with sh and httpd, and /www/index.html."""
+    with tarfile.open(path, "w") as tar:
+
+        def add(name: str, kind: bytes = tarfile.DIRTYPE, data: bytes = b"",
+                link: str = "", mode: int = 0o755) -> None:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.size, info.linkname = kind, mode, len(data), link
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        for directory in ("bin", "www", "www/cgi-bin", "tmp"):
+            add(directory)
+        add("bin/busybox", tarfile.REGTYPE, Path("/bin/busybox").read_bytes())
+        for applet in ("sh", "httpd"):
+            add(f"bin/{applet}", tarfile.SYMTYPE, link="busybox")
+        add("www/index.html", tarfile.REGTYPE, HELLO.encode(), mode=0o644)
+        add("www/cgi-bin/peer", tarfile.REGTYPE, PEER_CGI)
+
+
+@pytest.fixture
+def home(rundir: Path) -> Path:
+    """uid 65534's HOME, where podman keeps its images, and the image to import."""
+    path = rundir / "home"
+    path.mkdir()
+    image_tar(path / "image.tar")
+    for item in [path, *path.rglob("*")]:
+        os.lchown(item, NOBODY, NOBODY)
+    return path
+
+
+HELLO: Final = "hello from a rootless container\n"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process under `pid` (orphans stay under the pid namespace's init)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            found += map(int, children)
+            stack += map(int, children)
+    return found
+
+
+def sandboxed(processes: Processes, rundir: Path, command: str, env: dict[str, str]) -> Sandbox:
+    """Start the shell `command` as uid 65534 logged in, in the test's namespaces."""
+    subordinate = rundir / "subid"
+    subordinate.write_text(SUBORDINATE)
+    subordinate.chmod(0o644)
+    log = rundir / "sandbox.log"
+    with log.open("w") as output:
+        proc = processes.start(
+            ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+             "--propagation=private", "sh", "-c", _SETUP, "setup", str(subordinate),
+             *LOGIN, "--", "sh", "-c", command],
+            log=output, env={"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": "/mnt", **env},
+        )  # fmt: skip
+    return Sandbox(proc, log)
+
+
+@dataclass
+class Sandbox:
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def wait_until_served(self, targets: set[tuple[int, str]], body: str) -> None:
+        """Until each (port, host) has answered `body` once: the server is up."""
+        waiting = set(targets)
+
+        def answered() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited ({self.proc.returncode})")
+            waiting.difference_update({(p, h) for p, h in waiting if ok(h, p, body)})
+            return not waiting
+
+        try:
+            wait_for(answered, f"answers on {sorted(targets)}", timeout=START_TIMEOUT * 3)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; not {waiting}; output:\n{self.log.read_text()}") from None
+
+    def processes(self) -> dict[str, dict[str, str]]:
+        """Name → /proc status of every process under the sandbox, having checked that
+        each runs as 65534 and has no capability in the host's user namespace (those in
+        a user namespace of their own have theirs there only). `Userns` says which."""
+        host_userns = os.readlink("/proc/self/ns/user")
+        found: dict[str, dict[str, str]] = {}
+        for pid in descendants(self.proc.pid):
+            try:
+                status = proc_status(pid)
+                status["Userns"] = (
+                    "host" if os.readlink(f"/proc/{pid}/ns/user") == host_userns else "own"
+                )
+                status["uid_map"] = " ".join(Path(f"/proc/{pid}/uid_map").read_text().split())
+            except FileNotFoundError:
+                continue
+            assert status["Uid"].split() == [str(NOBODY)] * 4, status
+            if status["Userns"] == "host":
+                assert int(status["CapEff"], 16) == 0, status
+            found[status["Name"]] = status
+        return found
+
+
+def answered_all(requests: dict[tuple[int, str], int], body: str) -> dict[tuple[int, str], int]:
+    """How many of `requests` (count per (port, host)) were answered `body`."""
+    return {
+        (port, host): sum(ok(host, port, body) for _ in range(count))
+        for (port, host), count in requests.items()
+    }
+
+
+def holders(port: int) -> set[str]:
+    """The processes holding a listening TCP socket on `port` in our namespace."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return set(re.findall(r'\("([^"]+)",pid=', out))
+
+
+def ok(host: str, port: int, body: str) -> bool:
+    try:
+        return http_get(host, port) == body
+    except OSError:
+        return False
+
+
+MAPPED: Final = "0 65534 1 1 200000 65536"
+"""uid_map of a user namespace made with newuidmap: the user as root, then the
+subordinate ids (the launcher ran it: under the filter's no_new_privs, its setuid bit
+counts for nothing)."""
+
+
+@pytest.mark.parametrize("network", ["slirp4netns", "pasta"])
+def test_rootless_podman_publishes_80_and_443_through_the_broker(
+    processes: Processes, launcher: Path, rundir: Path, home: Path, network: str
+) -> None:
+    if (reason := unavailable(network)) is not None:
+        pytest.skip(reason)
+    policy = '[sockets.http]\nusers = ["nobody"]\n[sockets.https]\nusers = ["nobody"]\n'
+    broker = start_broker(processes, launcher, rundir, policy,
+                          sockets=(("http", "80"), ("https", "443")))  # fmt: skip
+    run = [*PODMAN, "run", "--rm", f"--network={network}", "-p", "80:80", "-p", "443:443",
+           "localhost/web", "sh", "-c", SERVE]  # fmt: skip
+    exec_ = [str(launcher), "exec", "--socket", str(broker.control), "--intercept",
+             "http,https", "--", *run]  # fmt: skip
+    # The import leaves podman's pause process holding the user namespace it made; the
+    # user's first podman command of a boot runs under the launcher, so it goes, and
+    # the podman under the launcher makes the namespace anew (with newuidmap).
+    command = (
+        f"{shlex.join([*PODMAN, 'import', str(home / 'image.tar'), 'localhost/web'])}"
+        " >/dev/null && kill $(cat /mnt/libpod/tmp/pause.pid)"
+        f" && exec {shlex.join(exec_)}"
+    )
+    sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)})
+    requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
+    sandbox.wait_until_served(set(requests), HELLO)
+    assert answered_all(requests, HELLO) == requests
+    # What the forwarder costs: the server no longer sees the client's address.
+    peers = {host: http_get(host, 80, "/cgi-bin/peer").strip() for host in REQUESTS}
+    assert peers == PEER[network]
+
+    found = sandbox.processes()
+    forwarder = FORWARDER[network]
+    # The host's user namespace holds the launcher and the podman that made podman's.
+    assert {n for n, s in found.items() if s["Userns"] == "host"} <= {"port-broker", "podman"}
+    assert found["port-broker"]["Userns"] == "host"
+    assert found["httpd"]["uid_map"] == MAPPED
+    assert any(name.startswith(forwarder) for name in found), found.keys()
+    # The broker's sockets went to the forwarder; the container's httpd bound its own,
+    # in its network namespace, so it holds nothing in ours.
+    for port in (80, 443):
+        assert "port-broker" in holders(port)
+        assert {h for h in holders(port) if not h.startswith(forwarder)} == {"port-broker"}
+    assert "granted socket 'https' to user nobody" in broker.output()
+
+
+def test_rootless_docker_port_driver_serves_80_through_the_broker(
+    processes: Processes, launcher: Path, rundir: Path
+) -> None:
+    # Rootless Docker as docs/containers.md sets it up: dockerd-rootless.sh's rootlesskit
+    # with the slirp4netns port driver, its slirp4netns the docs' stand-in, which runs
+    # the real one under the launcher. `docker run -p 80:80` asks rootlesskit for
+    # 0.0.0.0:80 (--publish here); busybox httpd stands in for the container's server.
+    docs = (ROOT / "docs" / "containers.md").read_text()
+    for line in DOCKER_UNIT:
+        assert f"\n{line}\n" in docs, line
+    stand_in = rundir / "bin" / "slirp4netns-port-broker"
+    stand_in.parent.mkdir()
+    stand_in.write_text(docs_script(docs, "slirp4netns-port-broker"))
+    stand_in.chmod(0o755)
+    www = rundir / "www"
+    (www / "cgi-bin").mkdir(parents=True)
+    (www / "index.html").write_text(HELLO)
+    (www / "cgi-bin" / "peer").write_bytes(PEER_CGI)
+    (www / "cgi-bin" / "peer").chmod(0o755)
+    policy = '[sockets.http]\nusers = ["nobody"]\n[sockets.https]\nusers = ["nobody"]\n'
+    broker = start_broker(processes, launcher, rundir, policy,
+                          sockets=(("http", "0.0.0.0:80"), ("https", "0.0.0.0:443")))  # fmt: skip
+    rootlesskit = ["rootlesskit", *DOCKERD_ROOTLESS_FLAGS, "--port-driver=slirp4netns",
+                   f"--slirp4netns-binary={stand_in}", "--publish", "0.0.0.0:80:80/tcp",
+                   "busybox", "httpd", "-f", "-p", "80", "-h", str(www)]  # fmt: skip
+    env = {"HOME": str(rundir), "PORT_BROKER_SOCKET": str(broker.control),
+           "PATH": f"{launcher.parent}:/usr/bin:/bin"}  # fmt: skip
+    sandbox = sandboxed(processes, rundir, f"exec {shlex.join(rootlesskit)}", env)
+    requests = {(80, "127.0.0.1"): REQUESTS["127.0.0.1"]}
+    sandbox.wait_until_served(set(requests), HELLO)
+    assert answered_all(requests, HELLO) == requests
+    # slirp4netns's port driver keeps a client's address, but the host's own loopback,
+    # which it gives as its gateway's.
+    assert http_get("127.0.0.1", 80, "/cgi-bin/peer").strip() == "[::ffff:10.0.2.2]"
+    if (address := global_ipv4()) is not None:
+        assert http_get(address, 80, "/cgi-bin/peer").strip() == f"[::ffff:{address}]"
+
+    found = sandbox.processes()
+    assert found["busybox"]["uid_map"] == MAPPED  # rootlesskit ran newuidmap itself
+    assert found["rootlesskit"]["Userns"] == "host"  # not under the launcher at all
+    assert holders(80) == {"port-broker", "slirp4netns"}
+    assert "granted socket 'http' to user nobody" in broker.output()
+
+
+DOCKER_UNIT: Final = (
+    "Environment=DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=slirp4netns",
+    "Environment=DOCKERD_ROOTLESS_ROOTLESSKIT_FLAGS="
+    "--slirp4netns-binary=%h/.local/bin/slirp4netns-port-broker",
+)
+"""The lines of docs/containers.md's user-unit drop-in for rootless Docker."""
+
+DOCKERD_ROOTLESS_FLAGS: Final = (
+    "--net=slirp4netns", "--mtu=65520", "--slirp4netns-sandbox=auto",
+    "--slirp4netns-seccomp=auto", "--disable-host-loopback", "--copy-up=/etc",
+    "--copy-up=/run", "--propagation=rslave",
+)  # fmt: skip
+"""What dockerd-rootless.sh (Docker's contrib/) gives rootlesskit, but the port driver."""
+
+
+def docs_script(docs: str, name: str) -> str:
+    """The shell script in `docs` whose comment names it `name`."""
+    for block in docs.split("```sh\n")[1:]:
+        script = block.split("```", 1)[0]
+        if script.startswith("#!/bin/sh\n") and name in script.splitlines()[1]:
+            return script
+    raise AssertionError(f"docs/containers.md has no script {name}")
+
+
+def global_ipv4() -> str | None:
+    """An IPv4 address of this host's other than loopback, if it has one."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    match = re.search(r"inet (\S+)/", out)
+    return match.group(1) if match else None
