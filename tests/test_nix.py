@@ -183,9 +183,9 @@ def test_every_nix_file_parses(path: Path) -> None:
     nix_instantiate("--parse", str(path))
 
 
-def docs_blocks() -> Iterator[tuple[bool, str]]:
-    """Yield (marked for evaluation, text) for each ```nix block of docs/nixos.md."""
-    lines = DOCS.read_text().splitlines(keepends=True)
+def docs_blocks(docs: Path = DOCS) -> Iterator[tuple[bool, str]]:
+    """Yield (marked for evaluation, text) for each ```nix block of `docs`."""
+    lines = docs.read_text().splitlines(keepends=True)
     for number, line in enumerate(lines):
         if line.rstrip() == "```nix":
             end = lines.index("```\n", number)
@@ -205,13 +205,15 @@ def test_every_nix_block_in_the_docs_parses(tmp_path: Path) -> None:
     blocks = list(docs_blocks())
     assert len(blocks) >= 5
     assert sum(marked for marked, _ in blocks) == 2  # the five lines and the container
-    for number, (_, block) in enumerate(blocks):
-        path = tmp_path / f"block{number}.nix"
-        path.write_text(as_expression(block))
-        try:
-            nix_instantiate("--parse", str(path))
-        except NixError as e:
-            pytest.fail(f"docs/nixos.md, Nix block {number + 1}:\n{block}\n{e}")
+    containers = ROOT / "docs" / "containers.md"
+    for docs in (DOCS, containers):
+        for number, (_, block) in enumerate(docs_blocks(docs)):
+            path = tmp_path / f"{docs.stem}{number}.nix"
+            path.write_text(as_expression(block))
+            try:
+                nix_instantiate("--parse", str(path))
+            except NixError as e:
+                pytest.fail(f"{docs.name}, Nix block {number + 1}:\n{block}\n{e}")
 
 
 def test_the_docs_replace_security_wrappers_in_five_lines() -> None:
