@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, NoReturn
@@ -49,7 +50,8 @@ _PEERCRED: Final = struct.Struct("3i")
 class Relay:
     """The directory of stand-ins and the socket they reach the launcher on.
 
-    `active` is False (and nothing is created) when no mapper is on PATH.
+    Nothing is made when no mapper is on PATH, nor when the directory cannot be (said on
+    stderr): `services()` is then empty and `environment()` ours.
     """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
@@ -63,8 +65,8 @@ class Relay:
             return
         runtime = environ.get("XDG_RUNTIME_DIR")
         parent = runtime if runtime and os.access(runtime, os.W_OK | os.X_OK) else None
-        self.directory = Path(tempfile.mkdtemp(prefix="port-broker-idmap.", dir=parent))
         try:
+            self.directory = Path(tempfile.mkdtemp(prefix="port-broker-idmap.", dir=parent))
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.listener.bind(str(self.directory / SOCKET_NAME))
             self.listener.listen(16)
@@ -75,6 +77,13 @@ class Relay:
                 shim_path = self.directory / name
                 shim_path.write_text(text)
                 shim_path.chmod(0o700)
+        except OSError as e:
+            self.close()
+            sys.stderr.write(
+                f"port-broker exec: cannot make the stand-ins for {', '.join(self.mappers)} "
+                f"under {parent or tempfile.gettempdir()} ({e.strerror or e}): under "
+                "--intercept they run without their setuid privilege\n"
+            )
         except BaseException:
             self.close()
             raise
@@ -95,18 +104,22 @@ class Relay:
         while self.listener is not None:
             try:
                 conn, _ = self.listener.accept()
-            except BlockingIOError:
+            except OSError:  # none waiting (or out of fds: they fail, not the program)
                 return
             with conn, contextlib.suppress(OSError):
                 conn.sendall(self._answer(conn))
 
     def _answer(self, conn: socket.socket) -> bytes:
-        conn.settimeout(TIMEOUT)
         pid, uid, _ = _PEERCRED.unpack(
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
+        deadline = time.monotonic() + TIMEOUT  # for the whole request, not each read
         request = b""  # read whole before any answer: unread bytes would reset it
-        while chunk := conn.recv(MAX_REQUEST + 1 - len(request)):
+        while True:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = conn.recv(MAX_REQUEST + 1 - len(request))
+            if not chunk:
+                break
             request += chunk
             if len(request) > MAX_REQUEST:
                 return _reply(1, "request too long")
