@@ -8,7 +8,7 @@ install_debian_packages() {
     local list=$1 who=${2:-${0##*/}} package provided missing=()
     mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$list")
     provided=$(dpkg-query -W -f='${db:Status-Abbrev}|${Package},${Provides}\n' \
-        | sed -n 's/^ii *|//p' | tr ',' '\n' | sed -e 's/(.*)//' -e 's/[[:space:]]//g')
+        | sed -nE 's/^.i *\|//p' | tr ',' '\n' | sed -e 's/(.*)//' -e 's/[[:space:]]//g')
     for package in "${packages[@]}"; do
         grep -qxF "$package" <<<"$provided" || missing+=("$package")
     done

@@ -35,8 +35,11 @@ MAPPERS: Final = ("newuidmap", "newgidmap")
 SOCKET_NAME: Final = "socket"
 MAX_REQUEST: Final = 64 * 1024
 """Bytes of arguments a request may carry (a mapping is a few dozen)."""
+READ_TIMEOUT: Final = 1.0
+"""Seconds for a whole request: a stand-in sends it at once, and the supervisor, whose
+loop this runs in, serves nothing else meanwhile."""
 TIMEOUT: Final = 10.0
-"""Seconds for reading a request, and for the real mapper to run."""
+"""Seconds for the real mapper to run, and for a stand-in to wait for its answer."""
 _SHIM: Final = """\
 #!{python} -I
 import sys
@@ -100,20 +103,26 @@ class Relay:
         return {} if self.listener is None else {self.listener.fileno(): self.serve}
 
     def serve(self) -> None:
-        """Answer every stand-in waiting to be accepted."""
-        while self.listener is not None:
+        """Answer one stand-in (the supervisor's poll comes back for the next); never
+        raises, so that no request can stop the supervisor, and with it the program."""
+        if self.listener is None:
+            return
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # none waiting (or out of fds: the stand-in fails, not the program)
+            return
+        with conn, contextlib.suppress(OSError):
             try:
-                conn, _ = self.listener.accept()
-            except OSError:  # none waiting (or out of fds: they fail, not the program)
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.sendall(self._answer(conn))
+                answer = self._answer(conn)
+            except Exception as e:  # said to the stand-in, which exits 1
+                answer = _reply(1, f"cannot run it: {e!r}")
+            conn.sendall(answer)
 
     def _answer(self, conn: socket.socket) -> bytes:
         pid, uid, _ = _PEERCRED.unpack(
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
-        deadline = time.monotonic() + TIMEOUT  # for the whole request, not each read
+        deadline = time.monotonic() + READ_TIMEOUT  # the whole request, not each read
         request = b""  # read whole before any answer: unread bytes would reset it
         while True:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -124,31 +133,24 @@ class Relay:
             if len(request) > MAX_REQUEST:
                 return _reply(1, "request too long")
         name, *args = os.fsdecode(request).split("\0")
-        if uid != os.getuid():
-            return _reply(1, f"asked by uid {uid}, not the launcher's uid {os.getuid()}")
-        if not _same_pid_namespace(pid):
-            return _reply(
-                1,
-                "asked from another pid namespace, where the PID it names is another "
-                "process: run it outside port-broker exec --intercept",
-            )
-        real = self.mappers.get(name)
-        if real is None:
-            return _reply(1, f"{name!r} is not one of {', '.join(self.mappers)}")
-        import subprocess  # noqa: PLC0415  (only here: most programs never ask)
+        problem = self._refusal(pid, uid, name)
+        if problem is not None:
+            return _reply(1, problem)
+        return _run(self.mappers[name], args)
 
-        try:
-            done = subprocess.run(
-                [real, *args],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=TIMEOUT,
-                check=False,
+    def _refusal(self, pid: int, uid: int, name: str) -> str | None:
+        if uid != os.getuid():
+            return f"asked by uid {uid}, not the launcher's uid {os.getuid()}"
+        if not _descends_from_us(pid):
+            return f"asked by pid {pid}, which the launcher did not start"
+        if not _same_pid_namespace(pid):
+            return (
+                "asked from another pid namespace, where the PID it names is another "
+                "process: run it outside port-broker exec --intercept"
             )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return _reply(1, f"{real}: {e}")
-        code = done.returncode if done.returncode >= 0 else 128 - done.returncode
-        return struct.pack("!i", code) + done.stdout + done.stderr
+        if name not in self.mappers:
+            return f"{name!r} is not one of {', '.join(self.mappers)}"
+        return None
 
     def close(self) -> None:
         """Stop serving and remove the directory."""
@@ -160,6 +162,40 @@ class Relay:
             self.directory = None
 
 
+def _run(real: str, args: list[str]) -> bytes:
+    """Run the real mapper; its status, then its output."""
+    import subprocess  # noqa: PLC0415  (only here: most programs never ask)
+
+    try:
+        done = subprocess.run(
+            [real, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return _reply(1, f"{real}: {e}")
+    code = done.returncode if done.returncode >= 0 else 128 - done.returncode
+    return struct.pack("!i", code) + done.stdout + done.stderr
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Whether `pid` is a descendant of ours: the program or what it started (we are
+    its subreaper: orphans stay ours). Another process of the same user, under
+    no_new_privs of its own, must not get the mappers' privilege back through us."""
+    ours = os.getpid()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])  # field 4: ppid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ours:
+            return True
+    return False
+
+
 def _same_pid_namespace(pid: int) -> bool:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
@@ -168,7 +204,9 @@ def _same_pid_namespace(pid: int) -> bool:
 
 
 def _reply(status: int, message: str) -> bytes:
-    return struct.pack("!i", status) + f"port-broker exec: {message}\n".encode()
+    return struct.pack("!i", status) + f"port-broker exec: {message}\n".encode(
+        errors="backslashreplace"
+    )
 
 
 def shim() -> NoReturn:

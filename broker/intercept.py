@@ -90,7 +90,7 @@ from broker.bindings import (
 from broker.errors import InterceptError, InterceptUnsupported
 from broker.seccomp import check_supported
 from broker.spawn import FORWARDED_SIGNALS
-from broker.tracee import SOCKADDR_MAX, Tracee
+from broker.tracee import SOCKADDR_MAX, Lingering, Tracee, as_fd, task_name
 
 __all__ = [
     "InterceptError",
@@ -122,20 +122,6 @@ def _say(message: str) -> None:
         os.write(2, (_MESSAGE_PREFIX + message + "\n").encode(errors="replace"))
 
 
-def _as_fd(arg: int) -> int:
-    """A syscall's int argument: the low 32 bits, signed."""
-    low = arg & 0xFFFFFFFF
-    return low - (1 << 32) if low >= 1 << 31 else low
-
-
-def _task_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f"pid {pid} ({f.read().strip().decode(errors='replace')})"
-    except OSError:
-        return f"pid {pid}"
-
-
 class _Supervisor:
     """Owns the listener fd and the signalfd (closes neither: the caller does)."""
 
@@ -160,6 +146,7 @@ class _Supervisor:
         self.families = FamilyCheck()
         self.child_status: int | None = None
         self.tracee = Tracee(listener)
+        self.lingering = Lingering()
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -171,9 +158,12 @@ class _Supervisor:
             poller.register(fd, select.POLLIN)
         filter_in_use, stop = True, False
         while not stop and (filter_in_use or self.child_status is None):
-            for note in self.families.due(self.mapping, time.monotonic()):
+            now = time.monotonic()
+            for note in [*self.families.due(self.mapping, now), *self.lingering.due(now)]:
                 _say(note)
-            for fd, events in poller.poll(self.families.timeout_ms(time.monotonic())):
+            now = time.monotonic()
+            waits = [self.families.timeout_ms(now), self.lingering.timeout_ms(now)]
+            for fd, events in poller.poll(min((w for w in waits if w is not None), default=None)):
                 if fd == self.sigfd:
                     stop = self._on_signals()
                 elif fd in self.services:
@@ -228,6 +218,7 @@ class _Supervisor:
                 return
             if pid == self.child:
                 self.child_status = status
+                self.lingering.start(os.waitstatus_to_exitcode(status), time.monotonic())
 
     # -- notifications --------------------------------------------------------------
     def _on_notification(self) -> None:
@@ -259,7 +250,7 @@ class _Supervisor:
         self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _on_bind(self, n: seccomp.Notification) -> None:
-        fd = _as_fd(n.args[0])
+        fd = as_fd(n.args[0])
         if n.args[2] & 0xFFFFFFFF > SOCKADDR_MAX:
             self._pass(n)  # longer than any sockaddr: the kernel's EINVAL, not ours
             return
@@ -268,7 +259,7 @@ class _Supervisor:
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
-                    f"cannot read the memory of {_task_name(n.pid)} ({exc.strerror}): "
+                    f"cannot read the memory of {task_name(n.pid)} ({exc.strerror}): "
                     f"its bind() goes to the kernel{_NOT_INSPECTABLE}"
                 )
             raw = b""  # EFAULT, EIO: a bad pointer, for the kernel to report
@@ -283,7 +274,7 @@ class _Supervisor:
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 _say(
-                    f"cannot inspect fd {fd} of {_task_name(n.pid)} ({exc.strerror}): "
+                    f"cannot inspect fd {fd} of {task_name(n.pid)} ({exc.strerror}): "
                     f"its bind() goes to the kernel{_NOT_INSPECTABLE}"
                 )
             self._pass(n)  # EBADF, ESRCH: the kernel answers those itself
@@ -327,7 +318,7 @@ class _Supervisor:
         proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
         want = Endpoint(family, sock.type, proto, ip, port)
         candidates = self.mapping[port]
-        who = _task_name(n.pid)
+        who = task_name(n.pid)
         decision = decide([h.endpoint for h in candidates], want, who)
         if isinstance(decision, Pass):
             if decision.note:
@@ -384,7 +375,7 @@ class _Supervisor:
         os.set_blocking(held.sock.fileno(), not wanted)
 
     def _on_listen(self, n: seccomp.Notification) -> None:
-        fd = _as_fd(n.args[0])
+        fd = as_fd(n.args[0])
         target = None
         if fd >= 0:
             try:

@@ -12,6 +12,7 @@ leave an fd of ours open on any path.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import sys
@@ -34,6 +35,63 @@ def netns_cookie(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return int.from_bytes(raw, sys.byteorder)
+
+
+def as_fd(arg: int) -> int:
+    """A syscall's int argument: the low 32 bits, signed."""
+    low = arg & 0xFFFFFFFF
+    return low - (1 << 32) if low >= 1 << 31 else low
+
+
+def task_name(pid: int) -> str:
+    """`pid 42 (comm)` for messages; `pid 42` once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f"pid {pid} ({f.read().strip().decode(errors='replace')})"
+    except OSError:
+        return f"pid {pid}"
+
+
+class Lingering:
+    """The note for a program that exited leaving processes under the filter, which keep
+    the supervisor serving, and so running: said once, if they still run a while after
+    (a forwarder or a helper ending with the program is not worth a word)."""
+
+    DELAY: Final = 2.0
+
+    def __init__(self) -> None:
+        self._due: float | None = None
+        self._code = 0
+
+    def start(self, code: int, now: float) -> None:
+        """The program exited with `code` at `now`."""
+        self._due, self._code = now + self.DELAY, code
+
+    def timeout_ms(self, now: float) -> int | None:
+        return None if self._due is None else max(0, math.ceil((self._due - now) * 1000))
+
+    def due(self, now: float) -> list[str]:
+        if self._due is None or now < self._due:
+            return []
+        self._due = None
+        if not (left := [task_name(pid) for pid in our_children()]):
+            return []
+        return [
+            f"the program exited ({self._code}); what it started still runs under the "
+            f"filter, served until it ends or a signal comes: {', '.join(left)}"
+        ]
+
+
+def our_children() -> list[int]:
+    """The pids of this process's children (orphans we took in as subreaper included)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                found += map(int, f.read().split())
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: name none
+        return []
+    return found
 
 
 class Tracee:

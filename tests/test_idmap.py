@@ -2,8 +2,9 @@
 `exec --intercept` (whose no_new_privs disarms their setuid bit).
 
 The relay is driven here as the supervisor drives it (serve() when its socket is
-readable), with a stand-in mapper on PATH that reports what it was given; the real
-newuidmap, run for rootless podman, is in tests/test_rootless.py.
+readable), by the test's process standing for the launcher, with a stand-in mapper on
+PATH that reports what it was given; the real newuidmap, run for rootless podman, is in
+tests/test_rootless.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -23,10 +25,11 @@ from tests.harness.processes import REQUEST_TIMEOUT
 MAPPER: Final = """\
 #!/bin/sh
 printf '%s|' "$@"
-echo "uid $(id -u)"
+echo "uid $(id -u), $(grep NoNewPrivs /proc/self/status)"
 exit 3
 """
-"""A newuidmap that prints its arguments and uid, and exits 3."""
+"""A newuidmap that prints its arguments, its uid and whether it runs under
+no_new_privs, and exits 3."""
 
 
 @pytest.fixture
@@ -59,11 +62,30 @@ def test_the_mapper_runs_in_the_launcher_with_the_arguments_as_given(relay: Rela
     first = env["PATH"].split(":")[0]
     assert Path(first).stat().st_mode & 0o777 == 0o700
     assert sorted(os.listdir(first)) == ["newuidmap", "socket"]  # no newgidmap on PATH
-    done = run_shim(relay, ["newuidmap", "4242", "0", "1000", "1", "an argument"])
+    # Asked from under no_new_privs, as a program under the filter is; run without it.
+    nnp = ["/usr/bin/setpriv", "--no-new-privs"]
+    argv = [*nnp, "newuidmap", "4242", "0", "1000", "1", "an argument"]
+    done = run_shim(relay, argv)
     assert done.returncode == 3
-    assert done.stderr == f"4242|0|1000|1|an argument|uid {os.getuid()}\n"
+    assert done.stderr == f"4242|0|1000|1|an argument|uid {os.getuid()}, NoNewPrivs:\t0\n"
 
 
+def test_a_process_the_launcher_did_not_start_is_refused(relay: Relay, tmp_path: Path) -> None:
+    # An orphan of a shell we started goes to init, not to us: outside our tree, as a
+    # service of the same user under no_new_privs of its own would be.
+    out = tmp_path / "out"
+    done = run_shim(relay, ["/bin/sh", "-c", f"(newuidmap 1 0 1000 1 >{out} 2>&1 &)"])
+    assert done.returncode == 0
+    (fd, serve), *_ = relay.services().items()
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    while "port-broker" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline, "the orphan was never answered"
+        if select.select([fd], [], [], 0.05)[0]:
+            serve()
+    assert "which the launcher did not start" in out.read_text()
+
+
+@pytest.mark.needs_root
 def test_a_request_from_another_pid_namespace_is_refused(relay: Relay) -> None:
     # Its PID argument would name another process in ours.
     done = run_shim(

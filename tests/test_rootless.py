@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -47,9 +48,10 @@ REQUESTS: Final = {"127.0.0.1": 40, "::1": 20}
 PODMAN: Final = ("podman", "--storage-driver=vfs", "--runtime=runc")
 """vfs: no fuse-overlayfs needed; runc: the runtime .ci/debian-packages installs."""
 
-SERVE: Final = "httpd -p 443 -h /www && exec httpd -f -p 80 -h /www"
+SERVE: Final = "httpd -p 443 -h /www && httpd -f -p 80 -h /www & trap 'exit 0' TERM; wait"
 """What the container runs: busybox httpd on 80 and 443, both bound in its own
-network namespace (plain HTTP on 443 too: the test is about the ports)."""
+network namespace (plain HTTP on 443 too: the test is about the ports), under a shell
+that ends the container on SIGTERM (as pid 1, it would ignore one it does not catch)."""
 
 PEER_CGI: Final = b"""#!/bin/sh
 printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' "$REMOTE_ADDR"
@@ -218,7 +220,8 @@ class Sandbox:
                 status["Userns"] = (
                     "host" if os.readlink(f"/proc/{pid}/ns/user") == host_userns else "own"
                 )
-                status["uid_map"] = " ".join(Path(f"/proc/{pid}/uid_map").read_text().split())
+                for ids in ("uid_map", "gid_map"):
+                    status[ids] = " ".join(Path(f"/proc/{pid}/{ids}").read_text().split())
             except FileNotFoundError:
                 continue
             assert status["Uid"].split() == [str(NOBODY)] * 4, status
@@ -256,9 +259,10 @@ subordinate ids (the launcher ran it: under the filter's no_new_privs, its setui
 counts for nothing)."""
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first-podman", "podman-ran-before"])
 @pytest.mark.parametrize("network", ["slirp4netns", "pasta"])
 def test_rootless_podman_publishes_80_and_443_through_the_broker(
-    processes: Processes, launcher: Path, rundir: Path, home: Path, network: str
+    processes: Processes, launcher: Path, rundir: Path, home: Path, *, network: str, first: bool
 ) -> None:
     if (reason := unavailable(network)) is not None:
         pytest.skip(reason)
@@ -269,14 +273,17 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
            "localhost/web", "sh", "-c", SERVE]  # fmt: skip
     exec_ = [str(launcher), "exec", "--socket", str(broker.control), "--intercept",
              "http,https", "--", *run]  # fmt: skip
-    # The import leaves podman's pause process holding the user namespace it made; the
-    # user's first podman command of a boot runs under the launcher, so it goes, and
-    # the podman under the launcher makes the namespace anew (with newuidmap).
-    command = (
-        f"{shlex.join([*PODMAN, 'import', str(home / 'image.tar'), 'localhost/web'])}"
-        " >/dev/null && kill $(cat /mnt/libpod/tmp/pause.pid)"
-        f" && exec {shlex.join(exec_)}"
-    )
+    # The import leaves podman's pause process holding the user namespace it made. For
+    # the user's first podman command of a boot run under the launcher, it goes, and
+    # the podman under the launcher makes the namespace anew (with newuidmap). The
+    # shell stays as the pid namespace's init, as the launcher is not one on a host.
+    command = f"{shlex.join([*PODMAN, 'import', str(home / 'image.tar'), 'localhost/web'])}"
+    if first:
+        command += (
+            " >/dev/null && pause=$(cat /mnt/libpod/tmp/pause.pid) && kill $pause"
+            " && while kill -0 $pause 2>/dev/null; do sleep 0.1; done"
+        )
+    command += f" >/dev/null && {shlex.join(exec_)}; echo launcher exited $?"
     sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)})
     requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
     sandbox.wait_until_served(set(requests), HELLO)
@@ -287,10 +294,15 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
 
     found = sandbox.processes()
     forwarder = FORWARDER[network]
-    # The host's user namespace holds the launcher and the podman that made podman's.
-    assert {n for n, s in found.items() if s["Userns"] == "host"} <= {"port-broker", "podman"}
+    # The host's user namespace holds the shell, the launcher and the podman that made
+    # podman's.
+    host = {n for n, s in found.items() if s["Userns"] == "host"}
+    assert host <= {"sh", "port-broker", "podman"}
     assert found["port-broker"]["Userns"] == "host"
-    assert found["httpd"]["uid_map"] == MAPPED
+    assert found["httpd"]["uid_map"] == found["httpd"]["gid_map"] == MAPPED
+    # podman's pause process holds that user namespace: made under the filter (so the
+    # mappers ran through the launcher's stand-ins) when podman ran first there.
+    assert found["podman pause"]["NoNewPrivs"] == ("1" if first else "0")
     assert any(name.startswith(forwarder) for name in found), found.keys()
     # The broker's sockets went to the forwarder; the container's httpd bound its own,
     # in its network namespace, so it holds nothing in ours.
@@ -298,6 +310,28 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
         assert "port-broker" in holders(port)
         assert {h for h in holders(port) if not h.startswith(forwarder)} == {"port-broker"}
     assert "granted socket 'https' to user nobody" in broker.output()
+
+    # The container stops, and podman with it. The launcher ends then, unless it has
+    # podman's pause process to serve: then it stays, and says so.
+    launcher_pid = int(found["port-broker"]["Pid"])
+    (container,) = children(int(found["conmon"]["Pid"]))
+    os.kill(container, signal.SIGTERM)
+    if first:
+        wait_for(lambda: "still runs under the filter" in sandbox.log.read_text(), "the note")
+        note = sandbox.log.read_text().split("the program exited (0)", 1)[1]
+        assert "(podman pause)" in note.splitlines()[0]
+        assert Path(f"/proc/{launcher_pid}").exists()
+    else:
+        wait_for(lambda: "launcher exited 0" in sandbox.log.read_text(), "the launcher's end")
+        assert "the program exited" not in sandbox.log.read_text()
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in os.listdir(f"/proc/{pid}/task")
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    ]
 
 
 def test_rootless_docker_port_driver_serves_80_through_the_broker(
@@ -338,7 +372,8 @@ def test_rootless_docker_port_driver_serves_80_through_the_broker(
         assert http_get(address, 80, "/cgi-bin/peer").strip() == f"[::ffff:{address}]"
 
     found = sandbox.processes()
-    assert found["busybox"]["uid_map"] == MAPPED  # rootlesskit ran newuidmap itself
+    assert found["busybox"]["uid_map"] == found["busybox"]["gid_map"] == MAPPED
+    assert found["rootlesskit"]["NoNewPrivs"] == "0"  # it ran the mappers itself
     assert found["rootlesskit"]["Userns"] == "host"  # not under the launcher at all
     assert holders(80) == {"port-broker", "slirp4netns"}
     assert "granted socket 'http' to user nobody" in broker.output()
