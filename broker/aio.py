@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 from collections.abc import Sequence
 
 from broker.client import DEFAULT_TIMEOUT, socket_path
 from broker.exchange import (
     ANCILLARY_BYTES,
-    BUSY_RETRY_FIRST,
-    BUSY_RETRY_MAX,
     CONNECT_RETRY_FIRST,
     CONNECT_RETRY_MAX,
     RECV_BYTES,
     Grant,
     ReplyReader,
     as_names,
+    asked_until_not_busy,
     check_timeout,
+    closed_on_failure,
     connected,
     delays,
     grants_from,
-    is_busy,
     single,
-    unavailable,
 )
 from broker.protocol import Acquire, Reply, Request, encode_request
 
@@ -71,15 +68,12 @@ async def _exchange(request: Request, path: str | None, timeout: float) -> tuple
     """As broker.client's: asked again after `busy`, with a backoff, within the deadline."""
     where = socket_path(path)
     check_timeout(timeout)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
-    while True:
-        reply, fds = await _exchange_once(request, where, timeout, deadline)
-        delay = next(waits)
-        if not is_busy(reply) or deadline - loop.time() <= delay:
-            return reply, fds
-        await asyncio.sleep(delay)
+    return await asked_until_not_busy(
+        lambda deadline: _exchange_once(request, where, timeout, deadline),
+        asyncio.get_running_loop().time,
+        asyncio.sleep,
+        timeout,
+    )
 
 
 async def _exchange_once(
@@ -87,17 +81,16 @@ async def _exchange_once(
 ) -> tuple[Reply, list[int]]:
     loop = asyncio.get_running_loop()
     reader = ReplyReader(path)
-    queued = False  # still waiting for room in the broker's queue?
     flags = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-    try:
+    with closed_on_failure(reader, timeout, TimeoutError):
         async with asyncio.timeout_at(deadline):
             with socket.socket(socket.AF_UNIX, flags) as sock:
                 for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
                     if connected(sock, path):  # (not sock_connect: see connected)
                         break
-                    queued = True
+                    reader.queued = True
                     await asyncio.sleep(delay)
-                queued = False
+                reader.queued = False
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     await loop.sock_sendall(sock, encode_request(request))
                 while not reader.done:
@@ -107,16 +100,6 @@ async def _exchange_once(
                             *sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
                         )
         return reader.result()
-    except TimeoutError:
-        reader.close_fds()
-        late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
-        raise unavailable(path, late, timeout) from None
-    except OSError as e:
-        reader.close_fds()
-        raise unavailable(path, e, timeout) from None
-    except BaseException:
-        reader.close_fds()
-        raise
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

@@ -52,14 +52,15 @@ from broker.exchange import (
     Grant,
     ReplyReader,
     as_names,
+    asked_until_not_busy,
     check_timeout,
     close_all,
+    closed_on_failure,
     connected,
     delays,
     grants_from,
     is_busy,
     single,
-    unavailable,
 )
 from broker.names import DEFAULT_SOCKET, SOCKET_ENV
 from broker.protocol import (
@@ -147,7 +148,7 @@ def _exchange_once(
             raise TimeoutError
         return left
 
-    try:
+    with closed_on_failure(reader, timeout):  # its TimeoutError is an OSError
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             _connect_waiting(sock, path, remaining)
             # A broker that refuses at once (busy) answers and closes before reading the
@@ -159,12 +160,6 @@ def _exchange_once(
                 sock.settimeout(remaining())
                 reader.feed(*sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
         return reader.result()
-    except (OSError, TimeoutError) as e:
-        reader.close_fds()
-        raise unavailable(path, e, timeout) from None
-    except BaseException:
-        reader.close_fds()
-        raise
 
 
 def acquire_many(
@@ -263,16 +258,14 @@ async def _exchange_trio(
 ) -> tuple[Reply, list[int]]:
     import trio  # noqa: PLC0415  (only trio users pay for importing trio)
 
-    path = socket_path(path)
+    where = socket_path(path)
     check_timeout(timeout)
-    deadline = trio.current_time() + timeout
-    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
-    while True:
-        reply, fds = await _exchange_trio_once(request, path, timeout, deadline)
-        delay = next(waits)
-        if not is_busy(reply) or deadline - trio.current_time() <= delay:
-            return reply, fds
-        await trio.sleep(delay)
+    return await asked_until_not_busy(
+        lambda deadline: _exchange_trio_once(request, where, timeout, deadline),
+        trio.current_time,
+        trio.sleep,
+        timeout,
+    )
 
 
 async def _exchange_trio_once(
@@ -281,17 +274,16 @@ async def _exchange_trio_once(
     import trio  # noqa: PLC0415
 
     reader = ReplyReader(path)
-    queued = False  # still waiting for room in the broker's queue?
-    try:
+    with closed_on_failure(reader, timeout, trio.TooSlowError):
         with trio.fail_at(deadline):
             plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
                 for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
                     if connected(plain, path):
                         break
-                    queued = True  # full: wait without stopping the event loop
+                    reader.queued = True  # full: wait without stopping the event loop
                     await trio.sleep(delay)
-                queued = False
+                reader.queued = False
                 data = memoryview(encode_request(request))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     while data:  # (see _exchange)
@@ -301,16 +293,6 @@ async def _exchange_trio_once(
                         *await sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
                     )
         return reader.result()
-    except trio.TooSlowError:
-        reader.close_fds()
-        late = OSError(errno.EAGAIN, "queue full") if queued else TimeoutError()
-        raise unavailable(path, late, timeout) from None
-    except OSError as e:
-        reader.close_fds()
-        raise unavailable(path, e, timeout) from None
-    except BaseException:
-        reader.close_fds()
-        raise
 
 
 async def acquire_many_trio(

@@ -11,10 +11,11 @@ Standard library only: every worker's start-up imports this.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.errors import BrokerUnavailable, ClientError, Code, ProtocolError, refusal
@@ -57,6 +58,7 @@ class ReplyReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.queued = False  # still waiting for room in the broker's queue?
         self.buffer = LineBuffer(MAX_REPLY_BYTES)
         self.fds: list[int] = []
         self.line: bytes | None = None
@@ -141,6 +143,49 @@ def unavailable(path: str, error: OSError | TimeoutError, timeout: float) -> Bro
 
 def is_busy(reply: Reply) -> bool:
     return isinstance(reply, Refusal) and reply.code is Code.BUSY
+
+
+async def asked_until_not_busy(
+    once: Callable[[float], Awaitable[tuple[Reply, list[int]]]],
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[object]],
+    timeout: float,
+) -> tuple[Reply, list[int]]:
+    """The event-loop clients' exchange: `once(deadline)`, asked again after `busy`
+    with a backoff while the deadline allows (the sync client's loop is the same, with
+    time.monotonic and time.sleep)."""
+    deadline = clock() + timeout
+    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
+    while True:
+        reply, fds = await once(deadline)
+        delay = next(waits)
+        if not is_busy(reply) or deadline - clock() <= delay:
+            return reply, fds
+        await sleep(delay)
+
+
+@contextlib.contextmanager
+def closed_on_failure(
+    reader: ReplyReader,
+    timeout: float,
+    too_slow: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Around one exchange: on any failure the fds received so far are closed, and an
+    OSError, or `too_slow` (the event loop's deadline), becomes the BrokerUnavailable
+    that names the socket and what to do; `reader.queued` says the deadline passed
+    while the broker's queue was full."""
+    try:
+        yield
+    except too_slow:
+        reader.close_fds()
+        late = OSError(errno.EAGAIN, "queue full") if reader.queued else TimeoutError()
+        raise unavailable(reader.path, late, timeout) from None
+    except OSError as e:
+        reader.close_fds()
+        raise unavailable(reader.path, e, timeout) from None
+    except BaseException:
+        reader.close_fds()
+        raise
 
 
 def delays(first: float, most: float) -> Iterator[float]:
