@@ -155,7 +155,7 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
 
     held = [sock for _, sock in grants]
     port_map: dict[int, list[socket.socket]] | None = None
-    relay: Relay | None = None
+    relay = Relay(os.environ)  # newuidmap/newgidmap, which no_new_privs disarms
     try:
         if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
             port_map = {}
@@ -163,7 +163,6 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
                 port_map.setdefault(sock.getsockname()[1], []).append(sock)
             for port, name in mapping.items():
                 port_map[port] = [sock for granted, sock in grants if granted == name]
-        relay = Relay(os.environ)  # newuidmap/newgidmap, which no_new_privs disarms
         return run_intercepted(
             command, held, port_map, env=relay.environment(), services=relay.services()
         )
@@ -172,8 +171,7 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
     except InterceptError as e:
         return _fail("exec", e.message, Exit.FAILURE)
     finally:
-        if relay is not None:
-            relay.close()
+        relay.close()
         for sock in held:
             sock.close()
 
@@ -382,7 +380,9 @@ def _parser() -> argparse.ArgumentParser:
         "--intercept",
         action="store_true",
         help="for programs that bind() the port themselves: supervise COMMAND and give its "
-        "bind() to a held port the held socket instead (Linux 5.9+, x86_64)",
+        "bind() to a held port the held socket instead (Linux 5.9+, x86_64). COMMAND runs "
+        "under no_new_privs: setuid programs lose their privilege, but newuidmap and "
+        "newgidmap, which rootless podman needs, are run for it (docs/intercept.md)",
     )
     run.add_argument(
         "--map",
