@@ -50,7 +50,12 @@ def run_shim(relay: Relay, argv: list[str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(argv, env=relay.environment(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     (fd, serve), *_ = relay.services().items()
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{argv} did not end within {REQUEST_TIMEOUT} s")
         if select.select([fd], [], [], 0.05)[0]:
             serve()
     out, err = proc.communicate(timeout=REQUEST_TIMEOUT)

@@ -16,6 +16,7 @@ rootlessport, the pause process) ends with the test.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -152,23 +153,27 @@ def home(rundir: Path) -> Path:
 HELLO: Final = "hello from a rootless container\n"
 
 
+def children(pid: int) -> list[int]:
+    """The child pids of `pid`, every thread's; none once it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """Every living process under `pid` (orphans stay under the pid namespace's init)."""
     found: list[int] = []
     stack = [pid]
     while stack:
-        parent = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            except FileNotFoundError:
-                continue
-            found += map(int, children)
-            stack += map(int, children)
+        below = children(stack.pop())
+        found += below
+        stack += below
     return found
 
 
@@ -328,14 +333,6 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     else:
         wait_for(lambda: "launcher exited 0" in sandbox.log.read_text(), "the launcher's end")
         assert "the program exited" not in sandbox.log.read_text()
-
-
-def children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in os.listdir(f"/proc/{pid}/task")
-        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-    ]
 
 
 def test_rootless_docker_port_driver_serves_80_through_the_broker(
