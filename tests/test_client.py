@@ -614,10 +614,13 @@ async def test_a_client_waits_for_room_in_a_full_queue_and_is_served(
     assert time.monotonic() - start >= QUEUE_FULL_FOR
 
 
+BUSY: Final = line(ok=False, code="busy", message="the broker is serving its limit; retry shortly")
+"""The broker's `busy` refusal."""
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_busy_is_asked_again_within_the_deadline(rundir: Path, variant: Variant) -> None:
     path = rundir / "full.sock"
-    busy = line(ok=False, code="busy", message="the broker is serving its limit; retry shortly")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen(8)
@@ -625,7 +628,7 @@ async def test_busy_is_asked_again_within_the_deadline(rundir: Path, variant: Va
         requests = []
 
         def broker() -> None:
-            for answer in (replies(busy), replies(busy), granted_with(1, 1)):
+            for answer in (replies(BUSY), replies(BUSY), granted_with(1, 1)):
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(PEER_TIMEOUT)
@@ -647,7 +650,6 @@ async def test_busy_is_asked_again_within_the_deadline(rundir: Path, variant: Va
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant: Variant) -> None:
     path = rundir / "full.sock"
-    busy = line(ok=False, code="busy", message="the broker is serving its limit; retry shortly")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen(64)
@@ -661,7 +663,7 @@ async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant:
                 except TimeoutError:
                     continue
                 with conn:
-                    conn.sendall(busy)
+                    conn.sendall(BUSY)
 
         thread = threading.Thread(target=broker, daemon=True)
         thread.start()
