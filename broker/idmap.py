@@ -14,6 +14,13 @@ gained that the user lacks: the request must come from the launcher's own uid an
 namespace (where the PID argument means the same process), and the mapper itself checks
 the user's /etc/subuid and /etc/subgid as always.
 
+The supervisor's loop serves the relay (`services()`: one fd, an epoll of the relay's
+own, readable when a stand-in connects or sends): never waiting on a peer. Who connects
+is checked from the kernel (SO_PEERCRED) as it is accepted, before anything is read, and
+refused at once if it is not ours; a request comes in as it arrives, without a wait,
+and one not whole within READ_TIMEOUT is dropped. Only the real mapper, run for the
+program itself, holds the loop (a few milliseconds; at most TIMEOUT).
+
 Standard library only: this runs on a worker's start-up path (only with --intercept).
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import struct
@@ -36,8 +44,11 @@ SOCKET_NAME: Final = "socket"
 MAX_REQUEST: Final = 64 * 1024
 """Bytes of arguments a request may carry (a mapping is a few dozen)."""
 READ_TIMEOUT: Final = 1.0
-"""Seconds for a whole request: a stand-in sends it at once, and the supervisor, whose
-loop this runs in, serves nothing else meanwhile."""
+"""Seconds for a whole request: a stand-in sends it at once; one not done by then (a
+silent peer) is dropped when the relay next wakes."""
+MAX_PENDING: Final = 16
+"""Requests read at once: a program runs one mapper per namespace it makes (two); past
+this a stand-in is refused, not queued."""
 TIMEOUT: Final = 10.0
 """Seconds for the real mapper to run, and for a stand-in to wait for its answer."""
 _SHIM: Final = """\
@@ -48,6 +59,16 @@ from broker.idmap import shim
 shim()
 """
 _PEERCRED: Final = struct.Struct("3i")
+
+
+class _Request:
+    """A stand-in's request as it comes in."""
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.data = b""
+        self.deadline = time.monotonic() + READ_TIMEOUT
 
 
 class Relay:
@@ -64,6 +85,8 @@ class Relay:
         self.path = path
         self.directory: Path | None = None
         self.listener: socket.socket | None = None
+        self._poll: select.epoll | None = None
+        self._pending: dict[int, _Request] = {}
         if not self.mappers:
             return
         runtime = environ.get("XDG_RUNTIME_DIR")
@@ -72,8 +95,10 @@ class Relay:
             self.directory = Path(tempfile.mkdtemp(prefix="port-broker-idmap.", dir=parent))
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.listener.bind(str(self.directory / SOCKET_NAME))
-            self.listener.listen(16)
+            self.listener.listen(MAX_PENDING)
             self.listener.setblocking(False)
+            self._poll = select.epoll()
+            self._poll.register(self.listener, select.EPOLLIN)
             package = str(Path(__file__).resolve().parent.parent)
             text = _SHIM.format(python=sys.executable, package=package)
             for name in self.mappers:
@@ -99,46 +124,84 @@ class Relay:
         return env
 
     def services(self) -> dict[int, Callable[[], None]]:
-        """For `run_intercepted`: our socket, and what to run when it is readable."""
-        return {} if self.listener is None else {self.listener.fileno(): self.serve}
+        """For `run_intercepted`: the fd to watch, and what to run when it is readable."""
+        return {} if self._poll is None else {self._poll.fileno(): self.serve}
 
     def serve(self) -> None:
-        """Answer one stand-in (the supervisor's poll comes back for the next); never
-        raises, so that no request can stop the supervisor, and with it the program."""
-        if self.listener is None:
+        """Take what is ready now (new stand-ins, their requests), answer the requests
+        that are whole, drop those past their time; never waits on a peer, never raises,
+        so that no request can stall or stop the supervisor, and with it the program."""
+        if self._poll is None:
             return
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:  # none waiting (or out of fds: the stand-in fails, not the program)
-            return
-        with conn, contextlib.suppress(OSError):
-            try:
-                answer = self._answer(conn)
-            except Exception as e:  # said to the stand-in, which exits 1
-                answer = _reply(1, f"cannot run it: {e!r}")
-            conn.sendall(answer)
+        with contextlib.suppress(OSError):
+            for fd, _ in self._poll.poll(0):
+                if self.listener is not None and fd == self.listener.fileno():
+                    self._accept()
+                elif fd in self._pending:
+                    self._read(self._pending[fd])
+        now = time.monotonic()
+        for request in [r for r in self._pending.values() if r.deadline <= now]:
+            self._finish(request, _reply(1, "the request did not arrive in time"))
 
-    def _answer(self, conn: socket.socket) -> bytes:
-        pid, uid, _ = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-        deadline = time.monotonic() + READ_TIMEOUT  # the whole request, not each read
-        request = b""  # read whole before any answer: unread bytes would reset it
+    def _accept(self) -> None:
+        listener, poll = self.listener, self._poll
+        if listener is None or poll is None:
+            return
         while True:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            chunk = conn.recv(MAX_REQUEST + 1 - len(request))
-            if not chunk:
-                break
-            request += chunk
-            if len(request) > MAX_REQUEST:
-                return _reply(1, "request too long")
-        name, *args = os.fsdecode(request).split("\0")
-        problem = self._refusal(pid, uid, name)
-        if problem is not None:
-            return _reply(1, problem)
-        return _run(self.mappers[name], args)
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # none waiting (or out of fds: the stand-in fails, not the program)
+                return
+            conn.setblocking(False)
+            pid, uid, _ = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            problem = self._refusal(pid, uid)
+            if problem is None and len(self._pending) >= MAX_PENDING:
+                problem = f"more than {MAX_PENDING} requests at once"
+            request = _Request(conn, pid)
+            if problem is not None:  # said at once, nothing read: it cannot hold us
+                self._finish(request, _reply(1, problem), registered=False)
+                continue
+            self._pending[conn.fileno()] = request
+            poll.register(conn, select.EPOLLIN)
 
-    def _refusal(self, pid: int, uid: int, name: str) -> str | None:
+    def _read(self, request: _Request) -> None:
+        """Take what the stand-in sent; answer once it has sent all (end of stream)."""
+        try:
+            chunk = request.conn.recv(MAX_REQUEST + 1 - len(request.data))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        request.data += chunk
+        if len(request.data) > MAX_REQUEST:
+            self._finish(request, _reply(1, "request too long"))
+        elif not chunk:
+            self._finish(request, self._answer(request.data))
+
+    def _answer(self, data: bytes) -> bytes:
+        name, *args = os.fsdecode(data).split("\0")
+        if name not in self.mappers:
+            return _reply(1, f"{name!r} is not one of {', '.join(self.mappers)}")
+        try:
+            return _run(self.mappers[name], args)
+        except Exception as e:  # said to the stand-in, which exits 1
+            return _reply(1, f"cannot run it: {e!r}")
+
+    def _finish(self, request: _Request, answer: bytes, *, registered: bool = True) -> None:
+        """Send what fits of `answer` without waiting (a mapper says a line or two) and
+        close."""
+        conn = request.conn
+        if registered and self._poll is not None:
+            self._pending.pop(conn.fileno(), None)
+            with contextlib.suppress(OSError):
+                self._poll.unregister(conn)
+        with conn, contextlib.suppress(OSError):
+            conn.send(answer)
+            conn.recv(MAX_REQUEST + 1)  # what it sent unread would reset the answer
+
+    def _refusal(self, pid: int, uid: int) -> str | None:
         if uid != os.getuid():
             return f"asked by uid {uid}, not the launcher's uid {os.getuid()}"
         if not _descends_from_us(pid):
@@ -148,12 +211,15 @@ class Relay:
                 "asked from another pid namespace, where the PID it names is another "
                 "process: run it outside port-broker exec --intercept"
             )
-        if name not in self.mappers:
-            return f"{name!r} is not one of {', '.join(self.mappers)}"
         return None
 
     def close(self) -> None:
         """Stop serving and remove the directory."""
+        for request in list(self._pending.values()):
+            self._finish(request, b"")
+        if self._poll is not None:
+            self._poll.close()
+            self._poll = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -216,8 +282,10 @@ def shim() -> NoReturn:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(2 * TIMEOUT)
             sock.connect(str(here.parent / SOCKET_NAME))
-            sock.sendall(os.fsencode("\0".join([here.name, *sys.argv[1:]])))
-            sock.shutdown(socket.SHUT_WR)
+            # A refusal comes at once, before the request is read: read it all the same.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(os.fsencode("\0".join([here.name, *sys.argv[1:]])))
+                sock.shutdown(socket.SHUT_WR)
             reply = b""
             while chunk := sock.recv(65536):
                 reply += chunk

@@ -270,3 +270,57 @@ def test_exit_status_and_signals_are_the_programs(
     proc.send_signal(signal.SIGTERM)  # to the launcher, which forwards it
     assert proc.wait(START_TIMEOUT) == 3
     assert proc.stdout.read() == "got TERM\n"
+
+
+BINDER: Final = """
+import os, socket, sys, time
+print(os.environ["PATH"].split(":")[0], flush=True)  # the id-map relay's directory
+while not os.path.exists(sys.argv[1]):  # until the silent peers are at it
+    time.sleep(0.01)
+took = []
+for _ in range(200):
+    sock = socket.socket()
+    began = time.monotonic()
+    sock.bind(("127.0.0.1", 0))  # each bind() waits for the supervisor's answer
+    took.append(time.monotonic() - began)
+    sock.close()
+    time.sleep(0.005)
+print(sorted(took)[197] * 1000, flush=True)  # the p99 of 200, in ms
+"""
+
+SILENT_PEER: Final = """
+import socket, sys, time
+held, end = [], time.monotonic() + float(sys.argv[2])
+print("connecting", flush=True)
+while time.monotonic() < end:
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(sys.argv[1])  # and never a byte
+        held.append(sock)
+    except OSError:
+        sock.close()
+    if len(held) > 50:
+        held.pop(0).close()
+    time.sleep(0.01)
+"""
+
+
+def test_a_silent_peer_of_the_id_map_relay_does_not_slow_the_programs_binds(
+    processes: Processes, launcher: Path, dual: BrokerProcess, workdir: Path
+) -> None:
+    # A process of the same user, outside the launcher's tree, connects to the relay's
+    # socket and says nothing: the supervisor, which answers every bind() of the
+    # program, must not wait on it.
+    go = workdir / "go"
+    binder = intercepted(processes, launcher, dual, SYSTEM_PYTHON, "-c", BINDER, str(go))
+    assert binder.stdout is not None
+    relay = binder.stdout.readline().strip()
+    assert "port-broker-idmap." in relay  # the stand-ins are there (uidmap is installed)
+    peer = processes.start(
+        [*as_user(NOBODY), SYSTEM_PYTHON, "-c", SILENT_PEER, f"{relay}/socket", "30"]
+    )
+    assert peer.stdout is not None
+    assert peer.stdout.readline() == "connecting\n"
+    go.touch()
+    assert binder.wait(START_TIMEOUT + 30) == 0
+    assert float(binder.stdout.read()) <= 50.0  # ms: the p99 of the program's bind()s
