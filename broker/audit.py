@@ -1,7 +1,9 @@
 """The audit trail: every grant and denial, with who, what and why.
 
 Under systemd (stderr is the journal stream), each event goes to the journal with
-structured fields — `journalctl -u port-broker MESSAGE_ID=<grant id>`, or
+structured fields, through journald's native socket without ever waiting for it
+(broker/journal.py: a stalled journald costs records, counted, not grants) —
+`journalctl -u port-broker MESSAGE_ID=<grant id>`, or
 `journalctl -o json` to see PEER_UID, PEER_PID, PEER_UNIT, PEER_CGROUP, SOCKET,
 DECISION, REASON.
 Otherwise each event is one `key=value` line on stderr.
@@ -12,8 +14,8 @@ name), one event is one line on stderr and one single-line MESSAGE in the journa
 without control characters. Only EXCEPTION, a traceback, keeps its line breaks (a
 journal field of its own; escaped too on stderr).
 
-Must never: raise into the server (a full journal must not stop grants), or log what
-a client sent verbatim beyond a bounded length.
+Must never: raise into the server, or wait for the journal (a full or stopped journal
+must not stop grants), or log what a client sent verbatim beyond a bounded length.
 """
 
 from __future__ import annotations
@@ -22,19 +24,16 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import Final, Protocol
+from typing import Final
 
 from broker.identity import Peer
+from broker.journal import BACKLOG, SOCKET, Journal
 from broker.names import Level, printable, unprintable
 
 GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"
 """MESSAGE_ID of grant events: `journalctl MESSAGE_ID=5c8a1f3e…a01`."""
 DENIAL_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a02"
 """MESSAGE_ID of denial events."""
-
-
-class _Send(Protocol):
-    def __call__(self, message: str, **fields: object) -> None: ...
 
 
 def _stderr_is_journal() -> bool:
@@ -73,16 +72,27 @@ def _field(key: str, value: object) -> object:
 
 
 class Audit:
-    """Where events go: the journal if stderr is connected to it, else stderr lines."""
+    """Where events go: the journal if stderr is connected to it, else stderr lines.
 
-    def __init__(self, *, journal: bool | None = None) -> None:
+    Args:
+        journal: Write to the journal (default: if stderr is the journal stream).
+        socket: journald's native socket (tests point it elsewhere).
+    """
+
+    def __init__(self, *, journal: bool | None = None, socket: str = SOCKET) -> None:
         self.journal = _stderr_is_journal() if journal is None else journal
-        self._send: _Send | None = None
-        self.lost = 0  # records the journal (or stderr) did not take
-        if self.journal:
-            from systemd import journal as _journal  # noqa: PLC0415 (server-only dependency)
+        self._journal = Journal(_lost, socket) if self.journal else None
+        self._stderr_lost = 0
 
-            self._send = _journal.send
+    @property
+    def lost(self) -> int:
+        """Records the journal (or stderr) did not take."""
+        return self._stderr_lost + (self._journal.lost if self._journal else 0)
+
+    def close(self) -> None:
+        """At exit: give records waiting for journald a moment to go."""
+        if self._journal is not None:
+            self._journal.close()
 
     def log(self, level: Level, message: str, **fields: object) -> None:
         """Record `message` at `level` with extra structured `fields` (UPPER_CASE keys)."""
@@ -91,19 +101,18 @@ class Audit:
         if unprintable(" ".join([message, *map(str, fields.values())])):
             message = printable(message)
             fields = {key: _field(key, value) for key, value in fields.items()}
+        if self._journal is not None:
+            self._journal.send({"MESSAGE": message, "PRIORITY": level.priority,
+                                "SYSLOG_IDENTIFIER": "port-broker", **fields})  # fmt: skip
+            return
         try:
-            if self._send is not None:
-                self._send(
-                    message, PRIORITY=level.priority, SYSLOG_IDENTIFIER="port-broker", **fields
-                )
-                return
             extras = "".join(
                 f" {k.lower()}={_quote(v)}" for k, v in fields.items() if k != "MESSAGE_ID"
             )
             sys.stderr.write(f"port-broker: {level}: {message}{extras}\n")
             sys.stderr.flush()
         except (OSError, ValueError):
-            self.lost += 1  # never take the broker down; `status` shows the gap
+            self._stderr_lost += 1  # never take the broker down; `status` shows the gap
 
     def decision(
         self, allowed: bool, peer: Peer, socket: str, reason: str, code: str | None = None
@@ -129,3 +138,16 @@ class Audit:
             f"{verb} socket {socket!r} to {peer.describe()}",
             **fields,
         )
+
+
+def _lost(records: int, seconds: float) -> dict[str, object]:
+    """The record saying that `records` were lost while journald took none."""
+    return {
+        "MESSAGE": (
+            f"{records} audit records were lost: the journal took none for {seconds:.1f} s, "
+            f"and the broker keeps at most {BACKLOG} meanwhile (status: log.lost)"
+        ),
+        "PRIORITY": Level.WARNING.priority,
+        "SYSLOG_IDENTIFIER": "port-broker",
+        "LOST_RECORDS": records,
+    }
