@@ -17,15 +17,20 @@ it (uid, groups, unit) and the user database's cached groups, before any wait.
 
 Connection rate: a uid that no `users` entry names (nor root, nor the broker's uid) may
 open UNNAMED_RATE connections a second (bursts of UNNAMED_BURST), and all such uids
-together UNNAMED_TOTAL_RATE. A uid found named by a group or a unit once its peer was
-identified is held to no rate for KNOWN_NAMED_SECONDS after: whether a peer is named
-that way is only known after the costly part of identifying it, which the rate spares;
-so the first connection of such a worker counts against the rates (clients retry
-`busy` within their deadline).
+together UNNAMED_TOTAL_RATE. A peer found named by a group or a unit once it was
+identified leaves a mark for KNOWN_NAMED_SECONDS: its uid with that group, or with that
+unit. A later connection of the uid over the rate is let in only if it shows the same
+mark (the kernel's groups, its cgroup's unit; looked up only then, so a flood costs that
+lookup only past the rate): a shared service account's other processes, which the policy
+does not name, are held to the rate like anyone's. Whether a peer is named that way is
+only known after the costly part of identifying it, which the rate spares; so the first
+connection of such a worker counts against the rates (clients retry `busy` within their
+deadline).
 
 Must never: let `active` or a uid's count drift (every admit has exactly one leave);
 refuse a named peer while a slot not taken by a named peer is held back for it; limit
-the connection rate of a uid a `users` entry names.
+the connection rate of a uid a `users` entry names; exempt from the rate a process that
+shows no mark the policy named.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from broker.identity import Marks
 from broker.status import Connections
 
 NAMED_RESERVE: Final = 4
@@ -54,9 +60,26 @@ RATE_UIDS: Final = 4096
 """uids whose connection rate is tracked at once; past that the least recently seen are
 forgotten (they start again with a full bucket, within the total rate)."""
 KNOWN_NAMED_SECONDS: Final = 300.0
-"""How long a uid the policy was found to name (by a group or a unit, once its peer was
-identified) keeps connecting at any rate: a worker named by its unit is held to no rate
-after its first connection, whatever floods the broker."""
+"""How long a mark the policy was found to name (a uid with a group, or with a unit, once
+its peer was identified) lets that uid's connections past the rate: a worker named by its
+unit is held to no rate after its first connection, whatever floods the broker."""
+
+
+KNOWN_UNITS: Final = 16
+"""Units remembered per uid (the latest): a glob may name a uid's units by the hundred
+(`run-*.scope`); a worker's is among the latest unless it has not connected for long."""
+
+
+@dataclass
+class _Known:
+    """The marks found named lately for one uid, and until when they count."""
+
+    until: float
+    groups: frozenset[int] = frozenset()
+    units: tuple[str, ...] = ()
+
+    def shown_by(self, peer: Marks) -> bool:
+        return bool(self.groups & peer.groups) or peer.unit in self.units
 
 
 @dataclass
@@ -99,7 +122,7 @@ class Admission:
         self.named_uids: frozenset[int] = frozenset()
         self._clock = clock
         self._buckets: OrderedDict[int, _Bucket] = OrderedDict()
-        self._known_named: OrderedDict[int, float] = OrderedDict()  # uid -> until when
+        self._known_named: OrderedDict[int, _Known] = OrderedDict()
         self._total: _Bucket | None = None
         self.limit(max_connections, max_per_user, source)
 
@@ -114,13 +137,14 @@ class Admission:
         """The status report's `connections`."""
         return {"active": self.active, "total": self.connections, "limit": self.max_connections}
 
-    def admit(self, uid: int | None) -> str | None:
+    def admit(self, uid: int | None, marks: Callable[[], Marks] | None = None) -> str | None:
         """Take a slot for a new connection of `uid` (None: the kernel knows of none);
-        return why not (it holds no slot then)."""
+        return why not (it holds no slot then). `marks` tells the peer's groups and unit,
+        asked only when the uid is past its rate and has a mark the policy named."""
         self.connections += 1
-        if uid is None or not self._named_uid(uid):
+        if uid is None or uid not in self.named_uids:
             why = self._rate(uid)
-            if why is not None:
+            if why is not None and not self._marked(uid, marks):
                 return why
         if self.active >= self.max_connections:
             return (
@@ -134,11 +158,12 @@ class Admission:
         """Give back a slot `admit` took."""
         self.active -= 1
 
-    def _named_uid(self, uid: int) -> bool:
-        if uid in self.named_uids:
-            return True
-        until = self._known_named.get(uid)
-        return until is not None and until > self._clock()
+    def _marked(self, uid: int | None, marks: Callable[[], Marks] | None) -> bool:
+        """Whether the peer shows a mark the policy named for `uid` lately."""
+        known = None if uid is None else self._known_named.get(uid)
+        if known is None or marks is None or known.until <= self._clock():
+            return False
+        return known.shown_by(marks())
 
     def _rate(self, uid: int | None) -> str | None:
         now = self._clock()
@@ -166,10 +191,13 @@ class Admission:
         self._total.tokens -= 1
         return None
 
-    def admit_peer(self, uid: int, *, named: bool, mapped: bool = True) -> str | None:
+    def admit_peer(
+        self, uid: int, *, named: bool, mapped: bool = True, by: Marks | None = None
+    ) -> str | None:
         """Count one more connection of `uid`, named by the policy or not; return why
-        not (not counted then). A uid named by a group or a unit is remembered as named
-        (no connection rate) unless it is unmapped: the overflow uid is anyone's."""
+        not (not counted then). What named it besides its uid (`by`: a group, a unit) is
+        remembered for the connection rate (see `admit`), unless the peer is unmapped:
+        the overflow uid is anyone's."""
         if self.per_uid[uid] >= self.max_per_user:
             return (
                 f"uid {uid} already has {self.max_per_user} connections to the broker, its "
@@ -182,12 +210,23 @@ class Admission:
             )
         self.per_uid[uid] += 1
         self.unnamed += not named
-        if named and mapped and uid not in self.named_uids:  # by a group or a unit
-            self._known_named[uid] = self._clock() + KNOWN_NAMED_SECONDS
-            self._known_named.move_to_end(uid)
-            if len(self._known_named) > RATE_UIDS:
-                self._known_named.popitem(last=False)
+        if named and mapped and by and uid not in self.named_uids:  # a group, a unit
+            self._remember(uid, by)
         return None
+
+    def _remember(self, uid: int, by: Marks) -> None:
+        now = self._clock()
+        until = now + KNOWN_NAMED_SECONDS
+        known = self._known_named.get(uid)
+        if known is None or known.until <= now:
+            known = self._known_named[uid] = _Known(until)
+        known.until = until
+        known.groups |= by.groups
+        if by.unit is not None and by.unit not in known.units:
+            known.units = (*known.units, by.unit)[-KNOWN_UNITS:]
+        self._known_named.move_to_end(uid)
+        if len(self._known_named) > RATE_UIDS:
+            self._known_named.popitem(last=False)
 
     def leave_peer(self, uid: int, *, named: bool) -> None:
         """Give back what `admit_peer` counted."""

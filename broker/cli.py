@@ -14,9 +14,8 @@ import argparse
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from broker import __version__
 from broker.errors import (
@@ -179,16 +178,9 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
 # --- list / status ----------------------------------------------------------------
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from broker.client import list_sockets
+    from broker.status import table
 
     try:
         sockets = list_sockets(path=args.socket, timeout=args.timeout)
@@ -201,71 +193,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         rows = [["NAME", "PROTO", "ADDRESS"]]
         rows += [[s.name, transport(s.family, s.type), s.address] for s in sockets]
-        print(_table(rows))
+        print(table(rows))
     return 0
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
-    return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
-
-
-def format_status(report: dict[str, Any]) -> str:
-    """Render a status report as the table `port-broker status` prints."""
-    conns = report.get("connections", {})
-    lines = [
-        f"port-broker {report.get('version', '?')}, pid {report.get('pid', '?')}, "
-        f"up {_duration(float(report.get('uptime', 0)))}, config {report.get('config', '?')}",
-        f"clients: {conns.get('active', 0)} connected, {conns.get('total', 0)} served "
-        f"(limit {conns.get('limit', '?')}); {report.get('grants', 0)} grants, "
-        f"{report.get('denials', 0)} denials",
-    ]
-    configuration = report.get("configuration")
-    if isinstance(configuration, dict):
-        loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(configuration["loaded"]))
-        lines.append(f"configuration: generation {configuration['generation']}, loaded {loaded}")
-        refused = configuration.get("refused")
-        if refused:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused["time"]))
-            lines.append(f"  last reload refused at {when}: {refused['reason']}")
-    log = report.get("log")
-    if isinstance(log, dict) and (log.get("suppressed") or log.get("lost")):
-        lines.append(
-            f"log: {log.get('suppressed', 0)} notices about clients summed up, not logged "
-            f"one by one; {log.get('lost', 0)} records the journal did not take"
-        )
-    lines.append("")
-    rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
-    for s in report.get("sockets", []):
-        rows.append(
-            [
-                s["name"],
-                transport(s["family"], s["type"]),
-                s["address"],
-                str(s["grants"]),
-                str(s["denials"]),
-            ]
-        )
-    lines.append(_table(rows) if len(rows) > 1 else "holding no sockets")
-    recent = report.get("recent", [])
-    if recent:
-        lines += ["", "recent:"]
-        for event in recent[-10:]:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
-            who = event.get("user") or "-"
-            unit = event.get("unit") or "-"
-            lines.append(
-                f"  {when} {event['decision']:5} {event['socket']} uid {event['uid']}"
-                f" ({who}) pid {event['pid']} unit {unit}"
-            )
-    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from broker.client import status
+    from broker.status import format_status
 
     try:
         report = status(path=args.socket, timeout=args.timeout)

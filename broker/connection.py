@@ -29,6 +29,9 @@ The rules, each enforced here alone (tests/test_connection.py checks them one by
 8. A reload is for the broker's own uid and root only (whoever could send it SIGHUP).
    The driver carries it out (`RELOAD`) and reports back (`reloaded`); meanwhile the
    connection is WORKING and has no deadline of its own (the reload has its bound).
+9. A grant the kernel would not pass (too many fds in flight: broker/inflight.py) is
+   answered `busy` instead (`undelivered`), naming who holds them; the connection goes
+   on, and the peer may ask again.
 
 Must never: do I/O or look at a clock; hand out an fd the policy does not grant this
 peer; answer a request after its refusal-and-close.
@@ -96,6 +99,8 @@ class Kind(enum.Enum):
     """A malformed, too large or late request; the connection closes after it."""
     INTERNAL = "internal"
     """A failure of the broker's own (`detail` has the traceback)."""
+    BUSY = "busy"
+    """A grant the kernel would not pass (rule 9)."""
 
 
 class Outcome(NamedTuple):
@@ -222,6 +227,13 @@ class Connection:
             raise RuntimeError(f"sent() while {self.phase.value}")
         done = self._close_after_send or self.requests >= self._max_requests
         self.phase = Phase.CLOSED if done else Phase.READING
+
+    def undelivered(self, reason: str) -> Send:
+        """The grant just asked for could not be passed (rule 9): its `busy` refusal,
+        which replaces it."""
+        if self.phase is not Phase.SENDING:
+            raise RuntimeError(f"undelivered() while {self.phase.value}")
+        return self._reply(Refusal(Code.BUSY, reason), Outcome(Kind.BUSY, reason, code=Code.BUSY))
 
     def timed_out(self) -> Action:
         """The deadline passed (rule 5): what to do about it."""

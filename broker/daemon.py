@@ -79,12 +79,14 @@ def serve(
         _check(loaded, intake, audit)
         if user:  # after the checks: a refused start can still remove what it bound
             privileges.drop_privileges(user)
-        elif os.geteuid() == 0:
+        if os.geteuid() == 0:
             audit.log(
                 Level.WARNING,
                 "serving as root: run the broker under DynamicUser= or --user instead; it "
                 "needs no privilege at all",
             )
+        else:
+            _check_own_uid(audit)
         fit_open_files(loaded.max_connections, intake, audit)
         summary = "; ".join(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
@@ -98,6 +100,7 @@ def serve(
         raise
     finally:
         intake.close()
+        audit.close()  # what waits for journald: a moment to go
 
 
 def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake:
@@ -130,9 +133,32 @@ def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
         )
 
 
+def _check_own_uid(audit: Audit) -> None:
+    """Say loudly if other processes run as our uid (docs/security.md, V7)."""
+    from broker import privileges  # noqa: PLC0415 (imported in step 2)
+
+    uid = os.geteuid()
+    others = privileges.sharing_uid(uid)
+    if others:
+        shown = ", ".join(f"pid {pid} ({name})" for pid, name in others[: privileges.SHARERS_SHOWN])
+        more = f" and {len(others) - privileges.SHARERS_SHOWN} more" if len(others) > 5 else ""
+        audit.log(
+            Level.WARNING,
+            f"other processes run as uid {uid}, the broker's: {shown}{more}. Any of them "
+            "can make the kernel refuse every grant (fds in flight count per uid), signal "
+            "the broker or trace it: give the broker a uid of its own (DynamicUser=yes, "
+            "or --user with a user nothing else runs as)",
+        )
+
+
 def fit_open_files(max_connections: int, intake: Intake, audit: Audit) -> None:
-    """Raise RLIMIT_NOFILE's soft limit so `max_connections` clients fit, or say why not."""
-    needed = max_connections + sum(map(len, intake.held.values())) + FD_HEADROOM
+    """Raise RLIMIT_NOFILE's soft limit so that `max_connections` clients fit, and the fds
+    they may hold unread (broker/inflight.py: the kernel refuses to pass more once those
+    pass this limit), or say why not."""
+    held = sum(map(len, intake.held.values()))
+    connections = max_connections + held + FD_HEADROOM
+    in_flight = max_connections * max(held, 1) + FD_HEADROOM
+    needed = max(connections, in_flight)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
@@ -142,7 +168,9 @@ def fit_open_files(max_connections: int, intake: Intake, audit: Audit) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         audit.log(
             Level.WARNING,
-            f"max_connections = {max_connections} needs about {needed} open files, but "
-            f"RLIMIT_NOFILE allows {soft}: clients beyond that wait until others finish; "
-            "raise LimitNOFILE= or lower max_connections",
+            f"max_connections = {max_connections} needs about {connections} open files, and "
+            f"as many clients may hold {in_flight - FD_HEADROOM} granted sockets unread "
+            f"({held} sockets held), but RLIMIT_NOFILE allows {soft}: past that, clients "
+            "wait for a slot, and grants are refused busy while that many are unread; "
+            f"raise LimitNOFILE= to {needed} or lower max_connections",
         )

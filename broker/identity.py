@@ -96,6 +96,19 @@ class Peer:
                     self.cgroup, self.mapped, self.gid_mapped)  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """What of a peer besides its uid a rule may name: groups (as the kernel recorded
+    them at connect) and its unit. Of a peer found named: the groups and unit a rule
+    names."""
+
+    groups: frozenset[int] = field(default_factory=frozenset)
+    unit: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.groups) or self.unit is not None
+
+
 def unit_from_cgroup(path: str) -> str | None:
     """Return the system unit owning a cgroup path, as systemd's cg_path_get_unit() does.
 
@@ -224,6 +237,17 @@ def peer_uid(sock: SupportsGetsockopt) -> int | None:
     except OSError:
         return None
     return None if uid == _NO_ID else uid
+
+
+def peer_marks(sock: SupportsGetsockopt) -> Marks:
+    """The peer's kernel groups and unit, without the rest of `peer_credentials` (for a
+    connection that is about to be refused for its rate: see broker/admission.py); none
+    if the kernel has no credentials for it."""
+    try:
+        peer = peer_credentials(sock)
+    except OSError:
+        return Marks()
+    return Marks(peer.groups if peer.mapped else frozenset(), peer.unit)
 
 
 def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> Peer:

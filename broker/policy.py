@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import cached_property
 
-from broker.identity import Peer
+from broker.identity import Marks, Peer
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,28 @@ class Policy:
     def named_uids(self) -> frozenset[int]:
         """Every uid a `users` entry names, in any rule."""
         return self.status.uids.union(*(rule.uids for rule in self.sockets.values()))
+
+    @cached_property
+    def named_gids(self) -> frozenset[int]:
+        """Every gid a `groups` entry names, in any rule."""
+        return frozenset().union(*(rule.gids for rule in (*self.sockets.values(), self.status)))
+
+    def names_unit(self, unit: str | None) -> bool:
+        """Whether a `units` entry of any rule matches `unit`."""
+        return unit is not None and any(
+            fnmatchcase(unit, pattern)
+            for rule in (*self.sockets.values(), self.status)
+            for pattern in rule.units
+        )
+
+    def naming(self, peer: Peer) -> Marks | None:
+        """How the rules name `peer`: None if none does; else what of it besides its uid
+        they name (its groups a `groups` entry names, its unit if a `units` entry
+        matches), for admission's connection rate."""
+        if not self.names(peer):
+            return None
+        unit = peer.unit if self.names_unit(peer.unit) else None
+        return Marks(peer.groups & self.named_gids if peer.mapped else frozenset(), unit)
 
     def names(self, peer: Peer) -> bool:
         """Whether any rule (a socket's, or the status rule) names `peer`: whom the

@@ -115,3 +115,28 @@ def drop_privileges(user: str) -> Account:
     except PermissionError:
         return account
     raise PrivilegeError(f"could become root again after changing to {user}")
+
+
+SHARERS_SHOWN: Final = 5
+"""Processes named when others run as the broker's uid."""
+
+
+def sharing_uid(uid: int) -> list[tuple[int, str]]:
+    """Other processes whose real or effective uid is `uid`, as (pid, name): each could
+    hold the broker's in-flight fds (the kernel counts them per uid), signal it or trace
+    it. Processes /proc does not show, and ours, are left out."""
+    found = []
+    mine = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == mine:
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:  # lines end at b"\n" only
+                fields = dict(line.split(b":", 1) for line in f.read().split(b"\n") if b":" in line)
+        except OSError:  # gone, or hidden
+            continue
+        uids = fields.get(b"Uid", b"").split()
+        if str(uid).encode() in uids[:2]:
+            name = fields.get(b"Name", b"?").strip().decode("utf-8", "backslashreplace")
+            found.append((int(entry), name))
+    return sorted(found)

@@ -17,6 +17,7 @@ the `Intake`, and the kernel duplicates them into each reply.
 from __future__ import annotations
 
 import array
+import errno
 import functools
 import math
 import os
@@ -38,7 +39,8 @@ from broker.audit import Audit
 from broker.config import Config, unheld_rules
 from broker.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
 from broker.errors import Code, ConfigError
-from broker.identity import Peer, peer_credentials, peer_uid
+from broker.identity import Marks, Peer, peer_credentials, peer_marks, peer_uid
+from broker.inflight import Delivery, InFlight
 from broker.ledger import Ledger
 from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
@@ -76,6 +78,7 @@ class Broker:
         self.users = UserDatabase(self.ledger.warning)
         self.admission = Admission(*_limits(config), trio.current_time)
         self.holdings = self._holdings(config)
+        self.inflight = InFlight()
         self.started = time.monotonic()
         self.reloader = Reloader(self, audit, notify)
         self._current = lambda: self.holdings  # what connections answer from, now
@@ -130,7 +133,7 @@ class Broker:
     def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], bool]:
         def admit(conn: socket.socket) -> bool:
             """Start serving a new connection, or refuse it (full, or too fast)."""
-            refusal = self.admission.admit(peer_uid(conn))
+            refusal = self.admission.admit(peer_uid(conn), functools.partial(peer_marks, conn))
             if refusal is not None:
                 _refuse_busy(conn, refusal, self.ledger)
                 return False
@@ -146,17 +149,21 @@ class Broker:
                     peer = peer_credentials(conn, groups=self.holdings.policy.names_groups)
                 except OSError:
                     return  # gone before we could ask the kernel who it was
-                uid, named = peer.uid, self._named(peer)
-                refusal = self.admission.admit_peer(uid, named=named, mapped=peer.mapped)
+                uid, naming = peer.uid, self._naming(peer)
+                named = naming is not None
+                refusal = self.admission.admit_peer(uid, named=named, mapped=peer.mapped, by=naming)
                 if refusal is not None:
                     _refuse_busy(conn, refusal, self.ledger)
                     return
+                delivery = Delivery(conn, uid, self.inflight)
                 try:
                     timeout = self.standing.config.client_timeout
                     peer = await self.users.complete(peer, timeout)
                     connection = Connection(peer, self._current, timeout=timeout)
-                    await _converse(conn, connection, self.ledger, self._reload)
+                    await _converse(conn, connection, self.ledger, self._reload, delivery)
+                    await _until_taken(delivery, peer, self.ledger)
                 finally:
+                    delivery.abandon()  # stopping, or a failure: nothing is waited for
                     self.admission.leave_peer(uid, named=named)
         except Exception as e:  # one client's trouble must never stop the others
             self.ledger.failure(
@@ -165,13 +172,11 @@ class Broker:
         finally:
             self.admission.leave()
 
-    def _named(self, peer: Peer) -> bool:
-        """Whether admission keeps room for `peer`: a users entry, root or our uid names
-        it, or any rule does with the user database's cached groups (no wait)."""
+    def _naming(self, peer: Peer) -> Marks | None:
+        """How the policy names `peer`, for admission (None: not at all); no wait."""
         if peer.mapped and peer.uid in self.admission.named_uids:
-            return True
-        cached = self.users.cached(peer.uid)
-        return self.holdings.policy.names(peer.with_user(*cached) if cached else peer)
+            return Marks()
+        return self.holdings.policy.naming(self.users.known(peer))
 
     async def _reload(self) -> tuple[status.Configuration, str | None]:
         """A reload asked for over the control socket: what is in force once it is done,
@@ -203,6 +208,7 @@ class Broker:
             "refusals": dict(ledger.refusals),
             "recent": list(ledger.recent),
             "log": {"suppressed": ledger.limiter.suppressed, "lost": self.audit.lost},
+            "unread": self.inflight.report(),
         }
 
 
@@ -231,6 +237,7 @@ async def _converse(
     connection: Connection,
     ledger: Ledger,
     reload: Callable[[], Awaitable[tuple[status.Configuration, str | None]]],
+    delivery: Delivery,
 ) -> None:
     """Move bytes until the connection's rules say close; keep its one deadline, set
     anew as it starts reading a request and as it starts sending a reply."""
@@ -256,7 +263,7 @@ async def _converse(
                 await _send_final(conn, action, peer, ledger)
                 return
             try:
-                await _send_reply(conn, action, peer, ledger)
+                await _send_reply(conn, action, connection, ledger, delivery)
             except OSError as e:
                 ledger.notice(peer, f"dropped {peer.describe()}: {e.strerror}", PEER_PID=peer.pid)
                 return
@@ -270,17 +277,46 @@ async def _converse(
         await _send_final(conn, final, peer, ledger)
 
 
-async def _send_reply(conn: socket.socket, send: Send, peer: Peer, ledger: Ledger) -> None:
-    """Send a reply, recording its outcomes now and its grants once its fds went."""
+async def _send_reply(
+    conn: socket.socket, send: Send, connection: Connection, ledger: Ledger, delivery: Delivery
+) -> None:
+    """Send a reply, recording its outcomes now and its grants once its fds went; a
+    grant waits until the peer has read the last one's fds (broker/inflight.py)."""
+    peer = connection.peer
+    if send.fds:
+        await delivery.wait_taken()  # within the reply's deadline
+        try:
+            sent = await _send_fds(conn, send.data, list(send.fds))
+        except OSError as e:
+            if e.errno != errno.ETOOMANYREFS:
+                raise
+            send = connection.undelivered(delivery.inflight.refused())
+        else:
+            delivery.sent(len(send.fds))
+            for grant in send.grants:  # the peer has the fds from here on
+                ledger.record(grant, peer)
+            for outcome in send.outcomes:
+                ledger.record(outcome, peer)
+            await _send(conn, memoryview(send.data)[sent:])
+            return
     for outcome in send.outcomes:
         ledger.record(outcome, peer)
-    if not send.fds:
-        await _send(conn, send.data)
+    await _send(conn, send.data)
+
+
+async def _until_taken(delivery: Delivery, peer: Peer, ledger: Ledger) -> None:
+    """Keep a done connection (and its slot) until its peer has read the fds sent to
+    it, or closed (broker/inflight.py, rule 2)."""
+    if delivery.taken():
         return
-    sent = await _send_fds(conn, send.data, list(send.fds))
-    for grant in send.grants:  # the peer has the fds from here on
-        ledger.record(grant, peer)
-    await _send(conn, memoryview(send.data)[sent:])
+    ledger.notice(
+        peer,
+        f"{peer.describe()} has not read the {delivery.fds} socket(s) granted to it; its "
+        "connection keeps its place among its uid's connections until it does, or closes",
+        PEER_PID=peer.pid,
+        UNREAD_FDS=delivery.fds,
+    )
+    await delivery.wait_taken()
 
 
 async def _send_final(conn: socket.socket, send: Send, peer: Peer, ledger: Ledger) -> None:

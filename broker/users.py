@@ -82,6 +82,12 @@ class UserDatabase:
             self.store(peer.uid, hit)
         return peer.with_user(*hit)
 
+    def known(self, peer: Peer) -> Peer:
+        """`peer` with its user-database name and groups if they are cached, else as it
+        is: what can be known of it without a wait."""
+        hit = self.cached(peer.uid)
+        return peer.with_user(*hit) if hit else peer
+
     def cached(self, uid: int) -> Entry | None:
         """Return the cached entry of `uid`, or None if absent or stale."""
         hit = self._cache.get(uid)

@@ -19,6 +19,7 @@ from broker.admission import (
     UNNAMED_TOTAL_RATE,
     Admission,
 )
+from broker.identity import Marks
 
 SOURCE = "/etc/port-broker/broker.toml"
 NAMED = 33
@@ -152,25 +153,41 @@ def test_many_uids_together_are_held_to_the_total_rate() -> None:
     assert slots.admit(NAMED) is None
 
 
-def test_a_uid_found_named_by_a_group_or_unit_is_then_held_to_no_rate() -> None:
+def admitted_in_a_row(slots: Admission, uid: int, marks: Marks | None = None) -> int:
+    """How many connections of `uid` (showing `marks`) are let in before the first
+    refusal (at most 10,000: a uid held to no rate is let in that many)."""
+    for admitted in range(10_000):
+        if slots.admit(uid, (lambda: marks) if marks else None) is not None:
+            return admitted
+        slots.leave()
+    return 10_000
+
+
+@pytest.mark.parametrize(
+    ("named_by", "other"),
+    [(Marks(unit="web.service"), Marks(unit="session-3.scope")),
+     (Marks(groups=frozenset({33})), Marks(groups=frozenset({1000})))],
+    ids=["unit", "group"],
+)  # fmt: skip
+def test_a_uid_found_named_by_a_group_or_unit_passes_the_rate_only_showing_it(
+    named_by: Marks, other: Marks
+) -> None:
     clock = Clock()
     slots = admission(100_000, 1000, clock)
-    worker = 4242  # named by a unit: admission learns it once the peer is identified
+    worker = 4242  # named by a unit or group: admission learns it once it is identified
     assert slots.admit(worker) is None
-    assert slots.admit_peer(worker, named=True) is None
+    assert slots.admit_peer(worker, named=True, by=named_by) is None
     for uid in range(70000, 70000 + 3000):  # a flood from many uids empties the total
         if slots.admit(uid) is None:
             slots.leave()
     assert slots.admit(70000 + 3001) is not None
-    for _ in range(int(UNNAMED_BURST) * 2):  # the worker is not held back
-        assert slots.admit(worker) is None
-        slots.leave()
-    clock.now += KNOWN_NAMED_SECONDS  # until it has not been seen named for a while:
-    admitted = 0  # then its own rate again
-    while slots.admit(worker) is None:
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    # The worker is not held back; the same uid showing something else (a shared
+    # account's other process) is, like anyone no rule names.
+    assert admitted_in_a_row(slots, worker, named_by) == 10_000
+    assert admitted_in_a_row(slots, worker, other) == 0
+    assert admitted_in_a_row(slots, worker) == 0
+    clock.now += KNOWN_NAMED_SECONDS  # not seen named for a while: its own rate again
+    assert admitted_in_a_row(slots, worker, named_by) == UNNAMED_BURST
 
 
 def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import select
 import socket
 import subprocess
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import trio
@@ -25,9 +27,11 @@ import trio.testing
 from broker import client
 from broker.admission import UNNAMED_BURST, UNNAMED_RATE
 from broker.ledger import REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
+from broker.policy import Rule
 from broker.sdnotify import STATUS_INTERVAL
 from tests.harness.inprocess import (
     CONFIG_PATH,
+    DEFAULT_RULES,
     LIST,
     LONG_TIMEOUT,
     UID,
@@ -38,8 +42,8 @@ from tests.harness.inprocess import (
     me,
     running_broker,
 )
-from tests.harness.processes import START_TIMEOUT, as_user
-from tests.harness.runtime import SYSTEM_PYTHON
+from tests.harness.processes import START_TIMEOUT, Processes, as_user, start_broker
+from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 # --- the audit trail ---------------------------------------------------------------
 
@@ -148,6 +152,44 @@ async def test_a_connect_close_flood_is_refused_at_accept_and_a_named_worker_ser
     assert len(audit_lines(capsys.readouterr().err, "peer_uid=61000")) == 0
 
 
+SHARED_UID: Final = 61400
+WEB_GID: Final = 61401
+
+ASK_ONCE: Final = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(b'{"v":1,"op":"acquire","names":["http"]}\\n')
+print(sock.recv(4096).decode().strip())
+"""
+
+
+async def test_a_once_named_uid_is_exempt_from_the_rate_only_with_what_named_it(
+    rundir: Path,
+) -> None:
+    # A shared service account: its web worker is named by a group, its other processes
+    # are not, and must not flood the broker unthrottled on the worker's account.
+    rules = {**DEFAULT_RULES, "http": Rule(gids=frozenset({WEB_GID}))}
+    worker = [*as_user(SHARED_UID, groups=[WEB_GID]), SYSTEM_PYTHON, "-I", "-c", ASK_ONCE]
+    rounds = int(UNNAMED_BURST) + 1000
+    async with running_broker(rundir, rules=rules) as served:
+        with trio.fail_after(START_TIMEOUT):
+            first = await trio.run_process([*worker, served.path], capture_stdout=True)
+        assert b'"ok":true' in first.stdout  # (uid, group) is now known to be named
+        began = trio.current_time()
+        with trio.fail_after(START_TIMEOUT):
+            await trio.run_process(
+                [*as_user(SHARED_UID), SYSTEM_PYTHON, "-I", "-c", FLOODER, served.path,
+                 str(rounds)]
+            )  # fmt: skip
+        took = trio.current_time() - began
+        refused = served.broker.ledger.refusals["busy"]
+        assert refused >= rounds - UNNAMED_BURST - UNNAMED_RATE * took  # as any flood
+        with trio.fail_after(START_TIMEOUT):  # the worker is still let in past the rate
+            again = await trio.run_process([*worker, served.path], capture_stdout=True)
+        assert b'"ok":true' in again.stdout
+
+
 async def test_one_uid_cannot_take_every_connection(rundir: Path) -> None:
     async with running_broker(rundir, max_connections=64, max_connections_per_user=2,
                               client_timeout=LONG_TIMEOUT) as served:  # fmt: skip
@@ -217,3 +259,102 @@ async def test_clients_that_hang_up_before_their_answer_do_not_flood_the_log(
     )
     assert suppressed > 0
     assert len(audit_lines(err, "granted socket 'http'")) == 1
+
+
+# --- granted fds that are never read (in flight, charged to the broker) ---------------
+
+
+HOARDER_UID: Final = 61300
+VICTIM_UID: Final = 61301
+HOARD_POLICY: Final = f"[sockets.http]\nusers = [{HOARDER_UID}, {VICTIM_UID}]\n"
+
+HOARDER: Final = """
+import socket, sys, time
+path, mode, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+request = b'{"v":1,"op":"acquire","names":["http"]}\\n'
+held = []
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+        if mode == "pipelined":  # 100 acquires at once, and no reply read
+            sock.sendall(request * 100)
+            time.sleep(0.005)  # (served one after another, within one uid's slots)
+        else:  # one acquire, then half-close: nothing more to say, nothing read
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    held.append(sock)  # kept open: what the broker sent stays unread in its queue
+print("hoarding", flush=True)
+time.sleep(3600)  # until the test stops it
+"""
+
+ACQUIRER: Final = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from broker.client import acquire
+from broker.errors import ClientError
+path, count, interval = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+latencies, failures = [], []
+for _ in range(count):
+    began = time.monotonic()
+    try:
+        acquire("http", path=path, timeout=1.0).close()  # ten times the p99 budget
+        latencies.append(time.monotonic() - began)
+    except ClientError as e:
+        failures.append(e.message)
+    time.sleep(interval)
+print(json.dumps({"latencies": latencies, "failures": failures}))
+"""
+
+
+def acquisitions(launcher: Path, control: Path, uid: int, count: int) -> dict[str, Any]:
+    """`count` acquisitions of http by `uid`, 10 ms apart: their latencies and failures."""
+    site = launcher.parent.parent / "site"
+    argv = [*as_user(uid), SYSTEM_PYTHON, "-I", "-c", ACQUIRER, str(site), str(control),
+            str(count), "0.01"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=count * 2, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+UNIT_NOFILE: Final = re.findall(
+    r"^LimitNOFILE=(\d+)$", (ROOT / "units" / "port-broker.service").read_text(), re.M
+)[0]
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize(
+    "hoard", [("pipelined", 120), ("half-closed", 9000)], ids=["pipelined", "half-closed"]
+)
+@pytest.mark.parametrize(
+    "nofile", [f"{UNIT_NOFILE}:{UNIT_NOFILE}", "1024:16384"], ids=["unit", "default"]
+)
+def test_hoarders_starve_nobody(
+    processes: Processes, launcher: Path, workdir: Path, nofile: str, hoard: tuple[str, int]
+) -> None:
+    # The kernel charges every fd sent but not yet received to the sender's user and
+    # refuses more (ETOOMANYREFS) past its RLIMIT_NOFILE: an allowed uid that never
+    # reads must not make every other grant fail. Either hoard (12,000 and 9,000 fds if
+    # every grant went) passes the unit's LimitNOFILE= and the soft limit the broker
+    # raises itself to under systemd's default soft limit of 1024 (whose hard limit,
+    # 512 Ki, is more than a test run here may set: 16 Ki stands for it).
+    broker = start_broker(processes, launcher, workdir, HOARD_POLICY, nofile=nofile)
+    hoarder = processes.start(
+        ["prlimit", "--nofile=16384:16384", "--", *as_user(HOARDER_UID), SYSTEM_PYTHON, "-I",
+         "-c", HOARDER, str(broker.control), hoard[0], str(hoard[1])]
+    )  # fmt: skip
+    assert hoarder.stdout is not None
+    assert select.select([hoarder.stdout], [], [], START_TIMEOUT)[0]
+    assert hoarder.stdout.readline() == "hoarding\n"
+    result = acquisitions(launcher, broker.control, VICTIM_UID, 100)
+    latencies = sorted(result["latencies"])
+    assert len(latencies) >= 99, result["failures"][:3]
+    assert latencies[98] <= 0.1, latencies[-5:]
+    # The log and the status report name who holds them: the hoarder, within its share
+    # (one unread reply per connection, each carrying http's one socket).
+    report = client.status(path=str(broker.control))
+    holders = {entry["uid"]: entry["fds"] for entry in report["unread"]["holders"]}
+    assert set(holders) == {HOARDER_UID}, report["unread"]
+    assert 0 < holders[HOARDER_UID] <= 64

@@ -344,6 +344,7 @@ def start_broker(
     *,
     user: int | str = BROKER_UID,
     extra: Sequence[str] = (),
+    nofile: str | None = None,
 ) -> BrokerProcess:
     """Start a broker under systemd-socket-activate and wait until it serves.
 
@@ -355,13 +356,15 @@ def start_broker(
         sockets: (name, systemd-socket-activate listen address) per socket.
         user: Who the broker runs as (after systemd-socket-activate bound as root).
         extra: More arguments for `port-broker serve`.
+        nofile: RLIMIT_NOFILE as SOFT:HARD (prlimit's form), else the test's own.
     """
     config_path = workdir / "broker.toml"
     config_path.write_text(config)
     config_path.chmod(0o644)
     control = workdir / "control.sock"
     log_path = workdir / "broker.log"
-    argv = ["systemd-socket-activate"]
+    argv = ["prlimit", f"--nofile={nofile}", "--"] if nofile else []
+    argv += ["systemd-socket-activate"]
     for _, address in sockets:
         argv += ["-l", address]
     argv += ["-l", str(control), "--fdname=" + ":".join([n for n, _ in sockets] + ["control"])]
