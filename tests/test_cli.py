@@ -35,7 +35,13 @@ from tests.harness.inprocess import (
     my_unit,
     running_broker,
 )
-from tests.harness.processes import LISTEN_FDS_PROBE, START_TIMEOUT
+from tests.harness.processes import (
+    LISTEN_FDS_PROBE,
+    START_TIMEOUT,
+    Processes,
+    as_user,
+    wait_for,
+)
 from tests.harness.runtime import ROOT
 
 PORT_BROKER: Final = [sys.executable, "-I", "-m", "broker"]
@@ -627,6 +633,32 @@ def test_serve_refused_after_binding_removes_its_control_socket(rundir: Path) ->
     assert done.returncode == 78, done.stderr
     assert "rules for https but the broker holds no such socket" in done.stderr
     assert not (rundir / "control.sock").exists()
+
+
+@pytest.mark.needs_root
+def test_serve_says_loudly_that_others_run_as_its_uid(
+    rundir: Path, launcher: Path, processes: Processes
+) -> None:
+    # fds in flight are counted per uid: any process of the broker's uid could make the
+    # kernel refuse every grant (docs/security.md, V7).
+    sharer = processes.start([*as_user(61500), "sleep", "60"])
+    config = rundir / "broker.toml"
+    config.write_text("[sockets.http]\nusers = ['nobody']\n")
+    control = rundir / "control.sock"
+    log = rundir / "broker.log"
+    with log.open("w") as out:
+        processes.start(
+            [str(launcher), "serve", "--config", str(config), "--bind",
+             "http=127.0.0.1:8082", "--control", str(control), "--user", "61500"],
+            log=out,
+        )  # fmt: skip
+    wait_for(lambda: "serving http" in log.read_text(), "the broker to serve")
+    warning = next(line for line in log.read_text().splitlines() if "other processes" in line)
+    assert warning.startswith(
+        f"port-broker: warning: other processes run as uid 61500, the broker's: pid "
+        f"{sharer.pid} (sleep). Any of them can make the kernel refuse every grant"
+    )
+    assert "DynamicUser=yes" in warning
 
 
 # --- open-file limit --------------------------------------------------------------

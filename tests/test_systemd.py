@@ -261,6 +261,55 @@ def test_grants_and_denials_are_in_the_journal_with_structured_fields(box: Box) 
     assert deny["PRIORITY"] == "5"
 
 
+ACQUIRE_EVERY: Final = """
+import json, sys, time
+sys.path.insert(0, "/opt/port-broker/site")
+from broker.client import acquire
+from broker.errors import ClientError
+seconds, interval = float(sys.argv[1]), float(sys.argv[2])
+took, failures = [], []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    began = time.monotonic()
+    try:
+        acquire("http", timeout=5.0).close()
+        took.append(time.monotonic() - began)
+    except ClientError as e:
+        failures.append(e.message)
+    time.sleep(interval)
+print(json.dumps({"took": took, "failures": failures[:5], "failed": len(failures)}))
+"""
+
+
+def test_a_stopped_journald_stops_no_grant_and_what_is_lost_is_counted(box: Box) -> None:
+    # journald's datagram queue holds 512 records and the broker keeps 1024 more: a named
+    # worker acquiring every 5 ms for 10 s (about 2,000 grants, each one record) outruns
+    # both, and must be served all the while.
+    configure(box, '[sockets.http]\nusers = ["alice"]\n[status]\nusers = ["root"]\n')
+    start_sockets(box)
+    box.run(["port-broker", "list"], user="alice")  # the broker is started
+    box.write_file("/srv/acquire.py", ACQUIRE_EVERY)
+    box.run(["systemctl", "kill", "--signal=SIGSTOP", "systemd-journald.service"])
+    try:
+        done = box.run(["/usr/bin/python3", "/srv/acquire.py", "10", "0.005"], user="alice",
+                       timeout=60)  # fmt: skip
+    finally:
+        box.run(["systemctl", "kill", "--signal=SIGCONT", "systemd-journald.service"])
+    result = json.loads(done.stdout)
+    assert result["failed"] == 0, result["failures"]
+    took = sorted(result["took"])
+    assert len(took) > 1000
+    assert took[-1] <= 0.1, took[-5:]  # no stall of the broker's loop past 100 ms
+    report = json.loads(box.run(["port-broker", "status", "--json"]).stdout)
+    lost = report["log"]["lost"]
+    assert lost > 0  # counted, and said once journald reads again:
+    box.run(["sh", "-c", "until journalctl -u port-broker.service -o cat | grep -q "
+             "'audit records were lost'; do sleep 0.1; done"], timeout=REQUEST_TIMEOUT)  # fmt: skip
+    (summary,) = [r for r in broker_journal(box) if "LOST_RECORDS" in r]
+    assert int(summary["LOST_RECORDS"]) == lost
+    assert summary["PRIORITY"] == "4"
+
+
 FORGER: Final = """
 import json, socket
 forged = "port-broker: info: granted socket 'http' to user root (uid 0, pid 1)"
