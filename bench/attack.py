@@ -2,14 +2,18 @@
 side by side with no attack; what the attackers cost the audit trail; a live fuzz run.
 
 A broker of its own (bench/stage.py), with the shipped defaults (1024 connections, 64
-per uid) and one rule: `http` for nobody, the worker. The attackers are uids no rule
-names. Each scenario runs the worker (bench/attack_client.py: the synchronous client,
-as `port-broker exec` uses it, one acquisition every 20 ms) for the same time:
+per uid), systemd's default soft limit of 1024 open files, and one rule: `http` for
+nobody, the worker, and for the hoarder. The other attackers are uids no rule names.
+Each scenario runs the worker (bench/attack_client.py: the synchronous client, as
+`port-broker exec` uses it, one acquisition every 20 ms) for the same time:
 
 - none: nobody else.
 - flood: one uid in connect, `list`, close loops (FLOODERS processes), never waiting
   for room in a full queue.
 - slow: SLOW_UIDS uids with SLOW_CONNECTIONS connections each, a byte a second.
+- hoard: an allowed uid asks for sockets and never reads them (HOARD_CONNECTIONS
+  connections, pipelined or half-closed): they stay in flight, charged to the broker
+  (docs/security.md, V6).
 
 Then a fuzz run (FUZZ_CASES hostile requests, one connection each, as another unnamed
 uid): the broker must still answer, with as many fds as before.
@@ -35,15 +39,23 @@ from tests.harness.processes import (
 )
 from tests.harness.runtime import SYSTEM_PYTHON
 
-ATTACK_POLICY: Final = '[sockets.http]\nusers = ["nobody"]\n[status]\nusers = [61200]\n'
+HOARD_UID: Final = 61300
+ATTACK_POLICY: Final = (
+    f'[sockets.http]\nusers = ["nobody", {HOARD_UID}]\n[status]\nusers = [61200]\n'
+)
 """The shipped limits (max_connections 1024, max_connections_per_user 64); the worker,
-nobody, is named, and so is the fuzzing uid (by the status rule), so that its cases
-reach the parser instead of the connection rate limit; the attackers are not."""
+nobody, is named, and so are the hoarder (it is an allowed tenant) and the fuzzing uid
+(by the status rule), so that its cases reach the parser instead of the connection rate
+limit; the other attackers are not."""
 
 ATTACK_PORT: Final = 8091
 FLOOD_UID: Final = 61000
 SLOW_UIDS: Final = range(61100, 61116)
 SLOW_CONNECTIONS: Final = 64
+HOARD_CONNECTIONS: Final = 4000
+"""Connections of the hoarder: 4,000 unread grants, if the broker sent them, would pass
+the open-file limit it raises itself to here (about 1,100) several times over; it must
+keep the hoarder to its own 64 slots."""
 FUZZ_UID: Final = 61200
 FLOODERS: Final = 2
 """Processes of the flooding uid: two keep the queue full on two cores."""
@@ -125,7 +137,17 @@ def run(
     slow = [_client(stage, uid, "slow", "--socket", str(control), "--seconds",
                     str(seconds + WARMUP + 5), "--connections", str(SLOW_CONNECTIONS))
             for uid in SLOW_UIDS]  # fmt: skip
-    for name, attackers in (("none", []), ("flood", flood), ("slow", slow), ("none", [])):
+    hoard = [_client(stage, HOARD_UID, "hoard", "--socket", str(control), "--seconds",
+                     str(seconds + WARMUP + 5), "--connections",
+                     str(HOARD_CONNECTIONS))]  # fmt: skip
+    scenarios: tuple[tuple[str, list[list[str]]], ...] = (
+        ("none", []),
+        ("flood", flood),
+        ("slow", slow),
+        ("hoard", hoard),
+        ("none", []),
+    )
+    for name, attackers in scenarios:
         outcome = _scenario(stage, broker, name, attackers, seconds)
         results["scenarios"].append(outcome)
         worker = outcome["worker"]

@@ -6,15 +6,19 @@ directory, each as the uid it stands for, as a standalone script:
     attack_client.py worker --socket PATH --seconds 5 --interval 0.02
     attack_client.py flood --socket PATH --seconds 5
     attack_client.py slow --socket PATH --seconds 5 --connections 64
+    attack_client.py hoard --socket PATH --seconds 5 --connections 4000
     attack_client.py fuzz --socket PATH --cases 100000 --seed 1
 
 `worker` acquires `http` every INTERVAL seconds with the synchronous client (what
-`port-broker exec` uses) and prints a JSON summary: attempts, successes, failures by
-kind, latency percentiles. `flood` connects, asks for the list and closes, as fast as
-it can, without waiting for room in a full queue. `slow` keeps CONNECTIONS connections
-open, each sending one byte of a request a second, opening a new one for each the broker
-closes. `fuzz` sends CASES malformed, mutated and split requests, one connection each,
-and counts what came back; each prints a JSON summary at the end.
+`port-broker exec` uses) and prints a JSON summary: attempts, successes, failures by kind,
+latency percentiles. `flood` connects, asks for the list and closes, as fast as it can,
+without waiting for room in a full queue. `slow` keeps CONNECTIONS connections open,
+each sending one byte of a request a second, opening a new one for each the broker
+closes. `hoard`, a uid the policy allows, opens up to CONNECTIONS connections, one every
+millisecond, alternately pipelining 100 acquires and asking once then half-closing, and
+never reads a reply: the sockets granted stay in flight, charged to the broker. `fuzz`
+sends CASES malformed, mutated and split requests, one connection each, and counts what
+came back; each prints a JSON summary at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import errno
 import json
 import math
 import random
+import resource
 import select
 import socket
 import sys
@@ -126,6 +131,31 @@ def slow(path: str, seconds: float, connections: int) -> dict[str, Any]:
     return {"opened": opened}
 
 
+def hoard(path: str, seconds: float, connections: int) -> dict[str, Any]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held: list[socket.socket] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if len(held) < min(connections, hard - 64):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                if len(held) % 2:
+                    sock.sendall(ACQUIRE * 100)  # pipelined, none read
+                else:
+                    sock.sendall(ACQUIRE)
+                    sock.shutdown(socket.SHUT_WR)  # nothing more, nothing read
+            except OSError:
+                pass
+            held.append(sock)  # kept open: the replies stay unread in its queue
+        time.sleep(0.001)
+    opened = len(held)
+    for sock in held:
+        sock.close()
+    return {"opened": opened}
+
+
 def fuzz_cases(rng: random.Random) -> bytes:
     """One hostile request: random bytes, a mutated request, or a JSON edge case."""
     valid = [LIST, ACQUIRE, b'{"v":1,"op":"status"}\n', b'{"v":1,"op":"reload"}\n',
@@ -187,7 +217,7 @@ def fuzz(path: str, cases: int, seed: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="attack section processes (bench/attack.py)")
-    parser.add_argument("mode", choices=["worker", "flood", "slow", "fuzz"])
+    parser.add_argument("mode", choices=["worker", "flood", "slow", "hoard", "fuzz"])
     parser.add_argument("--socket", required=True, help="the broker's control socket")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--interval", type=float, default=0.02)
@@ -201,6 +231,8 @@ def main() -> int:
         summary = flood(args.socket, args.seconds)
     elif args.mode == "slow":
         summary = slow(args.socket, args.seconds, args.connections)
+    elif args.mode == "hoard":
+        summary = hoard(args.socket, args.seconds, args.connections)
     else:
         summary = fuzz(args.socket, args.cases, args.seed)
     json.dump(summary, sys.stdout)

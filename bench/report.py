@@ -420,7 +420,8 @@ def _attack_section(data: dict[str, Any], settings: dict[str, Any]) -> list[str]
         f"for {settings['attack_seconds']:g} s, side by side with no attack",
         "",
         "flood: one uid in connect, list, close loops; slow: 16 uids with 64 connections "
-        "each, a byte a second. Attackers are uids no rule names; the shipped limits.",
+        "each, a byte a second: uids no rule names. hoard: an allowed uid asking on up to "
+        "4,000 connections and never reading its grants. The shipped limits.",
         "",
     ]
     rows = []
