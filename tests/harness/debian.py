@@ -18,6 +18,7 @@ box's overlay loses it).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -57,8 +58,11 @@ def build_package(output: Path, version: str | None = None) -> Path:
     command += ["--wheelhouse", str(WHEELHOUSE)]
     if version is not None:
         command += ["--version", version]
+    # As on a fresh machine: no PYTHON* variable of this session's (such as
+    # PYTHONDONTWRITEBYTECODE, which would hide bytecode written into the package).
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False
+        command, env=environ, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(
