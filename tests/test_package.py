@@ -133,12 +133,31 @@ def install(box: Box, deb: Path) -> str:
     return apt(box, "install", in_box(deb))
 
 
+def readme_install() -> list[str]:
+    """The commands of README's "Install on a systemd host", comments left out."""
+    readme = (ROOT / "README.md").read_text().split("\n## Install on a systemd host\n", 1)[1]
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines()]
+
+
+def test_readme_installs_as_the_tests_do() -> None:
+    assert readme_install() == [
+        ".ci/package",  # what build_package runs
+        "apt install ./dist/port-broker_*.deb",  # install()
+        "$EDITOR /etc/port-broker/broker.toml",  # write_policy() writes it, then runs:
+        *POLICY_COMMANDS,
+    ]
+
+
+POLICY_COMMANDS: Final = ("port-broker check-config", "systemctl try-reload-or-restart port-broker")
+
+
 def write_policy(box: Box) -> None:
     """What README asks of the administrator after the install: the policy, checked,
     then put in force (a broker not running yet reads it when first asked)."""
     box.write_file("/etc/port-broker/broker.toml", POLICY)
-    box.run(["port-broker", "check-config"])
-    box.run(["systemctl", "try-reload-or-restart", "port-broker"])
+    for command in POLICY_COMMANDS:
+        box.run(command.split())
 
 
 def start_worker(box: Box, unit: str = "web.service") -> int:
