@@ -45,9 +45,10 @@ the value is the user's to write)."""
 
 
 def header(name: str, section: int, date: str, manual: str) -> list[str]:
-    """.TH, then no hyphenation and a ragged right margin: paths and options stay whole."""
+    """.TH, then no hyphenation (HY: also after .SY/.YS) and a ragged right margin, so
+    that paths and options stay whole."""
     return [f'.TH {roff.escape(name.upper())} {section} "{date}" "port\\-broker {__version__}" '
-            f'"{manual}"', ".nh", ".ad l"]  # fmt: skip
+            f'"{manual}"', ".nr HY 0", ".nh", ".ad l"]  # fmt: skip
 
 
 def build_date(environ: Mapping[str, str] = os.environ) -> str:

@@ -184,6 +184,7 @@ def rendered(box: Box, page: str) -> str:
     """`man PAGE` as a terminal would show it, wide, without formatting."""
     done = box.run(["man", page], env={"MANWIDTH": "200", "MANPAGER": "cat"})
     assert done.stderr == "", done.stderr  # no groff warning either
+    assert "\u2010" not in done.stdout  # no word hyphenated: options and paths stay whole
     return done.stdout
 
 
