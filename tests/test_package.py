@@ -204,6 +204,19 @@ def test_the_changelog_pyproject_and_the_program_say_one_version() -> None:
     assert pyproject == __version__  # (nix/package.nix's: tests/test_nix.py)
 
 
+def test_the_build_dependencies_are_among_the_packages_setup_installs() -> None:
+    # So that the tests' .ci/package finds them installed (it has no network for apt).
+    control = (ROOT / "debian" / "control").read_text()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.MULTILINE | re.DOTALL)
+    assert field is not None
+    wanted = {re.split(r"[ (]", entry.strip())[0] for entry in field[1].split(",")} - {""}
+    wanted = {"debhelper" if name == "debhelper-compat" else name for name in wanted}
+    listed = (ROOT / ".ci" / "debian-packages").read_text()
+    setup = {line.split("#")[0].strip() for line in listed.splitlines()} - {""}
+    assert wanted <= setup, f"add {sorted(wanted - setup)} to .ci/debian-packages"
+    assert {"dpkg-dev", "build-essential", "lintian", "man-db"} <= setup  # .ci/package, tests
+
+
 def catalog_entries() -> dict[str, str]:
     """MESSAGE_ID → the text of its entry in catalog/port-broker.catalog."""
     text = (ROOT / "catalog" / "port-broker.catalog").read_text()
