@@ -398,12 +398,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME[,NAME...]",
         help="socket names, e.g. http,https (optional with --map)",
     )
-    run.add_argument(
-        "command",
-        nargs=argparse.REMAINDER,
-        metavar="-- COMMAND [ARGS...]",
-        help="the command to run with the sockets, and its arguments",
-    )
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     run.set_defaults(func=cmd_exec)
 
     lister = commands.add_parser(

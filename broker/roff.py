@@ -116,8 +116,8 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def tagged(entries: Iterable[tuple[str, str]]) -> list[str]:
-    """A tagged list: each (tag, text) pair, both already roff."""
-    return [part for tag, text in entries for part in (".TP", tag, text)]
+    """A tagged list: each (tag, text) pair, both already roff (a tag may have no text)."""
+    return [part for tag, text in entries for part in (".TP", tag, text) if part]
 
 
 def bold(text: str) -> str:
