@@ -6,13 +6,14 @@ real systemd runs the maintainer scripts.
   .ci/setup downloaded to .venv/wheelhouse (the test session has no network), into a
   directory of the caller's: the build itself happens in a clean copy.
 - `package_box()` boots a box with .deb files at /srv/debs and `apt()` runs apt-get
-  there. This machine's image forbids starting services during package installs
-  (/usr/sbin/policy-rc.d exits 101, as in container images), which a real Debian host
-  does not: the box removes it from its own overlay, so the maintainer scripts act as
-  they do on a server.
+  there. Container images forbid starting services during package installs
+  (/usr/sbin/policy-rc.d exits 101, as on this machine) and some leave manual pages out
+  (a dpkg `path-exclude` of /usr/share/man), which a Debian server does not: the box
+  undoes both in its own overlay, so the maintainer scripts and `man` act as they do
+  on a server.
 
-Must never: install anything on the host, or touch the host's policy-rc.d (only the
-box's overlay loses it).
+Must never: install anything on the host, or touch the host's policy-rc.d or dpkg
+configuration (only the box's overlay changes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ DEB_DIR: Final = "/srv/debs"
 """Where `package_box` puts the .deb files: a directory apt's sandbox user can read."""
 
 POLICY_RC_D: Final = "/usr/sbin/policy-rc.d"
+
+UNEXCLUDE_MANUALS: Final = r"""
+for conf in /etc/dpkg/dpkg.cfg.d/*; do
+    if [ -f "$conf" ]; then sed -i '\|^path-exclude[= ]*/usr/share/man|d' "$conf"; fi
+done
+"""
+"""Drops dpkg's path-exclude lines for /usr/share/man (minimal container images)."""
 
 
 def build_package(output: Path, version: str | None = None) -> Path:
@@ -96,6 +104,7 @@ def package_box(debs: Iterable[Path], files: Mapping[str, str] = {}) -> Iterator
     machine.start()
     try:
         machine.run(["rm", "-f", POLICY_RC_D])
+        machine.run(["sh", "-c", UNEXCLUDE_MANUALS])
         yield machine
     finally:
         machine.stop()
