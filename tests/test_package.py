@@ -398,6 +398,10 @@ def test_installed_with_a_policy_it_serves_a_node_worker_and_documents_itself(
             assert packaged == shipped.replace(CHECKOUT_COMMAND, PACKAGED_COMMAND), unit
         service = box.read_file("/usr/lib/systemd/system/port-broker.service")
         assert service.count(f"={PACKAGED_COMMAND} ") == 2  # ExecStart=, ExecReload=
+        # Clean, the manual pages of Documentation= included (man is asked for each).
+        units = "/usr/lib/systemd/system/port-broker*"
+        verified = box.run(["sh", "-c", f"systemd-analyze verify {units}"], check=False)
+        assert (verified.returncode, verified.stdout, verified.stderr) == (0, "", "")
         # The sockets are enabled and listening; the broker waits for its first client.
         for unit in ENABLED_SOCKETS:
             assert (show(box, unit, "UnitFileState"), show(box, unit, "ActiveState")) == (
