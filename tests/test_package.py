@@ -413,6 +413,7 @@ def test_installed_with_a_policy_it_serves_a_node_worker_and_documents_itself(
             "inactive",
         )
         assert show(box, "port-broker.service", "ActiveState") == "inactive"
+        assert box.run(["sh", "-c", "command -v port-broker"]).stdout == f"{PACKAGED_COMMAND}\n"
         version = box.run(["dpkg-query", "-W", "-f", "${Version}", "port-broker"]).stdout
         assert box.run(["port-broker", "--version"]).stdout == f"port-broker {version}\n"
         assert version == __version__

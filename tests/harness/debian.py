@@ -10,7 +10,9 @@ real systemd runs the maintainer scripts.
   (/usr/sbin/policy-rc.d exits 101, as on this machine) and some leave manual pages out
   (a dpkg `path-exclude` of /usr/share/man), which a Debian server does not: the box
   undoes both in its own overlay, so the maintainer scripts and `man` act as they do
-  on a server.
+  on a server. A checkout's install of this machine (`.ci/install`, `.ci/demo`:
+  /usr/local/bin/port-broker, units in /etc/systemd/system) goes too, so that
+  `port-broker` and the units are the package's.
 
 Must never: install anything on the host, or touch the host's policy-rc.d or dpkg
 configuration (only the box's overlay changes).
@@ -52,6 +54,9 @@ for conf in /etc/dpkg/dpkg.cfg.d/*; do
 done
 """
 """Drops dpkg's path-exclude lines for /usr/share/man (minimal container images)."""
+
+CHECKOUT_INSTALL: Final = ("/usr/local/bin/port-broker", "/etc/systemd/system/port-broker*")
+"""What a checkout's install puts where it would shadow the package's (a shell glob)."""
 
 
 def build_package(output: Path, version: str | None = None) -> Path:
@@ -105,6 +110,7 @@ def package_box(debs: Iterable[Path], files: Mapping[str, str] = {}) -> Iterator
     try:
         machine.run(["rm", "-f", POLICY_RC_D])
         machine.run(["sh", "-c", UNEXCLUDE_MANUALS])
+        machine.run(["sh", "-c", f"rm -rf {' '.join(CHECKOUT_INSTALL)}"])
         yield machine
     finally:
         machine.stop()
