@@ -76,8 +76,8 @@ def test_every_pin_is_exact_and_hashed(lock: str) -> None:
     [
         ("build", ["build"]),
         ("runtime", ["runtime"]),
-        ("dev", ["runtime", "test", "lint", "lock", "dev"]),
-        ("bench", ["runtime", "test", "lint", "lock", "dev", "bench"]),
+        ("dev", ["runtime", "test", "lint", "lock", "package", "dev"]),
+        ("bench", ["runtime", "test", "lint", "lock", "package", "dev", "bench"]),
         ("servers", ["servers"]),
     ],
 )
@@ -88,7 +88,7 @@ def test_each_lock_holds_what_pyproject_asks_for(lock: str, wanted: list[str]) -
         for text in requirements[group]:
             requirement = Requirement(text)
             name = canonicalize_name(requirement.name)
-            if name == "port-broker":  # an extra of its own (dev = test + lint + lock)
+            if name == "port-broker":  # an extra of its own (dev = test + lint + lock + package)
                 continue
             if requirement.marker is not None and not requirement.marker.evaluate():
                 continue

@@ -5,7 +5,8 @@
   under the real `systemd-socket-activate`.
 - `inprocess`: a real `Broker` in the test's own trio run, on real sockets.
 - `box`: a real systemd booted as PID 1 in throw-away namespaces.
-- `installed`: a box with port-broker installed as README says.
+- `installed`: a box with port-broker installed from the checkout (`.ci/install`'s way).
+- `debian`: the Debian package, built by `.ci/package` and installed with apt in a box.
 
 Test modules import from here, never from one another.
 """
