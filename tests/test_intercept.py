@@ -51,7 +51,7 @@ from broker.bindings import (
     unserved_families,
 )
 from broker.intercept import InterceptError, InterceptUnsupported
-from tests.harness.processes import NOBODY, interception_unsupported
+from tests.harness.processes import AS_FROM_A_TERMINAL, NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 NODE = "/usr/bin/node"
@@ -963,7 +963,7 @@ def test_python_http_server_ipv4_gets_the_ipv4_socket(
     """Pitfall 3: with both families held, an AF_INET server gets the AF_INET socket
     (a dual-stack AF_INET6 one would break CPython's address decoding)."""
     argv = [SYSTEM_PYTHON, "-I", "-m", "http.server", "80", "--directory", str(stage / "www")]
-    run = scenario(argv, [V6_ONLY_80, V4_80])
+    run = scenario(argv, [V6_ONLY_80, V4_80], wrapper=list(AS_FROM_A_TERMINAL))
     assert http_get(netns, "http://127.0.0.1/token.txt") == "token-from-the-test\n"
     # The IPv6 socket held beside it has nobody accepting under this program: it is told.
     deadline = time.monotonic() + FAMILIES_CHECK_DELAY + STARTUP_TIMEOUT
@@ -971,7 +971,7 @@ def test_python_http_server_ipv4_gets_the_ipv4_socket(
     while unserved not in run.stderr and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "its IPv6 clients connect and wait until they time out" in run.stderr
-    run.kill(signal.SIGINT)  # http.server exits 0 on KeyboardInterrupt
+    run.kill(signal.SIGINT)  # ^C: http.server exits 0 on KeyboardInterrupt
     assert run.wait() == 0
     assert "127.0.0.1" in run.stderr  # its access log decoded the IPv4 peer
 
@@ -1201,6 +1201,40 @@ def test_signals_to_the_supervisor_reach_the_program_once(
     assert final == {"counts": dict.fromkeys(names, 1), "pending": []}
     senders = {r["sender"] for r in run.reports() if "got" in r}
     assert senders == {run.pid}  # forwarded by the supervisor
+
+
+def ignored_signals(stdout: str) -> set[int]:
+    """The signals that /proc/PID/status's SigIgn line in `stdout` says are ignored."""
+    (mask,) = re.findall(r"^SigIgn:\s+([0-9a-f]+)$", stdout, re.MULTILINE)
+    return {n for n in range(1, signal.NSIG) if int(mask, 16) >> (n - 1) & 1}
+
+
+SHELL_SIGNALS: Final = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE,
+                        signal.SIGXFSZ}  # fmt: skip
+"""What a shell may leave ignored (HUP, INT, QUIT) and what Python ignores (PIPE, XFSZ)."""
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("wrapper", "ignored"),
+    [
+        (list(AS_FROM_A_TERMINAL), set()),
+        (
+            ["env", "--default-signal=HUP", "--ignore-signal=INT,QUIT"],
+            {signal.SIGINT, signal.SIGQUIT},
+        ),
+    ],
+    ids=["from-a-terminal", "from-a-background-job"],
+)
+def test_the_program_keeps_the_dispositions_a_shell_gave_the_supervisor(
+    scenario: Callable[..., Scenario], wrapper: list[str], ignored: set[int]
+) -> None:
+    """A shell starts a background job with SIGINT and SIGQUIT ignored, and exec keeps
+    them so: the program gets them as the supervisor got them. What Python itself ignores
+    (SIGPIPE, SIGXFSZ) it gets at their defaults, as from a shell."""
+    run = scenario(["grep", "^SigIgn:", "/proc/self/status"], [], wrapper=wrapper)
+    assert run.wait() == 0, run.stderr
+    assert ignored_signals(run.stdout) & SHELL_SIGNALS == ignored
 
 
 @needs_root

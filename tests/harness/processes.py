@@ -44,6 +44,12 @@ EXIT_TIMEOUT: Final = 20.0
 REQUEST_TIMEOUT: Final = 10.0
 """Seconds for one HTTP request to a worker on loopback."""
 
+AS_FROM_A_TERMINAL: Final = ("env", "--default-signal=HUP,INT,QUIT")
+"""A command prefix that starts a program with SIGHUP, SIGINT and SIGQUIT at their
+defaults, as a shell at a terminal starts it. The suite itself may run with them ignored
+(a shell's background job, nohup, a CI runner), and an ignored disposition is inherited
+through fork and exec: a test that stops a program as ^C would must start it this way."""
+
 _CLONE_NEWNET: Final = 0x40000000
 
 
