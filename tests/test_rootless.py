@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -70,12 +71,15 @@ mount -t tmpfs -o mode=700,uid=65534,gid=65534 tmpfs /mnt
 mount --bind "$1" /etc/subuid
 mount --bind "$1" /etc/subgid
 shift
+while [ "$1" != -- ]; do mount --bind /dev/null "$1"; shift; done
+shift
 exec "$@"
 """
 """Run as root at the start of the test's mount namespace, with the subordinate-id file
-as $1, then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a
-short path as logind's /run/user/UID is: podman's sockets are there, and Unix socket
-paths end at 107 bytes."""
+as $1 and the programs to hide up to a `--` (each becomes /dev/null, which exec refuses),
+then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a short path
+as logind's /run/user/UID is: podman's sockets are there, and Unix socket paths end at
+107 bytes."""
 
 LOGIN: Final = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
 """As uid 65534 logged in: no capability, and the full bounding set a login keeps, with
@@ -85,6 +89,15 @@ which the setuid newuidmap and newgidmap can map the subordinate ids."""
 FORWARDER: Final = {"slirp4netns": "rootlessport", "pasta": "pasta"}
 """The process that binds the host's ports for `-p`, by podman's --network (pasta is
 podman 5's default; its process may be pasta.avx2)."""
+
+
+CATATONIT: Final = ("/usr/libexec/podman/catatonit", "/usr/bin/catatonit")
+"""Where podman looks for catatonit, in order, to exec as its rootless pause process
+(pkg/rootless/rootless_linux.c); without it the pause process is podman itself, named
+"podman pause". Debian's podman recommends catatonit: an ordinary install has it."""
+
+PAUSE: Final = {"catatonit": "catatonit", "podman": "podman pause"}
+"""The pause process's name, by which program podman found for it."""
 
 
 PEER: Final = {
@@ -177,8 +190,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def sandboxed(processes: Processes, rundir: Path, command: str, env: dict[str, str]) -> Sandbox:
-    """Start the shell `command` as uid 65534 logged in, in the test's namespaces."""
+def sandboxed(
+    processes: Processes, rundir: Path, command: str, env: dict[str, str], hide: Sequence[str] = ()
+) -> Sandbox:
+    """Start the shell `command` as uid 65534 logged in, in the test's namespaces, where
+    the programs `hide` names cannot be run (as on a host without them)."""
     subordinate = rundir / "subid"
     subordinate.write_text(SUBORDINATE)
     subordinate.chmod(0o644)
@@ -187,7 +203,7 @@ def sandboxed(processes: Processes, rundir: Path, command: str, env: dict[str, s
         proc = processes.start(
             ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
              "--propagation=private", "sh", "-c", _SETUP, "setup", str(subordinate),
-             *LOGIN, "--", "sh", "-c", command],
+             *hide, "--", *LOGIN, "--", "sh", "-c", command],
             log=output, env={"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": "/mnt", **env},
         )  # fmt: skip
     return Sandbox(proc, log)
@@ -264,13 +280,25 @@ subordinate ids (the launcher ran it: under the filter's no_new_privs, its setui
 counts for nothing)."""
 
 
+@pytest.mark.parametrize("pause", ["catatonit", "podman"], ids=["catatonit", "no-catatonit"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-podman", "podman-ran-before"])
 @pytest.mark.parametrize("network", ["slirp4netns", "pasta"])
 def test_rootless_podman_publishes_80_and_443_through_the_broker(
-    processes: Processes, launcher: Path, rundir: Path, home: Path, *, network: str, first: bool
+    processes: Processes,
+    launcher: Path,
+    rundir: Path,
+    home: Path,
+    *,
+    network: str,
+    first: bool,
+    pause: str,
 ) -> None:
     if (reason := unavailable(network)) is not None:
         pytest.skip(reason)
+    installed = [path for path in CATATONIT if os.path.exists(path)]
+    if pause == "catatonit" and not installed:
+        pytest.skip("no catatonit installed (podman's Recommends; .ci/debian-packages lists it)")
+    hidden = installed if pause == "podman" else []
     policy = '[sockets.http]\nusers = ["nobody"]\n[sockets.https]\nusers = ["nobody"]\n'
     broker = start_broker(processes, launcher, rundir, policy,
                           sockets=(("http", "80"), ("https", "443")))  # fmt: skip
@@ -289,7 +317,7 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
             " && while kill -0 $pause 2>/dev/null; do sleep 0.1; done"
         )
     command += f" >/dev/null && {shlex.join(exec_)}; echo launcher exited $?"
-    sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)})
+    sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)}, hide=hidden)
     requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
     sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
     if network == "pasta":
@@ -311,7 +339,8 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     assert found["httpd"]["uid_map"] == found["httpd"]["gid_map"] == MAPPED
     # podman's pause process holds that user namespace: made under the filter (so the
     # mappers ran through the launcher's stand-ins) when podman ran first there.
-    assert found["podman pause"]["NoNewPrivs"] == ("1" if first else "0")
+    assert found[PAUSE[pause]]["NoNewPrivs"] == ("1" if first else "0"), found.keys()
+    assert found[PAUSE[pause]]["Userns"] == "own"
     assert any(name.startswith(forwarder) for name in found), found.keys()
     # The broker's sockets went to the forwarder; the container's httpd bound its own,
     # in its network namespace, so it holds nothing in ours.
@@ -327,8 +356,9 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     os.kill(container, signal.SIGTERM)
     if first:
         wait_for(lambda: "still runs under the filter" in sandbox.log.read_text(), "the note")
-        note = sandbox.log.read_text().split("the program exited (0)", 1)[1]
-        assert "(podman pause)" in note.splitlines()[0]
+        note = sandbox.log.read_text().split("the program exited (0)", 1)[1].splitlines()[0]
+        # It names what keeps the launcher running, the pause process alone, by its name.
+        assert re.fullmatch(rf".* a signal comes: pid \d+ \({PAUSE[pause]}\)", note), note
         assert Path(f"/proc/{launcher_pid}").exists()
     else:
         wait_for(lambda: "launcher exited 0" in sandbox.log.read_text(), "the launcher's end")
