@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,35 @@ def ok(host: str, port: int, body: str) -> bool:
         return False
 
 
+PASTA_RESETS_FOR: Final = 10.0
+"""Seconds a request from ::1 through pasta is tried again while pasta resets it. pasta
+itself (passt 2025-05-03, Debian 13) resets connections from ::1 on a busy machine, on
+ports without port-broker too (docs/containers.md): in bursts, or (beside two busy loops)
+every one for a minute and more, after it had answered. What pasta does with them is
+not port-broker's to test: the IPv4 ones, through the same held sockets, are counted."""
+
+PASTA_RESETS: Final = (
+    "pasta reset every connection from ::1 for {:g} s (its own resets on a busy machine, "
+    "docs/containers.md): that a client on ::1 is answered through pasta, and what the "
+    "server sees of it, were not checked; everything else was"
+)
+
+
+def get_through(network: str, host: str, port: int, path: str = "/") -> str | None:
+    """GET http://host:port/path through the forwarder of `network`: the body, or None if
+    pasta reset every connection from ::1 for PASTA_RESETS_FOR seconds. Any other failure,
+    and a reset anywhere else, fails at once."""
+    if (network, host) != ("pasta", "::1"):
+        return http_get(host, port, path)
+    deadline = time.monotonic() + PASTA_RESETS_FOR
+    while time.monotonic() < deadline:
+        try:
+            return http_get(host, port, path)
+        except ConnectionResetError:  # http.client's RemoteDisconnected too
+            time.sleep(0.1)
+    return None
+
+
 MAPPED: Final = "0 65534 1 1 200000 65536"
 """uid_map of a user namespace made with newuidmap: the user as root, then the
 subordinate ids (the launcher ran it: under the filter's no_new_privs, its setuid bit
@@ -319,15 +349,19 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     command += f" >/dev/null && {shlex.join(exec_)}; echo launcher exited $?"
     sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)}, hide=hidden)
     requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
-    sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
-    if network == "pasta":
-        # pasta (passt 2025-05-03) itself resets connections from ::1 in bursts on a busy
-        # machine, on ports 8080 and 8443 without port-broker too: count IPv4 only.
+    if network == "pasta":  # pasta's own resets of ::1: asked below, and not counted
         requests = {(port, host): n for (port, host), n in requests.items() if host != "::1"}
+    sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
     assert answered_all(requests, HELLO) == requests
+    # Through pasta, ::1 once on each port, within its resets (None: reset throughout).
+    ipv6 = {port: get_through(network, "::1", port) for port in (80, 443)}
+    assert {body for body in ipv6.values() if body is not None} <= {HELLO}
     # What the forwarder costs: the server no longer sees the client's address.
-    peers = {host: http_get(host, 80, "/cgi-bin/peer").strip() for host in REQUESTS}
-    assert peers == PEER[network]
+    peers = {host: get_through(network, host, 80, "/cgi-bin/peer") for host in REQUESTS}
+    assert {h: p.strip() for h, p in peers.items() if p is not None} == {
+        h: p for h, p in PEER[network].items() if peers[h] is not None
+    }
+    unchecked = None in (*ipv6.values(), *peers.values())
 
     found = sandbox.processes()
     forwarder = FORWARDER[network]
@@ -363,6 +397,8 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     else:
         wait_for(lambda: "launcher exited 0" in sandbox.log.read_text(), "the launcher's end")
         assert "the program exited" not in sandbox.log.read_text()
+    if unchecked:
+        pytest.skip(PASTA_RESETS.format(PASTA_RESETS_FOR))
 
 
 def test_rootless_docker_port_driver_serves_80_through_the_broker(
