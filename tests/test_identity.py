@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import grp
 import json
@@ -224,6 +225,25 @@ async def names_of(users: UserDatabase, uid: int) -> tuple[str | None, frozenset
 def lookup(users: UserDatabase, uid: int) -> tuple[str | None, frozenset[int]]:
     """`names_of`, from synchronous code."""
     return trio.run(names_of, users, uid)
+
+
+# --- Peer.with_user ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["uid-mapped", "uid-unmapped"])
+@pytest.mark.parametrize("gid_mapped", [True, False], ids=["gid-mapped", "gid-unmapped"])
+def test_with_user_adds_the_user_database_part_and_keeps_the_kernels(
+    mapped: bool, gid_mapped: bool
+) -> None:
+    # An unmapped peer shows as the overflow ids, which the user database calls nobody
+    # and nogroup: adding that name and its groups must not make it mapped.
+    peer = Peer(pid=7, uid=65534, gid=65534, groups=frozenset({4}), unit="x.service",
+                cgroup="/system.slice/x.service", mapped=mapped, gid_mapped=gid_mapped)  # fmt: skip
+    named = peer.with_user("nobody", frozenset({65534}))
+    assert named == dataclasses.replace(peer, user="nobody", groups=frozenset({4, 65534}))
+    assert Rule(uids=frozenset({65534})).match(named) == (
+        "uid 65534 is in users" if mapped else None
+    )
 
 
 # --- unit_from_cgroup ------------------------------------------------------------------
@@ -841,14 +861,19 @@ def test_a_peer_whose_ids_are_not_mapped_into_our_user_namespace_is_not_mapped()
         if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
         overflow_ids.cache_clear()  # this child's user namespace is not its parent's
-        peer = peer_credentials(b)
+        peer = trio.run(new_users().complete, peer_credentials(b), CHILD_TIMEOUT)
+        nobody = Rule(uids=frozenset({65534}), gids=frozenset({NOGROUP}))
         return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
-                "overflow": list(overflow_ids() or ())}  # fmt: skip
+                "gid_mapped": peer.gid_mapped, "user": peer.user,
+                "overflow": list(overflow_ids() or ()),
+                "by_nobody": nobody.match(peer)}  # fmt: skip
 
     with a, b:
         seen = processes.run_in_child(look)
+    # The user database names the overflow uid "nobody"; the peer still is no one.
     assert seen == {"result": {"uid": 65534, "gid": 65534, "mapped": False,
-                               "overflow": [65534, 65534]}}  # fmt: skip
+                               "gid_mapped": False, "user": "nobody",
+                               "overflow": [65534, 65534], "by_nobody": None}}  # fmt: skip
     here, there = socket.socketpair()
     with here, there:
         assert peer_credentials(here).mapped  # in the initial user namespace, it is
@@ -866,7 +891,7 @@ def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
         Path("/proc/self/uid_map").write_text("0 0 1\n")
         overflow_ids.cache_clear()
-        peer = peer_credentials(b)
+        peer = trio.run(new_users().complete, peer_credentials(b), CHILD_TIMEOUT)
         return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
                 "gid_mapped": peer.gid_mapped, "groups": sorted(peer.groups),
                 "by_uid": Rule(uids=frozenset({0})).match(peer),
@@ -874,6 +899,7 @@ def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid
 
     with a, b:
         seen = processes.run_in_child(look)
+    # The user database adds root's groups (0), not the overflow gid it shows as.
     assert seen == {"result": {"uid": 0, "gid": 65534, "mapped": True, "gid_mapped": False,
-                               "groups": [], "by_uid": "uid 0 is in users",
+                               "groups": [0], "by_uid": "uid 0 is in users",
                                "by_overflow_gid": None}}  # fmt: skip

@@ -350,6 +350,7 @@ def start_broker(
     *,
     user: int | str = BROKER_UID,
     extra: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> BrokerProcess:
     """Start a broker under systemd-socket-activate and wait until it serves.
 
@@ -361,6 +362,8 @@ def start_broker(
         sockets: (name, systemd-socket-activate listen address) per socket.
         user: Who the broker runs as (after systemd-socket-activate bound as root).
         extra: More arguments for `port-broker serve`.
+        wrapper: A command prefix the broker runs under, as `user` (it must exec the
+            rest in place: systemd-socket-activate's LISTEN_PID is the broker's pid).
     """
     config_path = workdir / "broker.toml"
     config_path.write_text(config)
@@ -371,7 +374,8 @@ def start_broker(
     for _, address in sockets:
         argv += ["-l", address]
     argv += ["-l", str(control), "--fdname=" + ":".join([n for n, _ in sockets] + ["control"])]
-    argv += [*as_user(user), str(launcher), "serve", "--config", str(config_path), *extra]
+    argv += [*as_user(user), *wrapper, str(launcher), "serve", "--config", str(config_path)]
+    argv += extra
     with log_path.open("w") as log:
         proc = processes.start(argv, log=log)
     wait_for(control.exists, f"{control} to appear")
