@@ -41,6 +41,17 @@ def admission(max_connections: int, max_per_user: int, clock: Clock | None = Non
     return slots
 
 
+def admitted_in_a_row(slots: Admission, uid: int | None) -> int:
+    """How many connections of `uid` are admitted (each left at once) before one is
+    refused: never more than twice a burst are tried, so that a limit that no longer
+    holds fails the test instead of looping for ever."""
+    for admitted in range(2 * int(UNNAMED_BURST)):
+        if slots.admit(uid) is not None:
+            return admitted
+        slots.leave()
+    raise AssertionError(f"uid {uid}: {2 * int(UNNAMED_BURST)} connections in a row admitted")
+
+
 def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
     slots = admission(16, 64)
     assert slots.reserved == 16 // NAMED_RESERVE == 4
@@ -166,11 +177,7 @@ def test_a_uid_found_named_by_a_group_or_unit_is_then_held_to_no_rate() -> None:
         assert slots.admit(worker) is None
         slots.leave()
     clock.now += KNOWN_NAMED_SECONDS  # until it has not been seen named for a while:
-    admitted = 0  # then its own rate again
-    while slots.admit(worker) is None:
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    assert admitted_in_a_row(slots, worker) == UNNAMED_BURST  # then its own rate again
 
 
 def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
@@ -182,11 +189,7 @@ def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
     for _ in range(50):  # refused by the total, again and again
         assert slots.admit(61000) is not None
     clock.now += 1.0  # the total refills: the uid still has its whole burst
-    admitted = 0
-    while slots.admit(61000) is None:
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    assert admitted_in_a_row(slots, 61000) == UNNAMED_BURST
 
 
 def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
@@ -194,8 +197,16 @@ def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
     slots = admission(100_000, 1000, clock)
     overflow = 65534  # what every unmapped uid shows as
     assert slots.admit_peer(overflow, named=True, mapped=False) is None
-    admitted = 0
-    while slots.admit(overflow) is None:  # still held to the rate: it names nobody
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    assert admitted_in_a_row(slots, overflow) == UNNAMED_BURST  # it names nobody
+
+
+def test_a_connection_the_kernel_gives_no_uid_is_held_to_the_connection_rate() -> None:
+    # admit(None): SO_PEERCRED named no uid. That is no reason to be let in faster.
+    clock = Clock()
+    slots = admission(100_000, 1000, clock)
+    assert admitted_in_a_row(slots, None) == UNNAMED_BURST
+    refusal = slots.admit(None)
+    assert refusal is not None
+    assert "opens connections faster than" in refusal
+    assert slots.active == 0
+    assert slots.admit(NAMED) is None  # the named are not held back by it
