@@ -138,6 +138,46 @@ def test_decide_passes_other_socket_types_silently() -> None:
     assert decide(held, endpoint(socket.AF_INET, sctp, V4_ANY), "p") == Pass(None)
 
 
+SCTP = (socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+"""SCTP's one-to-one style: a SOCK_STREAM socket like TCP's, of another protocol."""
+
+
+def test_decide_never_gives_a_socket_of_another_protocol_on_the_same_port() -> None:
+    both = [endpoint(socket.AF_INET, SCTP, V4_ANY), endpoint(socket.AF_INET, TCP, V4_ANY)]
+    assert decide(both, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == Inject(1)
+    assert decide(both, endpoint(socket.AF_INET, SCTP, V4_ANY), "p") == Inject(0)
+    # Only SCTP on the address asked for: TCP's wildcard socket would widen it.
+    exact = [endpoint(socket.AF_INET, SCTP, LO4), endpoint(socket.AF_INET, TCP, V4_ANY)]
+    assert isinstance(decide(exact, endpoint(socket.AF_INET, TCP, LO4), "p"), Pass)
+    # Only SCTP in the family asked for: TCP is held for the other family alone.
+    crossed = [endpoint(socket.AF_INET, SCTP, V4_ANY), endpoint(socket.AF_INET6, TCP, V6_ANY)]
+    refusal = decide(crossed, endpoint(socket.AF_INET, TCP, V4_ANY), "p")
+    assert isinstance(refusal, Refuse)
+    assert refusal.error == errno.EAFNOSUPPORT
+
+
+endpoints = st.builds(
+    lambda family, kind, loopback, port: endpoint(
+        family, kind, (LO4 if family == socket.AF_INET else LO6) if loopback else
+        (V4_ANY if family == socket.AF_INET else V6_ANY), port),
+    st.sampled_from([socket.AF_INET, socket.AF_INET6]),
+    st.sampled_from([TCP, UDP, SCTP]),
+    st.booleans(),
+    st.sampled_from([80, 443]),
+)  # fmt: skip
+
+
+@given(st.lists(endpoints, max_size=6), endpoints)
+def test_decide_injects_only_what_was_asked_for(held: list[Endpoint], want: Endpoint) -> None:
+    """Invariant (the module's "must never"): an injected socket has the family, type
+    and protocol of the program's, and its address, or the program asked for any."""
+    decision = decide(held, want, "p")
+    if isinstance(decision, Inject):
+        given_ = held[decision.choice]
+        assert given_[:3] == want[:3]
+        assert given_.ip == want.ip or want.ip in (V4_ANY, V6_ANY)
+
+
 def test_decide_matches_datagram_sockets() -> None:
     held = [endpoint(socket.AF_INET, TCP, V4_ANY), endpoint(socket.AF_INET, UDP, V4_ANY)]
     assert decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == Inject(1)
