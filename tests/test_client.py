@@ -107,6 +107,18 @@ async def acquire(
 # --- scripted peers ---------------------------------------------------------------
 
 
+def read_request(conn: socket.socket) -> bytes:
+    """One request line from the client on `conn` (a scripted broker's end), newline
+    included; a client that hangs up first fails the test."""
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise AssertionError(f"client hung up mid-request: {received!r}")
+        received += chunk
+    return received
+
+
 def send_fds(conn: socket.socket, data: bytes, fds: Sequence[int]) -> None:
     """Send `data` with `fds` attached to its first byte, as the broker does."""
     sent = conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -136,13 +148,7 @@ class ScriptedPeer:
             conn, _ = self.listener.accept()
             with conn:
                 conn.settimeout(PEER_TIMEOUT)
-                received = b""
-                while not received.endswith(b"\n"):
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        raise AssertionError(f"client hung up mid-request: {received!r}")
-                    received += chunk
-                self.request = received[:-1]
+                self.request = read_request(conn)[:-1]
                 self.script(conn)
         except BaseException as e:  # shown by __exit__, in the test
             self.error = e
@@ -593,8 +599,7 @@ def full_queue_then_served(path: Path) -> Iterator[threading.Thread]:
             conn, _ = listener.accept()  # the client that waited
             with conn:
                 conn.settimeout(PEER_TIMEOUT)
-                while not conn.recv(4096).endswith(b"\n"):
-                    pass
+                read_request(conn)
                 granted_with(1, 1)(conn)
 
         yield threading.Thread(target=broker, daemon=True)
@@ -632,10 +637,7 @@ async def test_busy_is_asked_again_within_the_deadline(rundir: Path, variant: Va
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(PEER_TIMEOUT)
-                    received = b""
-                    while not received.endswith(b"\n"):
-                        received += conn.recv(4096)
-                    requests.append(received)
+                    requests.append(read_request(conn))
                     answer(conn)
 
         thread = threading.Thread(target=broker, daemon=True)
