@@ -34,6 +34,7 @@ from typing import Final
 import pytest
 
 from tests.harness.processes import (
+    EXIT_TIMEOUT,
     NOBODY,
     START_TIMEOUT,
     Processes,
@@ -304,12 +305,20 @@ def get_through(network: str, host: str, port: int, path: str = "/") -> str | No
     return None
 
 
+TIME_LIMIT: Final = 3 * START_TIMEOUT + 3 * PASTA_RESETS_FOR + START_TIMEOUT + 2 * EXIT_TIMEOUT
+"""The podman test's time limit, the sum of its own waits (it takes 35 s at most, busy):
+the first answers (3 START_TIMEOUT), three requests from ::1 through pasta
+(PASTA_RESETS_FOR each), the launcher's note (START_TIMEOUT), and stopping the processes it
+started (EXIT_TIMEOUT, then again after SIGKILL)."""
+
+
 MAPPED: Final = "0 65534 1 1 200000 65536"
 """uid_map of a user namespace made with newuidmap: the user as root, then the
 subordinate ids (the launcher ran it: under the filter's no_new_privs, its setuid bit
 counts for nothing)."""
 
 
+@pytest.mark.timeout(TIME_LIMIT)
 @pytest.mark.parametrize("pause", ["catatonit", "podman"], ids=["catatonit", "no-catatonit"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-podman", "podman-ran-before"])
 @pytest.mark.parametrize("network", ["slirp4netns", "pasta"])
