@@ -664,8 +664,8 @@ async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant:
                     conn, _ = listener.accept()
                 except TimeoutError:
                     continue
-                with conn:
-                    conn.sendall(BUSY)
+                with conn, contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    conn.sendall(BUSY)  # a client past its deadline has hung up
 
         thread = threading.Thread(target=broker, daemon=True)
         thread.start()
@@ -676,6 +676,36 @@ async def test_busy_past_the_deadline_is_the_busy_refusal(rundir: Path, variant:
             finally:
                 stop.set()
                 thread.join(PEER_TIMEOUT)
+    assert raised.value.code == "busy"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_busy_then_no_answer_by_the_deadline_is_the_busy_refusal(
+    rundir: Path, variant: Variant
+) -> None:
+    # The deadline may leave the attempt after a busy refusal too little time for the
+    # broker's answer (a millisecond, on a busy machine): the broker did answer, busy.
+    # Here it answers busy once, then never again.
+    path = rundir / "slow.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        listener.settimeout(PEER_TIMEOUT)
+
+        def broker() -> None:
+            for answer in (replies(BUSY), never_answers):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(PEER_TIMEOUT)
+                    read_request(conn)
+                    answer(conn)
+
+        thread = threading.Thread(target=broker, daemon=True)
+        thread.start()
+        with no_fd_left():  # the broker's thread, in this process, is done by then too
+            with pytest.raises(RequestRefused) as raised:
+                await acquire(variant, "http", str(path), timeout=SHORT_TIMEOUT)
+            thread.join(PEER_TIMEOUT)
     assert raised.value.code == "busy"
 
 
