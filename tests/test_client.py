@@ -711,17 +711,27 @@ async def test_busy_then_no_answer_by_the_deadline_is_the_busy_refusal(
 
 def test_a_signal_while_waiting_for_room_does_not_end_the_wait(rundir: Path) -> None:
     # SO_SNDTIMEO makes a blocking connect() return EINTR on a signal, which CPython
-    # took for a completed connect: the client must notice and wait on.
+    # took for a completed connect: the client must notice and wait on. The signals are
+    # SIGUSR1 to this thread every 50 ms (SIGALRM is the per-test time limit's).
     ticks = []
-    previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    previous = signal.signal(signal.SIGUSR1, lambda *_: ticks.append(1))
+    stop = threading.Event()
+    waiting = threading.get_ident()
+
+    def tick() -> None:
+        while not stop.wait(0.05):
+            signal.pthread_kill(waiting, signal.SIGUSR1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
     with full_queue_then_served(rundir / "busy.sock") as thread:
         thread.start()
-        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        ticker.start()
         try:
             client.acquire("http", path=str(rundir / "busy.sock"), timeout=START_TIMEOUT).close()
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            stop.set()
+            ticker.join(PEER_TIMEOUT)
+            signal.signal(signal.SIGUSR1, previous)
             thread.join(PEER_TIMEOUT)
     assert ticks  # signals did arrive during the wait
 
