@@ -124,16 +124,25 @@ def _connect_waiting(sock: socket.socket, path: str, remaining: Callable[[], flo
 
 def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
     """Connect, send `request`, return the reply and any fds (the caller owns them);
-    asked again after a `busy` refusal, with a backoff, while the deadline allows."""
+    asked again after a `busy` refusal, with a backoff, while the deadline allows (an
+    attempt after `busy` that runs out of time gives that `busy`, as in
+    exchange.asked_until_not_busy)."""
     path = socket_path(path)
     check_timeout(timeout)
     deadline = time.monotonic() + timeout
     waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
+    busy: tuple[Reply, list[int]] | None = None
     while True:
-        reply, fds = _exchange_once(request, path, timeout, deadline)
+        try:
+            reply, fds = _exchange_once(request, path, timeout, deadline)
+        except BrokerUnavailable:
+            if busy is None or time.monotonic() < deadline:
+                raise
+            return busy
         delay = next(waits)
         if not is_busy(reply) or deadline - time.monotonic() <= delay:
             return reply, fds
+        busy = reply, fds
         time.sleep(delay)
 
 

@@ -46,6 +46,7 @@ python3Packages.buildPythonApplication {
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
     pytest-trio
+    pytest-timeout
     hypothesis
     packaging
   ];

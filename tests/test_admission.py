@@ -42,6 +42,26 @@ def admission(max_connections: int, max_per_user: int, clock: Clock | None = Non
     return slots
 
 
+def admitted_in_a_row(slots: Admission, uid: int | None, marks: Marks | None = None) -> int:
+    """How many connections of `uid` (showing `marks`) are admitted (each left at once)
+    before one is refused: never more than twice a burst are tried, so that a limit that
+    no longer holds fails the test instead of looping for ever."""
+    for admitted in range(2 * int(UNNAMED_BURST)):
+        if slots.admit(uid, (lambda: marks) if marks else None) is not None:
+            return admitted
+        slots.leave()
+    raise AssertionError(f"uid {uid}: {2 * int(UNNAMED_BURST)} connections in a row admitted")
+
+
+def held_to_no_rate(slots: Admission, uid: int, marks: Marks) -> bool:
+    """Whether twice a burst of connections of `uid` showing `marks` are all admitted."""
+    for _ in range(2 * int(UNNAMED_BURST)):
+        if slots.admit(uid, lambda: marks) is not None:
+            return False
+        slots.leave()
+    return True
+
+
 def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
     slots = admission(16, 64)
     assert slots.reserved == 16 // NAMED_RESERVE == 4
@@ -153,16 +173,6 @@ def test_many_uids_together_are_held_to_the_total_rate() -> None:
     assert slots.admit(NAMED) is None
 
 
-def admitted_in_a_row(slots: Admission, uid: int, marks: Marks | None = None) -> int:
-    """How many connections of `uid` (showing `marks`) are let in before the first
-    refusal (at most 10,000: a uid held to no rate is let in that many)."""
-    for admitted in range(10_000):
-        if slots.admit(uid, (lambda: marks) if marks else None) is not None:
-            return admitted
-        slots.leave()
-    return 10_000
-
-
 @pytest.mark.parametrize(
     ("named_by", "other"),
     [(Marks(unit="web.service"), Marks(unit="session-3.scope")),
@@ -183,7 +193,7 @@ def test_a_uid_found_named_by_a_group_or_unit_passes_the_rate_only_showing_it(
     assert slots.admit(70000 + 3001) is not None
     # The worker is not held back; the same uid showing something else (a shared
     # account's other process) is, like anyone no rule names.
-    assert admitted_in_a_row(slots, worker, named_by) == 10_000
+    assert held_to_no_rate(slots, worker, named_by)
     assert admitted_in_a_row(slots, worker, other) == 0
     assert admitted_in_a_row(slots, worker) == 0
     clock.now += KNOWN_NAMED_SECONDS  # not seen named for a while: its own rate again
@@ -199,11 +209,7 @@ def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
     for _ in range(50):  # refused by the total, again and again
         assert slots.admit(61000) is not None
     clock.now += 1.0  # the total refills: the uid still has its whole burst
-    admitted = 0
-    while slots.admit(61000) is None:
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    assert admitted_in_a_row(slots, 61000) == UNNAMED_BURST
 
 
 def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
@@ -211,8 +217,16 @@ def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
     slots = admission(100_000, 1000, clock)
     overflow = 65534  # what every unmapped uid shows as
     assert slots.admit_peer(overflow, named=True, mapped=False) is None
-    admitted = 0
-    while slots.admit(overflow) is None:  # still held to the rate: it names nobody
-        admitted += 1
-        slots.leave()
-    assert admitted == UNNAMED_BURST
+    assert admitted_in_a_row(slots, overflow) == UNNAMED_BURST  # it names nobody
+
+
+def test_a_connection_the_kernel_gives_no_uid_is_held_to_the_connection_rate() -> None:
+    # admit(None): SO_PEERCRED named no uid. That is no reason to be let in faster.
+    clock = Clock()
+    slots = admission(100_000, 1000, clock)
+    assert admitted_in_a_row(slots, None) == UNNAMED_BURST
+    refusal = slots.admit(None)
+    assert refusal is not None
+    assert "opens connections faster than" in refusal
+    assert slots.active == 0
+    assert slots.admit(NAMED) is None  # the named are not held back by it

@@ -17,6 +17,7 @@ import re
 import select
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from tests.harness.inprocess import (
     LIST,
     LONG_TIMEOUT,
     UID,
+    Served,
     Wire,
     acquire_line,
     audit_fields,
@@ -84,38 +86,73 @@ sys.stdin.read()  # until the test is done
 """
 
 
+@contextlib.asynccontextmanager
+async def slow_connections(served: Served, uids: range, each: int) -> AsyncIterator[None]:
+    """`each` silent connections from each of `uids`, kept open until the block ends;
+    entered once the broker has taken or refused every one of them."""
+    holders = []
+    try:
+        for uid in uids:
+            holder = await trio.lowlevel.open_process(
+                [*as_user(uid), SYSTEM_PYTHON, "-I", "-c", HOLDER, served.path, str(each)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            holders.append(holder)
+        for holder in holders:
+            assert holder.stdout is not None
+            with trio.fail_after(START_TIMEOUT):
+                assert await holder.stdout.receive_some() == b"connected\n"
+        with trio.fail_after(START_TIMEOUT):
+            while served.broker.admission.connections < len(uids) * each:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        yield
+    finally:
+        for holder in holders:
+            holder.kill()
+            await holder.wait()
+
+
 async def test_slow_connections_of_many_uids_leave_room_for_the_named_ones(
     rundir: Path,
 ) -> None:
     # 4 uids no rule names, 3 silent connections each, against max_connections=8: they
     # share 6 slots (a quarter is kept), and this process, named, is still served.
-    attackers = range(61000, 61004)
-    async with running_broker(rundir, max_connections=8, client_timeout=LONG_TIMEOUT) as served:
-        holders = []
-        for uid in attackers:
-            holder = await trio.lowlevel.open_process(
-                [*as_user(uid), SYSTEM_PYTHON, "-I", "-c", HOLDER, served.path, "3"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            holders.append(holder)
-        try:
-            for holder in holders:
-                assert holder.stdout is not None
-                with trio.fail_after(START_TIMEOUT):
-                    assert await holder.stdout.receive_some() == b"connected\n"
-            with trio.fail_after(START_TIMEOUT):
-                while served.broker.admission.connections < 12:
-                    await trio.sleep(0.01)
-            await trio.testing.wait_all_tasks_blocked()
-            assert served.broker.admission.unnamed == 6
-            assert served.broker.ledger.refusals["busy"] == 6
-            for _ in range(2):  # the reserve: the named peer gets its sockets
-                (await client.acquire_trio("http", path=served.path, timeout=1.0)).close()
-        finally:
-            for holder in holders:
-                holder.kill()
-                await holder.wait()
+    async with (
+        running_broker(rundir, max_connections=8, client_timeout=LONG_TIMEOUT) as served,
+        slow_connections(served, range(61000, 61004), 3),
+    ):
+        assert served.broker.admission.unnamed == 6
+        assert served.broker.ledger.refusals["busy"] == 6
+        for _ in range(2):  # the reserve: the named peer gets its sockets
+            (await client.acquire_trio("http", path=served.path, timeout=1.0)).close()
+
+
+ADMIN: Final = 61010
+ADMINS: Final = 61999
+"""An admin's uid, which no rule names, and a group that only [status] names."""
+
+
+async def test_an_admin_named_only_in_status_by_a_group_is_kept_room_for(
+    rundir: Path, launcher: Path
+) -> None:
+    # The same flood: the reserve is for whomever any rule names, [status] included.
+    status = Rule(gids=frozenset({ADMINS}))
+    async with (
+        running_broker(
+            rundir, status=status, max_connections=8, client_timeout=LONG_TIMEOUT
+        ) as served,
+        slow_connections(served, range(61000, 61004), 3),
+    ):
+        assert served.broker.admission.unnamed == 6
+        argv = [*as_user(ADMIN, groups=[ADMINS]), str(launcher), "status", "--json",
+                "--socket", served.path]  # fmt: skip
+        with trio.fail_after(START_TIMEOUT):
+            done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                          check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        assert json.loads(done.stdout)["connections"]["active"] == 7
 
 
 FLOODER: Final = """

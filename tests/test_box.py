@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.box import (
+    KILL_TIMEOUT,
     STAGING_PARENT,
     Box,
     BoxCommandError,
@@ -24,6 +25,7 @@ from tests.harness.box import (
     host_mounts,
     iter_box_cgroups,
 )
+from tests.harness.processes import wait_for
 
 #: A box reaches `running` in ~0.25 s here; 15 s still flags a box that got slow
 #: (a unit waiting on a device or network) without flaking on a loaded machine.
@@ -145,7 +147,13 @@ def test_run_reports_failures_and_feeds_input(box: Box) -> None:
 def test_run_timeout_kills_the_command(box: Box) -> None:
     with pytest.raises(BoxError, match="did not finish"):
         box.run(["sleep", "1234"], timeout=0.5)
-    assert box.run(["pgrep", "-x", "sleep"], check=False).returncode == 1
+
+    def gone() -> bool:
+        return box.run(["pgrep", "-x", "sleep"], check=False).returncode == 1
+
+    # SIGKILLed: gone once the kernel has ended it and its parent reaped it, which on a
+    # busy machine may be a moment after systemctl kill returns.
+    wait_for(gone, "the sleep killed at its timeout to end", timeout=KILL_TIMEOUT)
 
 
 def test_run_as_ordinary_user_who_cannot_bind_low_ports(box: Box) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import given, settings
@@ -93,12 +93,18 @@ def fds_of(held: dict[str, list[HeldSocket]], names: Sequence[str]) -> tuple[int
     return tuple(h.sock.fileno() for name in names for h in held[name])
 
 
+ACTIONS_PER_STEP: Final = 16
+"""Actions `drive` lets a connection ask for per chunk or line it was fed (a request is
+answered by a send or two): past that it is looping, and the test fails rather than hang."""
+
+
 def drive(conn: Connection, chunks: Sequence[bytes], *, eof: bool = True) -> list[Action]:
     """Feed `chunks` (then end of stream), sending each reply at once; return every
     action but NEED_DATA, up to and including CLOSE."""
     actions: list[Action] = []
     pending = list(chunks)
-    while True:
+    steps = len(chunks) + sum(chunk.count(b"\n") for chunk in chunks) + 2
+    for _ in range(ACTIONS_PER_STEP * steps):
         action = conn.next_action()
         if action is NEED_DATA:
             if pending:
@@ -113,6 +119,7 @@ def drive(conn: Connection, chunks: Sequence[bytes], *, eof: bool = True) -> lis
         if action is CLOSE:
             return actions
         conn.sent()
+    raise AssertionError(f"no end after {ACTIONS_PER_STEP * steps} actions: {actions[-3:]!r}")
 
 
 def sends(actions: Sequence[Action]) -> list[Send]:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import grp
+import json
 import os
 import pwd
 import select
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ import trio
 
 from broker.audit import Audit
 from broker.identity import (
+    CGROUP_FILE_MAX,
     Peer,
     _peer_pidfd,
     cgroup_of,
@@ -40,6 +44,7 @@ from broker.ledger import Ledger
 from broker.policy import Rule
 from broker.users import UserDatabase
 from tests.harness import processes
+from tests.harness.runtime import SYSTEM_PYTHON
 
 WWW_DATA: Final = pwd.getpwnam("www-data")
 NOGROUP: Final = grp.getgrnam("nogroup").gr_gid
@@ -220,6 +225,25 @@ async def names_of(users: UserDatabase, uid: int) -> tuple[str | None, frozenset
 def lookup(users: UserDatabase, uid: int) -> tuple[str | None, frozenset[int]]:
     """`names_of`, from synchronous code."""
     return trio.run(names_of, users, uid)
+
+
+# --- Peer.with_user ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["uid-mapped", "uid-unmapped"])
+@pytest.mark.parametrize("gid_mapped", [True, False], ids=["gid-mapped", "gid-unmapped"])
+def test_with_user_adds_the_user_database_part_and_keeps_the_kernels(
+    mapped: bool, gid_mapped: bool
+) -> None:
+    # An unmapped peer shows as the overflow ids, which the user database calls nobody
+    # and nogroup: adding that name and its groups must not make it mapped.
+    peer = Peer(pid=7, uid=65534, gid=65534, groups=frozenset({4}), unit="x.service",
+                cgroup="/system.slice/x.service", mapped=mapped, gid_mapped=gid_mapped)  # fmt: skip
+    named = peer.with_user("nobody", frozenset({65534}))
+    assert named == dataclasses.replace(peer, user="nobody", groups=frozenset({4, 65534}))
+    assert Rule(uids=frozenset({65534})).match(named) == (
+        "uid 65534 is in users" if mapped else None
+    )
 
 
 # --- unit_from_cgroup ------------------------------------------------------------------
@@ -493,6 +517,159 @@ def test_a_peer_that_left_its_service_is_not_credited_to_it(cgroup_root: Path) -
         assert (peer.unit, peer.cgroup) == (None, None)
 
 
+# --- a /proc/PID/cgroup longer than the broker reads --------------------------------------
+
+LONG_CGROUP_FILE: Final = r"""
+import json, os, subprocess, sys, time
+
+pid, limit, unified_root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+SEGMENT = 250  # bytes of a cgroup's name (a file name: 255 at most)
+LINE_PATH = 4000  # one line's path (past PATH_MAX, 4096, the kernel shows no file at all)
+CUT = "/web.service"
+named = []  # (name, mount point, its directories)
+unified = []  # directories made in the unified hierarchy
+
+def chain(top, length, suffix, made):
+    # Directories below `top`, each named ...suffix, `length` bytes of path in all.
+    path, left = top, length
+    while left > 0:
+        size = min(SEGMENT, left - 1)
+        if 0 < left - 1 - size <= len(suffix):  # leave the last one room for its name
+            size = left - 2 - len(suffix)
+        path += "/" + "p" * (size - len(suffix)) + suffix
+        left -= size + 1
+        os.mkdir(path)
+        made.append(path)
+    return path
+
+def place(path):
+    with open(path + "/cgroup.procs", "w") as f:
+        f.write(str(pid))
+
+def unified_line():
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        data = f.read()
+    start = 0 if data.startswith(b"0::") else data.index(b"\n0::") + 1
+    return start, data[start + 3 :].split(b"\n")[0].decode()
+
+def mount(name, top):
+    return subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={name}", "cgroup", top],
+                          capture_output=True, text=True).returncode == 0
+
+def hierarchy_gone(name):
+    with open("/proc/self/cgroup") as f:
+        return f":name={name}:" not in f.read()
+
+start, original = unified_line()
+try:
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/mnt"], check=True)
+    # Named v1 hierarchies with the process 4 KB deep in each, until the unified line
+    # (the last) starts a little before the limit.
+    while start < limit + 1 - 3000:
+        name, top = f"pbtest-{pid}-{len(named)}", f"/mnt/{len(named)}"
+        os.mkdir(top)
+        if not mount(name, top):
+            print(json.dumps({"skip": "cannot make a cgroup v1 hierarchy here (only the "
+                              "initial cgroup namespace can, on a kernel with cgroup v1)"}))
+            sys.exit(0)
+        named.append((name, top, []))
+        place(chain(top, min(LINE_PATH, limit + 1 - 1000 - start), "", named[-1][2]))
+        start, _ = unified_line()
+    # The unified path: slices, then web.service where the limit cuts, then an x.
+    path = chain(unified_root, limit + 1 - start - len("0::") - len(CUT), ".slice", unified)
+    path += CUT + "x"
+    os.mkdir(path)
+    unified.append(path)
+    place(path)
+    print(json.dumps({"unified": path[len(unified_root):]}), flush=True)
+    sys.stdin.read()  # until the test is done with it
+finally:
+    try:
+        place(unified_root + original)
+        for _, top, _ in named:
+            place(top)
+    except OSError:
+        pass  # it has exited
+    for path in reversed(unified):
+        os.rmdir(path)
+    for name, top, made in reversed(named):
+        for path in reversed(made):
+            os.rmdir(path)
+    # A v1 hierarchy goes at its unmount only if the cgroups removed from it have been
+    # released by then (the kernel does that a moment later): mount again what stays.
+    deadline = time.monotonic() + 10
+    left = named
+    while left:
+        for _, top, _ in left:
+            subprocess.run(["umount", top], check=True)
+        settled = time.monotonic() + 0.5
+        while time.monotonic() < settled and any(not hierarchy_gone(n) for n, _, _ in left):
+            time.sleep(0.02)
+        left = [(n, top, made) for n, top, made in left if not hierarchy_gone(n)]
+        if time.monotonic() > deadline:
+            sys.exit(f"cgroup v1 hierarchies left behind: {[n for n, _, _ in left]}")
+        for name, top, _ in left:
+            mount(name, top)
+"""
+"""Run as root in a mount namespace of its own with PID, CGROUP_FILE_MAX and the cgroup2
+mount point: puts process PID 4 KB deep in new named cgroup v1 hierarchies until its
+/proc/PID/cgroup is nearly CGROUP_FILE_MAX long, then in a cgroup2 path of slices whose
+first CGROUP_FILE_MAX + 1 bytes end in "/web.service" and whose whole last name is
+"web.servicex"; prints {"unified": that path} (or {"skip": why not}); once its stdin
+closes, undoes it all, waiting until each hierarchy has gone."""
+
+
+@contextlib.contextmanager
+def long_cgroup_file(root: Path) -> Iterator[Callable[[int], str]]:
+    """Yield `place(pid)`, which makes pid's /proc/PID/cgroup longer than the broker
+    reads (LONG_CGROUP_FILE) and returns its whole cgroup2 path; undone afterwards."""
+    helpers: list[subprocess.Popen[str]] = []
+
+    def place(pid: int) -> str:
+        argv = ["unshare", "--mount", "--propagation=private", SYSTEM_PYTHON, "-I", "-c",
+                LONG_CGROUP_FILE, str(pid), str(CGROUP_FILE_MAX), str(root)]  # fmt: skip
+        pipe = subprocess.PIPE
+        helper = subprocess.Popen(argv, stdin=pipe, stdout=pipe, text=True)
+        helpers.append(helper)
+        assert helper.stdout is not None
+        wait_readable(helper.stdout.fileno(), "the long cgroup file")
+        said: dict[str, str] = json.loads(helper.stdout.readline() or "{}")
+        if "skip" in said:
+            pytest.skip(said["skip"])
+        assert "unified" in said, f"the helper failed ({helper.wait(CHILD_TIMEOUT)})"
+        return said["unified"]
+
+    try:
+        yield place
+    finally:
+        for helper in helpers:
+            assert helper.stdin is not None
+            helper.stdin.close()
+            assert helper.wait(CHILD_TIMEOUT) == 0
+            assert helper.stdout is not None
+            helper.stdout.close()
+
+
+@pytest.mark.needs_root
+def test_a_cgroup_file_longer_than_the_read_limit_gives_no_unit(cgroup_root: Path) -> None:
+    # Read up to its limit, the file would end in ".../web.service": a peer in
+    # web.servicex would pass for web.service. The whole file is refused instead.
+    unified: list[str] = []
+    with (
+        long_cgroup_file(cgroup_root) as make_long,
+        forked_peer(place=lambda pid: unified.append(make_long(pid))) as child,
+    ):
+        data = Path(f"/proc/{child.pid}/cgroup").read_bytes()
+        assert len(data) > CGROUP_FILE_MAX  # the kernel gives it whole
+        assert data[: CGROUP_FILE_MAX + 1].endswith(b"/web.service")
+        assert parse_cgroup_file(data) == unified[0]
+        assert unit_from_cgroup(unified[0]) is None
+        assert cgroup_of(child.pid) is None
+        peer = identify(child.conn.fileno())
+        assert (peer.unit, peer.cgroup) == (None, None)
+        assert Rule(units=("web.service",)).match(peer) is None
+
+
 # --- cgroup names that hold line breaks (cgroup v1 and hybrid hosts) ---------------
 
 LINE_BREAKS_BUT_NEWLINE: Final = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
@@ -684,14 +861,19 @@ def test_a_peer_whose_ids_are_not_mapped_into_our_user_namespace_is_not_mapped()
         if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
         overflow_ids.cache_clear()  # this child's user namespace is not its parent's
-        peer = peer_credentials(b)
+        peer = trio.run(new_users().complete, peer_credentials(b), CHILD_TIMEOUT)
+        nobody = Rule(uids=frozenset({65534}), gids=frozenset({NOGROUP}))
         return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
-                "overflow": list(overflow_ids() or ())}  # fmt: skip
+                "gid_mapped": peer.gid_mapped, "user": peer.user,
+                "overflow": list(overflow_ids() or ()),
+                "by_nobody": nobody.match(peer)}  # fmt: skip
 
     with a, b:
         seen = processes.run_in_child(look)
+    # The user database names the overflow uid "nobody"; the peer still is no one.
     assert seen == {"result": {"uid": 65534, "gid": 65534, "mapped": False,
-                               "overflow": [65534, 65534]}}  # fmt: skip
+                               "gid_mapped": False, "user": "nobody",
+                               "overflow": [65534, 65534], "by_nobody": None}}  # fmt: skip
     here, there = socket.socketpair()
     with here, there:
         assert peer_credentials(here).mapped  # in the initial user namespace, it is
@@ -709,7 +891,7 @@ def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
         Path("/proc/self/uid_map").write_text("0 0 1\n")
         overflow_ids.cache_clear()
-        peer = peer_credentials(b)
+        peer = trio.run(new_users().complete, peer_credentials(b), CHILD_TIMEOUT)
         return {"uid": peer.uid, "gid": peer.gid, "mapped": peer.mapped,
                 "gid_mapped": peer.gid_mapped, "groups": sorted(peer.groups),
                 "by_uid": Rule(uids=frozenset({0})).match(peer),
@@ -717,6 +899,7 @@ def test_a_peer_whose_uid_alone_is_mapped_keeps_its_uid_but_not_the_overflow_gid
 
     with a, b:
         seen = processes.run_in_child(look)
+    # The user database adds root's groups (0), not the overflow gid it shows as.
     assert seen == {"result": {"uid": 0, "gid": 65534, "mapped": True, "gid_mapped": False,
-                               "groups": [], "by_uid": "uid 0 is in users",
+                               "groups": [0], "by_uid": "uid 0 is in users",
                                "by_overflow_gid": None}}  # fmt: skip

@@ -190,6 +190,26 @@ def test_a_user_outside_the_policy_is_refused_and_gets_no_fd(
     assert "denied socket 'http' to user www-data" in broker.output()
 
 
+def test_a_peer_the_brokers_user_namespace_does_not_map_is_not_nobody(
+    processes: Processes, launcher: Path, workdir: Path
+) -> None:
+    # A broker in a user namespace that maps its own uid alone (as in a container) sees
+    # every other uid as the overflow uid, 65534, which the user database calls nobody
+    # (group nogroup): that names no one in particular, so a rule naming nobody and
+    # nogroup grants nobody from outside, nor nobody itself.
+    policy = '[sockets.http]\nusers = ["nobody"]\ngroups = ["nogroup"]\n'
+    broker = start_broker(processes, launcher, workdir, policy,
+                          wrapper=["unshare", "--user", "--map-current-user"])  # fmt: skip
+    for user in (BROKER_UID + 1, NOBODY):
+        done = run_as(user, [str(launcher), "exec", "--socket", str(broker.control), "http",
+                             "--", "true"])  # fmt: skip
+        assert done.returncode == 77, done.stderr
+        assert "(uid 65534, pid " in done.stderr
+        assert "its uid is not mapped into the broker's user namespace" in done.stderr
+    assert "denied socket 'http' to user nobody (uid 65534" in broker.output()
+    assert "granted" not in broker.output()
+
+
 def test_unknown_socket_names_what_the_user_may_acquire(
     launcher: Path, broker: BrokerProcess
 ) -> None:

@@ -51,7 +51,7 @@ from broker.bindings import (
     unserved_families,
 )
 from broker.intercept import InterceptError, InterceptUnsupported
-from tests.harness.processes import NOBODY, interception_unsupported
+from tests.harness.processes import AS_FROM_A_TERMINAL, NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
 NODE = "/usr/bin/node"
@@ -136,6 +136,46 @@ def test_decide_passes_other_socket_types_silently() -> None:
     assert decide(held, endpoint(socket.AF_INET, UDP, V4_ANY), "p") == Pass(None)
     sctp = (socket.SOCK_STREAM, 132)  # same type, other protocol
     assert decide(held, endpoint(socket.AF_INET, sctp, V4_ANY), "p") == Pass(None)
+
+
+SCTP = (socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+"""SCTP's one-to-one style: a SOCK_STREAM socket like TCP's, of another protocol."""
+
+
+def test_decide_never_gives_a_socket_of_another_protocol_on_the_same_port() -> None:
+    both = [endpoint(socket.AF_INET, SCTP, V4_ANY), endpoint(socket.AF_INET, TCP, V4_ANY)]
+    assert decide(both, endpoint(socket.AF_INET, TCP, V4_ANY), "p") == Inject(1)
+    assert decide(both, endpoint(socket.AF_INET, SCTP, V4_ANY), "p") == Inject(0)
+    # Only SCTP on the address asked for: TCP's wildcard socket would widen it.
+    exact = [endpoint(socket.AF_INET, SCTP, LO4), endpoint(socket.AF_INET, TCP, V4_ANY)]
+    assert isinstance(decide(exact, endpoint(socket.AF_INET, TCP, LO4), "p"), Pass)
+    # Only SCTP in the family asked for: TCP is held for the other family alone.
+    crossed = [endpoint(socket.AF_INET, SCTP, V4_ANY), endpoint(socket.AF_INET6, TCP, V6_ANY)]
+    refusal = decide(crossed, endpoint(socket.AF_INET, TCP, V4_ANY), "p")
+    assert isinstance(refusal, Refuse)
+    assert refusal.error == errno.EAFNOSUPPORT
+
+
+endpoints = st.builds(
+    lambda family, kind, loopback, port: endpoint(
+        family, kind, (LO4 if family == socket.AF_INET else LO6) if loopback else
+        (V4_ANY if family == socket.AF_INET else V6_ANY), port),
+    st.sampled_from([socket.AF_INET, socket.AF_INET6]),
+    st.sampled_from([TCP, UDP, SCTP]),
+    st.booleans(),
+    st.sampled_from([80, 443]),
+)  # fmt: skip
+
+
+@given(st.lists(endpoints, max_size=6), endpoints)
+def test_decide_injects_only_what_was_asked_for(held: list[Endpoint], want: Endpoint) -> None:
+    """Invariant (the module's "must never"): an injected socket has the family, type
+    and protocol of the program's, and its address, or the program asked for any."""
+    decision = decide(held, want, "p")
+    if isinstance(decision, Inject):
+        given_ = held[decision.choice]
+        assert given_[:3] == want[:3]
+        assert given_.ip == want.ip or want.ip in (V4_ANY, V6_ANY)
 
 
 def test_decide_matches_datagram_sockets() -> None:
@@ -963,7 +1003,7 @@ def test_python_http_server_ipv4_gets_the_ipv4_socket(
     """Pitfall 3: with both families held, an AF_INET server gets the AF_INET socket
     (a dual-stack AF_INET6 one would break CPython's address decoding)."""
     argv = [SYSTEM_PYTHON, "-I", "-m", "http.server", "80", "--directory", str(stage / "www")]
-    run = scenario(argv, [V6_ONLY_80, V4_80])
+    run = scenario(argv, [V6_ONLY_80, V4_80], wrapper=list(AS_FROM_A_TERMINAL))
     assert http_get(netns, "http://127.0.0.1/token.txt") == "token-from-the-test\n"
     # The IPv6 socket held beside it has nobody accepting under this program: it is told.
     deadline = time.monotonic() + FAMILIES_CHECK_DELAY + STARTUP_TIMEOUT
@@ -971,7 +1011,7 @@ def test_python_http_server_ipv4_gets_the_ipv4_socket(
     while unserved not in run.stderr and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "its IPv6 clients connect and wait until they time out" in run.stderr
-    run.kill(signal.SIGINT)  # http.server exits 0 on KeyboardInterrupt
+    run.kill(signal.SIGINT)  # ^C: http.server exits 0 on KeyboardInterrupt
     assert run.wait() == 0
     assert "127.0.0.1" in run.stderr  # its access log decoded the IPv4 peer
 
@@ -1201,6 +1241,40 @@ def test_signals_to_the_supervisor_reach_the_program_once(
     assert final == {"counts": dict.fromkeys(names, 1), "pending": []}
     senders = {r["sender"] for r in run.reports() if "got" in r}
     assert senders == {run.pid}  # forwarded by the supervisor
+
+
+def ignored_signals(stdout: str) -> set[int]:
+    """The signals that /proc/PID/status's SigIgn line in `stdout` says are ignored."""
+    (mask,) = re.findall(r"^SigIgn:\s+([0-9a-f]+)$", stdout, re.MULTILINE)
+    return {n for n in range(1, signal.NSIG) if int(mask, 16) >> (n - 1) & 1}
+
+
+SHELL_SIGNALS: Final = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE,
+                        signal.SIGXFSZ}  # fmt: skip
+"""What a shell may leave ignored (HUP, INT, QUIT) and what Python ignores (PIPE, XFSZ)."""
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("wrapper", "ignored"),
+    [
+        (list(AS_FROM_A_TERMINAL), set()),
+        (
+            ["env", "--default-signal=HUP", "--ignore-signal=INT,QUIT"],
+            {signal.SIGINT, signal.SIGQUIT},
+        ),
+    ],
+    ids=["from-a-terminal", "from-a-background-job"],
+)
+def test_the_program_keeps_the_dispositions_a_shell_gave_the_supervisor(
+    scenario: Callable[..., Scenario], wrapper: list[str], ignored: set[int]
+) -> None:
+    """A shell starts a background job with SIGINT and SIGQUIT ignored, and exec keeps
+    them so: the program gets them as the supervisor got them. What Python itself ignores
+    (SIGPIPE, SIGXFSZ) it gets at their defaults, as from a shell."""
+    run = scenario(["grep", "^SigIgn:", "/proc/self/status"], [], wrapper=wrapper)
+    assert run.wait() == 0, run.stderr
+    assert ignored_signals(run.stdout) & SHELL_SIGNALS == ignored
 
 
 @needs_root

@@ -7,6 +7,8 @@ real audit lines to stderr; the refusal-log windows run on a clock the test move
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.audit import Audit
 from broker.connection import Kind, Outcome
@@ -20,6 +22,7 @@ from broker.ledger import (
     REFUSAL_LOG_WINDOW,
     SUMMARY_LINES,
     Ledger,
+    RefusalLimiter,
 )
 from tests.harness.inprocess import audit_fields, audit_lines
 
@@ -152,3 +155,51 @@ def test_notices_share_the_refusals_budget(capsys: pytest.CaptureFixture[str]) -
     assert len(lines) == REFUSAL_LOG_BURST
     assert all(audit_fields(line)["peer_uid"] == "1000" for line in lines)
     assert books.limiter.suppressed == 2
+
+
+def test_a_window_that_ended_before_the_next_notice_is_still_summed_up(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = Clock()
+    books = ledger(clock)
+    for _ in range(REFUSAL_LOG_BURST + 30):
+        books.record(DENIAL, ALICE)
+    clock.now = REFUSAL_LOG_WINDOW  # over, and not yet flushed: the next notice comes first
+    books.record(DENIAL, ALICE)
+    books.limiter.flush()
+    err = capsys.readouterr().err
+    assert len(audit_lines(err, "denied socket 'secret'")) == REFUSAL_LOG_BURST + 1
+    summaries = audit_lines(err, "were not logged")
+    assert len(summaries) == 1, "the 30 left out of the ended window were never summed up"
+    assert "30 more notices of uid 1000 in" in summaries[0]
+
+
+bursts = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # which uid
+        st.integers(1, 2 * REFUSAL_LOG_BURST),  # how many notices at once
+        st.floats(0, REFUSAL_LOG_WINDOW * 1.5),  # seconds after the one before
+        st.booleans(),  # flush after it (the broker does every STATUS_INTERVAL)
+    ),
+    max_size=40,
+)
+
+
+@settings(database=None, deadline=None)
+@given(bursts)
+def test_every_notice_is_logged_or_summed_up(steps: list[tuple[int, int, float, bool]]) -> None:
+    """Invariant: whatever the timing, each notice is logged or counted in exactly one
+    summary, once every window has ended."""
+    clock = Clock()
+    summed: list[int] = []
+    limiter = RefusalLimiter(clock, lambda uid, dropped, uids: summed.append(dropped))
+    logged = notices = 0
+    for uid, count, after, flush in steps:
+        clock.now += after
+        for _ in range(count):
+            logged += limiter.allow(1000 + uid)
+        notices += count
+        if flush:
+            limiter.flush()
+    limiter.flush(everything=True)
+    assert sum(summed) == limiter.suppressed == notices - logged

@@ -296,6 +296,31 @@ def test_truth_table(rule: Rule, who: Peer, allowed: bool) -> None:
     assert rules_.check_status(who).allowed is allowed
 
 
+@pytest.mark.parametrize(
+    "admin",
+    [make_peer(uid=2000, groups=frozenset({50})), make_peer(uid=2000, unit="admin.service")],
+    ids=["by-group", "by-unit"],
+)
+def test_a_peer_the_status_rule_alone_names_is_named(admin: Peer) -> None:
+    # Whom the broker keeps room for under a flood (broker/admission.py): an admin named
+    # only in [status], through a group or a unit, too.
+    status = Rule(gids=frozenset({50}), units=("admin.service",))
+    rules_ = Policy(sockets={"http": Rule(uids=frozenset({1000}))}, status=status, source=SOURCE)
+    assert not rules_.may_acquire("http", admin)
+    assert rules_.names(admin)
+    assert not rules_.names(make_peer(uid=2001))
+
+
+@settings(database=None, deadline=None, max_examples=300)
+@given(rules, rules, peers)
+def test_a_peer_is_named_when_any_rule_would_allow_it_something(
+    socket_rule: Rule, status_rule: Rule, who: Peer
+) -> None:
+    rules_ = Policy(sockets={"http": socket_rule}, status=status_rule, source=SOURCE)
+    allowed = rules_.may_acquire("http", who) or rules_.check_status(who).allowed
+    assert rules_.names(who) is allowed
+
+
 def test_an_unmapped_peer_is_told_why() -> None:
     rules_ = Policy(sockets={"http": Rule(uids=frozenset({65534}))}, source=SOURCE)
     reason = rules_.check_acquire("http", make_peer(uid=65534, gid=65534, mapped=False)).reason

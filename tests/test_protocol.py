@@ -171,9 +171,11 @@ def outcome(parse: Parser, line: bytes) -> object:
     return error.code
 
 
-def drain(buffer: LineBuffer, parse: Parser, results: list[object]) -> bool:
-    """Take every complete line from `buffer`; return False once framing failed."""
-    while True:
+def drain(buffer: LineBuffer, parse: Parser, results: list[object], fed: int) -> bool:
+    """Take every complete line from `buffer`, which has been fed `fed` bytes in all;
+    return False once framing failed. Each line ends in a byte of its own: a buffer that
+    gives more lines than that gives one again and again, which fails the test."""
+    for _ in range(fed + 1):
         try:
             line = buffer.next_line()
         except ProtocolError as e:
@@ -182,6 +184,7 @@ def drain(buffer: LineBuffer, parse: Parser, results: list[object]) -> bool:
         if line is None:
             return True
         results.append(outcome(parse, line))
+    raise AssertionError(f"{fed} bytes fed, and still another line: {results[-3:]!r}")
 
 
 def feed_in_chunks(data: bytes, sizes: list[int], parse: Parser, limit: int) -> list[object]:
@@ -193,9 +196,11 @@ def feed_in_chunks(data: bytes, sizes: list[int], parse: Parser, limit: int) -> 
         chunks.append(data[at : at + size])
         at += size
     chunks.append(data[at:])
+    fed = 0
     for chunk in chunks:
         buffer.feed(chunk)
-        if not drain(buffer, parse, results):
+        fed += len(chunk)
+        if not drain(buffer, parse, results, fed):
             return results
     results.append(("pending", buffer.pending))
     return results

@@ -25,6 +25,8 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,6 +34,7 @@ from typing import Final
 import pytest
 
 from tests.harness.processes import (
+    EXIT_TIMEOUT,
     NOBODY,
     START_TIMEOUT,
     Processes,
@@ -70,12 +73,15 @@ mount -t tmpfs -o mode=700,uid=65534,gid=65534 tmpfs /mnt
 mount --bind "$1" /etc/subuid
 mount --bind "$1" /etc/subgid
 shift
+while [ "$1" != -- ]; do mount --bind /dev/null "$1"; shift; done
+shift
 exec "$@"
 """
 """Run as root at the start of the test's mount namespace, with the subordinate-id file
-as $1, then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a
-short path as logind's /run/user/UID is: podman's sockets are there, and Unix socket
-paths end at 107 bytes."""
+as $1 and the programs to hide up to a `--` (each becomes /dev/null, which exec refuses),
+then exec the rest. /mnt becomes XDG_RUNTIME_DIR, a tmpfs of the user's at a short path
+as logind's /run/user/UID is: podman's sockets are there, and Unix socket paths end at
+107 bytes."""
 
 LOGIN: Final = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all")
 """As uid 65534 logged in: no capability, and the full bounding set a login keeps, with
@@ -85,6 +91,15 @@ which the setuid newuidmap and newgidmap can map the subordinate ids."""
 FORWARDER: Final = {"slirp4netns": "rootlessport", "pasta": "pasta"}
 """The process that binds the host's ports for `-p`, by podman's --network (pasta is
 podman 5's default; its process may be pasta.avx2)."""
+
+
+CATATONIT: Final = ("/usr/libexec/podman/catatonit", "/usr/bin/catatonit")
+"""Where podman looks for catatonit, in order, to exec as its rootless pause process
+(pkg/rootless/rootless_linux.c); without it the pause process is podman itself, named
+"podman pause". Debian's podman recommends catatonit: an ordinary install has it."""
+
+PAUSE: Final = {"catatonit": "catatonit", "podman": "podman pause"}
+"""The pause process's name, by which program podman found for it."""
 
 
 PEER: Final = {
@@ -177,8 +192,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def sandboxed(processes: Processes, rundir: Path, command: str, env: dict[str, str]) -> Sandbox:
-    """Start the shell `command` as uid 65534 logged in, in the test's namespaces."""
+def sandboxed(
+    processes: Processes, rundir: Path, command: str, env: dict[str, str], hide: Sequence[str] = ()
+) -> Sandbox:
+    """Start the shell `command` as uid 65534 logged in, in the test's namespaces, where
+    the programs `hide` names cannot be run (as on a host without them)."""
     subordinate = rundir / "subid"
     subordinate.write_text(SUBORDINATE)
     subordinate.chmod(0o644)
@@ -187,7 +205,7 @@ def sandboxed(processes: Processes, rundir: Path, command: str, env: dict[str, s
         proc = processes.start(
             ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
              "--propagation=private", "sh", "-c", _SETUP, "setup", str(subordinate),
-             *LOGIN, "--", "sh", "-c", command],
+             *hide, "--", *LOGIN, "--", "sh", "-c", command],
             log=output, env={"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": "/mnt", **env},
         )  # fmt: skip
     return Sandbox(proc, log)
@@ -258,19 +276,68 @@ def ok(host: str, port: int, body: str) -> bool:
         return False
 
 
+PASTA_RESETS_FOR: Final = 10.0
+"""Seconds a request from ::1 through pasta is tried again while pasta resets it. pasta
+itself (passt 2025-05-03, Debian 13) resets connections from ::1 on a busy machine, on
+ports without port-broker too (docs/containers.md): in bursts, or (beside two busy loops)
+every one for a minute and more, after it had answered. What pasta does with them is
+not port-broker's to test: the IPv4 ones, through the same held sockets, are counted."""
+
+PASTA_RESETS: Final = (
+    "pasta reset every connection from ::1 for {:g} s (its own resets on a busy machine, "
+    "docs/containers.md): that a client on ::1 is answered through pasta, and what the "
+    "server sees of it, were not checked; everything else was"
+)
+
+
+def get_through(network: str, host: str, port: int, path: str = "/") -> str | None:
+    """GET http://host:port/path through the forwarder of `network`: the body, or None if
+    pasta reset every connection from ::1 for PASTA_RESETS_FOR seconds. Any other failure,
+    and a reset anywhere else, fails at once."""
+    if (network, host) != ("pasta", "::1"):
+        return http_get(host, port, path)
+    deadline = time.monotonic() + PASTA_RESETS_FOR
+    while time.monotonic() < deadline:
+        try:
+            return http_get(host, port, path)
+        except ConnectionResetError:  # http.client's RemoteDisconnected too
+            time.sleep(0.1)
+    return None
+
+
+TIME_LIMIT: Final = 3 * START_TIMEOUT + 3 * PASTA_RESETS_FOR + START_TIMEOUT + 2 * EXIT_TIMEOUT
+"""The podman test's time limit, the sum of its own waits (it takes 35 s at most, busy):
+the first answers (3 START_TIMEOUT), three requests from ::1 through pasta
+(PASTA_RESETS_FOR each), the launcher's note (START_TIMEOUT), and stopping the processes it
+started (EXIT_TIMEOUT, then again after SIGKILL)."""
+
+
 MAPPED: Final = "0 65534 1 1 200000 65536"
 """uid_map of a user namespace made with newuidmap: the user as root, then the
 subordinate ids (the launcher ran it: under the filter's no_new_privs, its setuid bit
 counts for nothing)."""
 
 
+@pytest.mark.timeout(TIME_LIMIT)
+@pytest.mark.parametrize("pause", ["catatonit", "podman"], ids=["catatonit", "no-catatonit"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-podman", "podman-ran-before"])
 @pytest.mark.parametrize("network", ["slirp4netns", "pasta"])
 def test_rootless_podman_publishes_80_and_443_through_the_broker(
-    processes: Processes, launcher: Path, rundir: Path, home: Path, *, network: str, first: bool
+    processes: Processes,
+    launcher: Path,
+    rundir: Path,
+    home: Path,
+    *,
+    network: str,
+    first: bool,
+    pause: str,
 ) -> None:
     if (reason := unavailable(network)) is not None:
         pytest.skip(reason)
+    installed = [path for path in CATATONIT if os.path.exists(path)]
+    if pause == "catatonit" and not installed:
+        pytest.skip("no catatonit installed (podman's Recommends; .ci/debian-packages lists it)")
+    hidden = installed if pause == "podman" else []
     policy = '[sockets.http]\nusers = ["nobody"]\n[sockets.https]\nusers = ["nobody"]\n'
     broker = start_broker(processes, launcher, rundir, policy,
                           sockets=(("http", "80"), ("https", "443")))  # fmt: skip
@@ -289,17 +356,21 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
             " && while kill -0 $pause 2>/dev/null; do sleep 0.1; done"
         )
     command += f" >/dev/null && {shlex.join(exec_)}; echo launcher exited $?"
-    sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)})
+    sandbox = sandboxed(processes, rundir, command, {"HOME": str(home)}, hide=hidden)
     requests = {(port, host): n for port in (80, 443) for host, n in REQUESTS.items()}
-    sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
-    if network == "pasta":
-        # pasta (passt 2025-05-03) itself resets connections from ::1 in bursts on a busy
-        # machine, on ports 8080 and 8443 without port-broker too: count IPv4 only.
+    if network == "pasta":  # pasta's own resets of ::1: asked below, and not counted
         requests = {(port, host): n for (port, host), n in requests.items() if host != "::1"}
+    sandbox.wait_until_served(set(requests), HELLO)  # each port from each family, once
     assert answered_all(requests, HELLO) == requests
+    # Through pasta, ::1 once on each port, within its resets (None: reset throughout).
+    ipv6 = {port: get_through(network, "::1", port) for port in (80, 443)}
+    assert {body for body in ipv6.values() if body is not None} <= {HELLO}
     # What the forwarder costs: the server no longer sees the client's address.
-    peers = {host: http_get(host, 80, "/cgi-bin/peer").strip() for host in REQUESTS}
-    assert peers == PEER[network]
+    peers = {host: get_through(network, host, 80, "/cgi-bin/peer") for host in REQUESTS}
+    assert {h: p.strip() for h, p in peers.items() if p is not None} == {
+        h: p for h, p in PEER[network].items() if peers[h] is not None
+    }
+    unchecked = None in (*ipv6.values(), *peers.values())
 
     found = sandbox.processes()
     forwarder = FORWARDER[network]
@@ -311,7 +382,8 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     assert found["httpd"]["uid_map"] == found["httpd"]["gid_map"] == MAPPED
     # podman's pause process holds that user namespace: made under the filter (so the
     # mappers ran through the launcher's stand-ins) when podman ran first there.
-    assert found["podman pause"]["NoNewPrivs"] == ("1" if first else "0")
+    assert found[PAUSE[pause]]["NoNewPrivs"] == ("1" if first else "0"), found.keys()
+    assert found[PAUSE[pause]]["Userns"] == "own"
     assert any(name.startswith(forwarder) for name in found), found.keys()
     # The broker's sockets went to the forwarder; the container's httpd bound its own,
     # in its network namespace, so it holds nothing in ours.
@@ -327,12 +399,15 @@ def test_rootless_podman_publishes_80_and_443_through_the_broker(
     os.kill(container, signal.SIGTERM)
     if first:
         wait_for(lambda: "still runs under the filter" in sandbox.log.read_text(), "the note")
-        note = sandbox.log.read_text().split("the program exited (0)", 1)[1]
-        assert "(podman pause)" in note.splitlines()[0]
+        note = sandbox.log.read_text().split("the program exited (0)", 1)[1].splitlines()[0]
+        # It names what keeps the launcher running, the pause process alone, by its name.
+        assert re.fullmatch(rf".* a signal comes: pid \d+ \({PAUSE[pause]}\)", note), note
         assert Path(f"/proc/{launcher_pid}").exists()
     else:
         wait_for(lambda: "launcher exited 0" in sandbox.log.read_text(), "the launcher's end")
         assert "the program exited" not in sandbox.log.read_text()
+    if unchecked:
+        pytest.skip(PASTA_RESETS.format(PASTA_RESETS_FOR))
 
 
 def test_rootless_docker_port_driver_serves_80_through_the_broker(

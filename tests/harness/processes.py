@@ -44,6 +44,12 @@ EXIT_TIMEOUT: Final = 20.0
 REQUEST_TIMEOUT: Final = 10.0
 """Seconds for one HTTP request to a worker on loopback."""
 
+AS_FROM_A_TERMINAL: Final = ("env", "--default-signal=HUP,INT,QUIT")
+"""A command prefix that starts a program with SIGHUP, SIGINT and SIGQUIT at their
+defaults, as a shell at a terminal starts it. The suite itself may run with them ignored
+(a shell's background job, nohup, a CI runner), and an ignored disposition is inherited
+through fork and exec: a test that stops a program as ^C would must start it this way."""
+
 _CLONE_NEWNET: Final = 0x40000000
 
 
@@ -344,6 +350,7 @@ def start_broker(
     *,
     user: int | str = BROKER_UID,
     extra: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
     nofile: str | None = None,
 ) -> BrokerProcess:
     """Start a broker under systemd-socket-activate and wait until it serves.
@@ -356,6 +363,8 @@ def start_broker(
         sockets: (name, systemd-socket-activate listen address) per socket.
         user: Who the broker runs as (after systemd-socket-activate bound as root).
         extra: More arguments for `port-broker serve`.
+        wrapper: A command prefix the broker runs under, as `user` (it must exec the
+            rest in place: systemd-socket-activate's LISTEN_PID is the broker's pid).
         nofile: RLIMIT_NOFILE as SOFT:HARD (prlimit's form), else the test's own.
     """
     config_path = workdir / "broker.toml"
@@ -368,7 +377,8 @@ def start_broker(
     for _, address in sockets:
         argv += ["-l", address]
     argv += ["-l", str(control), "--fdname=" + ":".join([n for n, _ in sockets] + ["control"])]
-    argv += [*as_user(user), str(launcher), "serve", "--config", str(config_path), *extra]
+    argv += [*as_user(user), *wrapper, str(launcher), "serve", "--config", str(config_path)]
+    argv += extra
     with log_path.open("w") as log:
         proc = processes.start(argv, log=log)
     wait_for(control.exists, f"{control} to appear")
