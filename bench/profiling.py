@@ -81,7 +81,7 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 def _where(path: str) -> str:
     """The module a py-spy frame's file belongs to: py-spy names files relative to
-    their sys.path entry ('trio/_core/_run.py', 'broker/server.py', 'socket.py')."""
+    their sys.path entry ('trio/_core/_run.py', 'broker/daemon/driver.py', 'socket.py')."""
     if path.startswith("<"):
         return path  # <string> (generated code, e.g. dataclass methods), <frozen …>
     parts = Path(path).with_suffix("").parts

@@ -29,7 +29,7 @@ from typing import Any, Final
 from bench import attack, datapath, handoff, profiling, report, restart
 from bench.stage import BENCH, Stage, open_stage, rss_kib
 from broker.errors import InterceptError
-from broker.seccomp import check_supported
+from broker.intercept.seccomp import check_supported
 from tests.harness.processes import enter_private_network
 
 RESULTS: Final = BENCH / "results"

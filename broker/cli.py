@@ -114,7 +114,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail("exec", str(e), 2)
     if args.intercept:
-        from broker.seccomp import check_supported
+        from broker.intercept.seccomp import check_supported
 
         try:
             check_supported()  # before asking the broker for anything
@@ -149,8 +149,8 @@ def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: 
     """Supervise `command`, giving its bind() to a held port the held socket."""
     import os
 
-    from broker.idmap import Relay
-    from broker.intercept import run_intercepted
+    from broker.intercept.idmap import Relay
+    from broker.intercept.supervisor import run_intercepted
 
     held = [sock for _, sock in grants]
     port_map: dict[int, list[socket.socket]] | None = None
@@ -227,7 +227,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from broker import loader
+    from broker.daemon import loader
 
     try:
         loaded = loader.load(args.file)
@@ -247,10 +247,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker import daemon
+    from broker.daemon import start
 
     try:
-        daemon.serve(config=args.config, binds=args.bind, control=args.control, user=args.user)
+        start.serve(config=args.config, binds=args.bind, control=args.control, user=args.user)
     except (ConfigError, IntakeError, PrivilegeError) as e:
         return _fail("serve", e.message, Exit.CONFIG)
     except BrokerError as e:

@@ -25,7 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from broker import __version__, cli, config, names, roff
+from broker import __version__, cli, names, roff
+from broker.daemon import config
 
 TITLE: Final = "Hand privileged listening sockets held by systemd to unprivileged workers"
 """The NAME line of port-broker(1): what `apropos` shows."""
@@ -256,7 +257,7 @@ def config_page(document: str, date: str) -> str:
     problems = settings_problems(document)
     if problems:
         raise ValueError(
-            "docs/configuration.md disagrees with broker/config.py: "
+            "docs/configuration.md disagrees with broker/daemon/config.py: "
             + "; ".join(problems)
             + ". Correct the table of keys (or the setting) so that both say the same."
         )

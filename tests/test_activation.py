@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import pytest
 
-from broker.activation import (
+from broker.daemon.activation import (
     CONTROL_MODE,
     BindSpec,
     Intake,
@@ -34,8 +34,8 @@ from broker.activation import (
     from_systemd,
     intake_fds,
 )
+from broker.daemon.privileges import capabilities, drop_privileges
 from broker.errors import IntakeError, PrivilegeError
-from broker.privileges import capabilities, drop_privileges
 from broker.protocol import SocketInfo
 from tests.harness.processes import Processes, run_in_child, wait_for
 
@@ -749,7 +749,7 @@ def test_drop_privileges_needs_root() -> None:
 
 REPORT_SCRIPT = textwrap.dedent("""
     import ctypes, json, os, sys
-    from broker.activation import from_systemd
+    from broker.daemon.activation import from_systemd
     from broker.errors import IntakeError
     try:
         intake = from_systemd()

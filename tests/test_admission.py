@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.admission import (
+from broker.daemon.admission import (
     KNOWN_NAMED_SECONDS,
     NAMED_RESERVE,
     UNNAMED_BURST,
@@ -19,7 +19,7 @@ from broker.admission import (
     UNNAMED_TOTAL_RATE,
     Admission,
 )
-from broker.identity import Marks
+from broker.daemon.identity import Marks
 
 SOURCE = "/etc/port-broker/broker.toml"
 NAMED = 33

@@ -26,10 +26,10 @@ import trio
 import trio.testing
 
 from broker import client
-from broker.admission import UNNAMED_BURST, UNNAMED_RATE
-from broker.ledger import REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
-from broker.policy import Rule
-from broker.sdnotify import STATUS_INTERVAL
+from broker.daemon.admission import UNNAMED_BURST, UNNAMED_RATE
+from broker.daemon.ledger import REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
+from broker.daemon.policy import Rule
+from broker.daemon.sdnotify import STATUS_INTERVAL
 from tests.harness.inprocess import (
     CONFIG_PATH,
     DEFAULT_RULES,

@@ -13,8 +13,8 @@ from typing import Final
 
 import pytest
 
-from broker.audit import Audit
-from broker.identity import Peer
+from broker.daemon.audit import Audit
+from broker.daemon.identity import Peer
 from broker.names import Level
 from tests.harness.inprocess import audit_fields
 

@@ -23,9 +23,9 @@ import trio
 
 from broker import __version__, client, status
 from broker.cli import main
+from broker.daemon.policy import Rule
 from broker.errors import UnknownSocket
 from broker.names import exit_statuses
-from broker.policy import Rule
 from broker.status import format_status
 from tests.harness.inprocess import (
     CONFIG_PATH,
@@ -665,8 +665,8 @@ def test_serve_says_loudly_that_others_run_as_its_uid(
 
 FIT_OPEN_FILES: Final = """
 import resource, sys
-from broker.audit import Audit
-from broker.daemon import fit_open_files
+from broker.daemon.audit import Audit
+from broker.daemon.start import fit_open_files
 class Held:
     held = {"http": [object(), object()]}
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
@@ -689,7 +689,7 @@ def test_serve_fits_the_open_file_limit_to_max_connections(
     )  # fmt: skip
     assert int(done.stdout) == after
     # 1024 connections, 2 held sockets and 64 of its own; and as many connections may
-    # each hold a reply of both sockets unread (broker/inflight.py).
+    # each hold a reply of both sockets unread (broker/daemon/inflight.py).
     warning = (
         "port-broker: warning: max_connections = 1024 needs about 1090 open files, and as "
         "many clients may hold 2048 granted sockets unread (2 sockets held), but "

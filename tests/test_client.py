@@ -31,6 +31,7 @@ import trio
 import trio.testing
 
 from broker import aio, client, names
+from broker.daemon.policy import Rule
 from broker.errors import (
     AccessDenied,
     BrokerUnavailable,
@@ -39,7 +40,6 @@ from broker.errors import (
     RequestRefused,
     UnknownSocket,
 )
-from broker.policy import Rule
 from broker.protocol import MAX_REPLY_BYTES, SocketInfo
 from tests.harness.inprocess import (
     ino,

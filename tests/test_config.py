@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from broker import cli, config, loader, names
-from broker.config import Config
+from broker import cli, names
+from broker.daemon import config, loader
+from broker.daemon.config import Config
+from broker.daemon.policy import Rule
+from broker.daemon.settings import MAX_ID
 from broker.errors import ConfigError
-from broker.policy import Rule
-from broker.settings import MAX_ID
 from tests.harness.runtime import ROOT
 
 WWW_DATA = pwd.getpwnam("www-data").pw_uid
@@ -731,9 +732,10 @@ def test_isolated_load_leaves_pydantic_out_of_this_process(tmp_path: Path) -> No
     path = tmp_path / "broker.toml"
     path.write_text('[sockets.http]\nusers = ["nobody"]\n')
     code = (
-        "import sys; from broker import loader; "
+        "import sys; from broker.daemon import loader; "
         f"loader.load_isolated({str(path)!r}, environ={{}}); "
-        "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'broker.settings'))))"
+        "print(sorted(m for m in sys.modules "
+        "if m.startswith(('pydantic', 'broker.daemon.settings'))))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)  # fmt: skip

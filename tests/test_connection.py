@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.activation import HeldSocket, inspect
-from broker.connection import (
+from broker.daemon.activation import HeldSocket, inspect
+from broker.daemon.connection import (
     CLOSE,
     NEED_DATA,
     RELOAD,
@@ -29,9 +29,9 @@ from broker.connection import (
     Phase,
     Send,
 )
+from broker.daemon.identity import Peer
+from broker.daemon.policy import Policy, Rule
 from broker.errors import Code
-from broker.identity import Peer
-from broker.policy import Policy, Rule
 from broker.protocol import (
     MAX_NAMES,
     MAX_REQUEST_BYTES,

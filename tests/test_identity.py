@@ -29,8 +29,8 @@ from typing import Any, Final
 import pytest
 import trio
 
-from broker.audit import Audit
-from broker.identity import (
+from broker.daemon.audit import Audit
+from broker.daemon.identity import (
     CGROUP_FILE_MAX,
     Peer,
     _peer_pidfd,
@@ -40,9 +40,9 @@ from broker.identity import (
     peer_credentials,
     unit_from_cgroup,
 )
-from broker.ledger import Ledger
-from broker.policy import Rule
-from broker.users import UserDatabase
+from broker.daemon.ledger import Ledger
+from broker.daemon.policy import Rule
+from broker.daemon.users import UserDatabase
 from tests.harness import processes
 from tests.harness.runtime import SYSTEM_PYTHON
 

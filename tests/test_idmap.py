@@ -1,4 +1,4 @@
-"""broker/idmap.py: newuidmap and newgidmap run by the launcher for a program under
+"""broker/intercept/idmap.py: newuidmap and newgidmap run by the launcher for a program under
 `exec --intercept` (whose no_new_privs disarms their setuid bit).
 
 The relay is driven here as the supervisor drives it (serve() when its socket is
@@ -19,7 +19,7 @@ from typing import Final
 
 import pytest
 
-from broker.idmap import Relay
+from broker.intercept.idmap import Relay
 from tests.harness.processes import REQUEST_TIMEOUT
 
 MAPPER: Final = """\

@@ -37,8 +37,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import intercept, seccomp
-from broker.bindings import (
+from broker.intercept import seccomp, supervisor
+from broker.intercept.bindings import (
     FAMILIES_CHECK_DELAY,
     Endpoint,
     FamilyCheck,
@@ -50,7 +50,7 @@ from broker.bindings import (
     parse_sockaddr,
     unserved_families,
 )
-from broker.intercept import InterceptError, InterceptUnsupported
+from broker.intercept.supervisor import InterceptError, InterceptUnsupported
 from tests.harness.processes import AS_FROM_A_TERMINAL, NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
 
@@ -265,19 +265,19 @@ def test_kernel_constants_are_the_documented_numbers() -> None:
 
 def test_rejects_empty_argv() -> None:
     with pytest.raises(ValueError, match="argv"):
-        intercept.run_intercepted([], [])
+        supervisor.run_intercepted([], [])
 
 
 def test_rejects_a_held_socket_that_is_not_listening() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         with pytest.raises(InterceptError, match="not listening"):
-            intercept.run_intercepted(["true"], [sock])
+            supervisor.run_intercepted(["true"], [sock])
 
 
 def test_rejects_a_held_unix_socket() -> None:
     with socket.socket(socket.AF_UNIX) as sock, pytest.raises(InterceptError, match="AF_INET"):
-        intercept.run_intercepted(["true"], [sock])
+        supervisor.run_intercepted(["true"], [sock])
 
 
 def _in_a_fresh_process(code: str) -> None:
@@ -300,7 +300,7 @@ def test_refuses_to_run_beside_other_threads() -> None:
     other.start()
     try:
         with pytest.raises(ValueError, match="single-threaded"):
-            intercept.run_intercepted(["true"], [])
+            supervisor.run_intercepted(["true"], [])
     finally:
         stop.set()
         other.join()
@@ -310,12 +310,12 @@ def test_refuses_to_run_beside_other_threads() -> None:
 def test_exec_failure_raises_and_restores_the_process() -> None:
     _in_a_fresh_process("""
         import signal
-        from broker import intercept
+        from broker.intercept import supervisor
         from tests.harness.processes import child_subreaper
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         handler = signal.getsignal(signal.SIGCHLD)
         try:
-            intercept.run_intercepted(["/nonexistent/program"], [])
+            supervisor.run_intercepted(["/nonexistent/program"], [])
         except FileNotFoundError:
             pass
         else:
@@ -329,10 +329,10 @@ def test_exec_failure_raises_and_restores_the_process() -> None:
 @needs_kernel
 def test_returns_the_status_in_process() -> None:
     _in_a_fresh_process("""
-        from broker import intercept
+        from broker.intercept import supervisor
         from tests.harness.processes import child_subreaper
-        assert intercept.run_intercepted(["sh", "-c", "exit 0"], []) == 0
-        assert intercept.run_intercepted(["sh", "-c", "exit 42"], []) == 42
+        assert supervisor.run_intercepted(["sh", "-c", "exit 0"], []) == 0
+        assert supervisor.run_intercepted(["sh", "-c", "exit 42"], []) == 42
         assert child_subreaper() == 0
     """)
 
@@ -346,18 +346,18 @@ def test_interception_does_not_nest(tmp_path: Path) -> None:
             f"""
             import sys
             sys.path.insert(0, {str(ROOT)!r})
-            from broker import intercept
+            from broker.intercept import supervisor
             try:
-                intercept.run_intercepted(["true"], [])
-            except intercept.InterceptUnsupported as exc:
+                supervisor.run_intercepted(["true"], [])
+            except supervisor.InterceptUnsupported as exc:
                 open({str(out)!r}, "w").write(str(exc))
                 sys.exit(3)
             """
         )
     )
     _in_a_fresh_process(f"""
-        from broker import intercept
-        status = intercept.run_intercepted([{SYSTEM_PYTHON!r}, "-I", {str(script)!r}], [])
+        from broker.intercept import supervisor
+        status = supervisor.run_intercepted([{SYSTEM_PYTHON!r}, "-I", {str(script)!r}], [])
         assert status == 3, status
     """)
     assert "do not nest" in out.read_text()
@@ -370,7 +370,7 @@ RUNNER = '''
 """Hold sockets as root, drop to the target uid, supervise a program (the test's holder)."""
 import json, os, socket, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from broker import intercept
+from broker.intercept import supervisor
 
 spec = json.loads(sys.argv[1])
 held = []
@@ -398,7 +398,7 @@ caps = [l for l in open("/proc/self/status") if l.startswith("CapEff:")][0].spli
 assert int(caps, 16) == 0, caps
 os.chdir("/")
 print("runner: holding", flush=True, file=sys.stderr)  # the test waits for this line
-sys.exit(intercept.run_intercepted(spec["argv"], held, port_map, env=spec["env"]))
+sys.exit(supervisor.run_intercepted(spec["argv"], held, port_map, env=spec["env"]))
 '''
 
 COMMON = '''

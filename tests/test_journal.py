@@ -1,4 +1,4 @@
-"""broker/journal.py: records to journald's native socket, never waited on.
+"""broker/daemon/journal.py: records to journald's native socket, never waited on.
 
 A real datagram socket stands for journald here, bound in the test's directory and read
 (or not) by the test; the real journald, stopped under a real systemd, is in
@@ -16,8 +16,8 @@ from typing import Final
 
 import pytest
 
-from broker.audit import Audit
-from broker.journal import Journal, native
+from broker.daemon.audit import Audit
+from broker.daemon.journal import Journal, native
 from broker.names import Level
 
 SEND_BUDGET: Final = 0.05

@@ -1,6 +1,6 @@
 """Tests for `broker.ledger`: every outcome counted and logged in one place.
 
-The ledger is fed the outcomes a connection produces (broker/connection.py) and writes
+The ledger is fed the outcomes a connection produces (broker/daemon/connection.py) and writes
 real audit lines to stderr; the refusal-log windows run on a clock the test moves.
 """
 
@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.audit import Audit
-from broker.connection import Kind, Outcome
-from broker.errors import Code
-from broker.identity import Peer
-from broker.ledger import (
+from broker.daemon.audit import Audit
+from broker.daemon.connection import Kind, Outcome
+from broker.daemon.identity import Peer
+from broker.daemon.ledger import (
     NOTICE_LOG_TOTAL,
     RECENT_EVENTS,
     REFUSAL_LOG_BURST,
@@ -24,6 +23,7 @@ from broker.ledger import (
     Ledger,
     RefusalLimiter,
 )
+from broker.errors import Code
 from tests.harness.inprocess import audit_fields, audit_lines
 
 ALICE = Peer(pid=10, uid=1000, gid=1000, user="alice")

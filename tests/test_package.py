@@ -35,8 +35,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from broker import __version__, audit, config, manual, names
+from broker import __version__, manual, names
 from broker.cli import _parser
+from broker.daemon import audit, config
 from tests.harness.box import Box
 from tests.harness.debian import APT_TIMEOUT, apt, build_package, in_box, package_box
 from tests.harness.processes import NOBODY, REQUEST_TIMEOUT

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.identity import Peer
-from broker.policy import Decision, Policy, Rule
+from broker.daemon.identity import Peer
+from broker.daemon.policy import Decision, Policy, Rule
 
 SOURCE = "/etc/port-broker/broker.toml"
 WWW_DATA = 33
@@ -302,7 +302,7 @@ def test_truth_table(rule: Rule, who: Peer, allowed: bool) -> None:
     ids=["by-group", "by-unit"],
 )
 def test_a_peer_the_status_rule_alone_names_is_named(admin: Peer) -> None:
-    # Whom the broker keeps room for under a flood (broker/admission.py): an admin named
+    # Whom the broker keeps room for under a flood (broker/daemon/admission.py): an admin named
     # only in [status], through a group or a unit, too.
     status = Rule(gids=frozenset({50}), units=("admin.service",))
     rules_ = Policy(sockets={"http": Rule(uids=frozenset({1000}))}, status=status, source=SOURCE)

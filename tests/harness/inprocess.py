@@ -29,16 +29,16 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 import trio.testing
 
-from broker import users
-from broker.activation import BACKLOG, HeldSocket, Intake, inspect
-from broker.audit import Audit
-from broker.config import Config
-from broker.identity import cgroup_of, unit_from_cgroup
-from broker.policy import Policy, Rule
-from broker.protocol import SCM_MAX_FD
-from broker.server import (
+from broker.daemon import users
+from broker.daemon.activation import BACKLOG, HeldSocket, Intake, inspect
+from broker.daemon.audit import Audit
+from broker.daemon.config import Config
+from broker.daemon.driver import (
     Broker,
 )
+from broker.daemon.identity import cgroup_of, unit_from_cgroup
+from broker.daemon.policy import Policy, Rule
+from broker.protocol import SCM_MAX_FD
 from tests.harness.processes import NOBODY, START_TIMEOUT
 
 CONFIG_PATH: Final = "/etc/port-broker/test-broker.toml"

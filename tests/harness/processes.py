@@ -107,7 +107,7 @@ def fd_count(pid: int) -> int:
 def interception_unsupported() -> str | None:
     """Why this kernel or machine cannot run `exec --intercept`, or None if it can."""
     from broker.errors import InterceptUnsupported  # noqa: PLC0415
-    from broker.seccomp import check_supported  # noqa: PLC0415
+    from broker.intercept.seccomp import check_supported  # noqa: PLC0415
 
     try:
         check_supported()

@@ -1,7 +1,7 @@
 """Which held socket a program's bind() gets, without I/O: the sockets a launcher holds,
 described once (`describe_held`, `build_map`), and the decision for one bind()
 (`decide`): inject a held socket, refuse with an errno and a message that says what to
-hold, or pass the call on to the kernel. broker/intercept.py's supervisor asks; the
+hold, or pass the call on to the kernel. broker/intercept/supervisor.py's supervisor asks; the
 tests ask directly.
 
 Must never: give a program a socket of another type or protocol than it asked for, or
@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
-from broker.activation import format_address
+from broker.daemon.activation import format_address
 from broker.errors import InterceptError
 from broker.names import Family
 

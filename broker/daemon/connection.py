@@ -1,6 +1,6 @@
 """One client connection's rules, without I/O (h11's `Connection` is the model).
 
-The driver (broker/server.py) moves bytes and time; this object decides. It is given
+The driver (broker/daemon/driver.py) moves bytes and time; this object decides. It is given
 the peer's identity and what the broker holds, fed the bytes the peer sent, and asked
 for the next action: `NEED_DATA` (read more), a `Send` (these bytes, with these fds on
 the first one), or `CLOSE`. Every outcome worth counting or logging (a grant, a denial,
@@ -29,7 +29,7 @@ The rules, each enforced here alone (tests/test_connection.py checks them one by
 8. A reload is for the broker's own uid and root only (whoever could send it SIGHUP).
    The driver carries it out (`RELOAD`) and reports back (`reloaded`); meanwhile the
    connection is WORKING and has no deadline of its own (the reload has its bound).
-9. A grant the kernel would not pass (too many fds in flight: broker/inflight.py) is
+9. A grant the kernel would not pass (too many fds in flight: broker/daemon/inflight.py) is
    answered `busy` instead (`undelivered`), naming who holds them; the connection goes
    on, and the peer may ask again.
 
@@ -45,10 +45,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from broker.activation import HeldSocket
+from broker.daemon.activation import HeldSocket
+from broker.daemon.identity import Peer
+from broker.daemon.policy import Policy
 from broker.errors import Code, ProtocolError
-from broker.identity import Peer
-from broker.policy import Policy
 from broker.protocol import (
     MAX_REQUEST_BYTES,
     SCM_MAX_FD,

@@ -2,7 +2,7 @@
 refusal by its code, the recent events for `port-broker status`, and the budgets for
 logging refusals and every other notice about a client.
 
-Every outcome of a connection (broker/connection.py) comes through `record`, every busy
+Every outcome of a connection (broker/daemon/connection.py) comes through `record`, every busy
 refusal through `busy` and every other notice about a client through `notice`: the
 counters, the audit trail and the `recent` list cannot disagree.
 
@@ -18,15 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from broker.audit import Audit
-from broker.connection import Kind, Outcome
+from broker.daemon.audit import Audit
+from broker.daemon.connection import Kind, Outcome
+from broker.daemon.identity import Peer
 from broker.errors import Code
-from broker.identity import Peer
 from broker.names import Level
 from broker.status import Event, SocketStatus
 
 if TYPE_CHECKING:
-    from broker.activation import HeldSocket
+    from broker.daemon.activation import HeldSocket
 
 Summarize = Callable[[int | None, int, int], None]
 """(uid or None for "the others", notices not logged, how many uids)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 import trio
 
 if TYPE_CHECKING:
-    from broker.identity import Peer
+    from broker.daemon.identity import Peer
 
 USER_CACHE_SECONDS: Final = 5.0
 """How long a uid's name and groups are reused: a group change reaches the policy within

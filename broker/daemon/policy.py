@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import cached_property
 
-from broker.identity import Marks, Peer
+from broker.daemon.identity import Marks, Peer
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class Policy:
 
     def names(self, peer: Peer) -> bool:
         """Whether any rule (a socket's, or the status rule) names `peer`: whom the
-        broker keeps room for under a flood (broker/admission.py)."""
+        broker keeps room for under a flood (broker/daemon/admission.py)."""
         return self.status.match(peer) is not None or any(
             rule.match(peer) is not None for rule in self.sockets.values()
         )

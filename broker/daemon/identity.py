@@ -6,7 +6,7 @@ cgroup, read through a pidfd (SO_PEERPIDFD) so that a recycled pid cannot lend a
 peer another process's unit; its user name, and the groups its user has in the user
 database, from NSS. Nothing a client *says* about itself is ever used.
 
-`peer_credentials` asks only the kernel (cheap, never blocks); broker/users.py adds the
+`peer_credentials` asks only the kernel (cheap, never blocks); broker/daemon/users.py adds the
 user database's part, which may block (LDAP, sssd).
 
 Must never: trust a pid without the pidfd check, or credit a peer whose uid the kernel
@@ -241,7 +241,7 @@ def peer_uid(sock: SupportsGetsockopt) -> int | None:
 
 def peer_marks(sock: SupportsGetsockopt) -> Marks:
     """The peer's kernel groups and unit, without the rest of `peer_credentials` (for a
-    connection that is about to be refused for its rate: see broker/admission.py); none
+    connection that is about to be refused for its rate: see broker/daemon/admission.py); none
     if the kernel has no credentials for it."""
     try:
         peer = peer_credentials(sock)

@@ -18,7 +18,8 @@ import socket
 import sys
 from typing import Final
 
-from broker import seccomp, syscalls
+from broker import syscalls
+from broker.intercept import seccomp
 
 SOCKADDR_MAX: Final = 128
 """sizeof(struct sockaddr_storage): nothing we match on is longer."""

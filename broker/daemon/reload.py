@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from broker import loader
+from broker.daemon import loader
 from broker.errors import ConfigError
 from broker.names import Level
 from broker.protocol import RELOAD_TIMEOUT
 
 if TYPE_CHECKING:
-    from broker.audit import Audit
-    from broker.config import Config
+    from broker.daemon.audit import Audit
+    from broker.daemon.config import Config
     from broker.status import Configuration, Refused
 
 

@@ -1,4 +1,4 @@
-"""The broker's trio loops (broker/server.py), run in this process on real sockets.
+"""The broker's trio loops (broker/daemon/driver.py), run in this process on real sockets.
 
 A real `Broker` serves a real listening AF_UNIX control socket and holds real TCP
 (IPv4 and IPv6) and UDP sockets on loopback; clients are raw trio sockets, the library
@@ -33,15 +33,16 @@ import pytest
 import trio
 import trio.testing
 
-from broker import __version__, client, connection, loader, status, users
-from broker.connection import MAX_REQUESTS_PER_CONNECTION
+from broker import __version__, client, status
+from broker.daemon import connection, loader, users
+from broker.daemon.connection import MAX_REQUESTS_PER_CONNECTION
+from broker.daemon.driver import SHUTDOWN_GRACE
+from broker.daemon.identity import Peer
+from broker.daemon.ledger import REFUSAL_LOG_BURST
+from broker.daemon.policy import Decision, Policy, Rule
+from broker.daemon.sdnotify import STATUS_INTERVAL
 from broker.errors import AccessDenied, ConfigError, RequestRefused
-from broker.identity import Peer
-from broker.ledger import REFUSAL_LOG_BURST
-from broker.policy import Decision, Policy, Rule
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
-from broker.sdnotify import STATUS_INTERVAL
-from broker.server import SHUTDOWN_GRACE
 from tests.harness.inprocess import (
     ANCILLARY,
     CLIENT_TIMEOUT,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from broker.config import Config, resolve_path
+from broker.daemon.config import Config, resolve_path
 from broker.errors import ConfigError
 
 LOAD_TIMEOUT: Final = 60.0
@@ -38,7 +38,7 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     Raises:
         ConfigError: see `broker.settings.load`.
     """
-    from broker import settings  # noqa: PLC0415 (pydantic only when asked for)
+    from broker.daemon import settings  # noqa: PLC0415 (pydantic only when asked for)
 
     return settings.load(path, environ)
 
@@ -153,7 +153,7 @@ def subprocess_command(path: str | None) -> list[str]:
     every dependency all work the same."""
     script = (
         "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-        "from broker.loader import main; sys.exit(main(sys.argv[2] or None))"
+        "from broker.daemon.loader import main; sys.exit(main(sys.argv[2] or None))"
     )
     return [sys.executable, "-I", "-c", script, json.dumps(sys.path), path or ""]
 

@@ -15,7 +15,7 @@ from typing import Final
 
 import trio
 
-from broker.audit import Audit
+from broker.daemon.audit import Audit
 from broker.names import Level
 
 ACCEPT_BACKOFF: Final = 0.1

@@ -18,7 +18,7 @@ The rules that bound it (docs/security.md, "V6"):
 So one uid has at most `max_connections_per_user` replies unread, and the broker at
 most `max_connections`, each carrying at most every socket it holds:
 max_connections times the held sockets in flight at worst, which the start-up fits
-RLIMIT_NOFILE to (broker/daemon.py) and the unit's LimitNOFILE= covers.
+RLIMIT_NOFILE to (broker/daemon/start.py) and the unit's LimitNOFILE= covers.
 
 Must never: forget fds it counted (every `sent` is matched by a `taken` when the peer
 reads, closes or the connection ends), or block: it asks the kernel, it never waits on

@@ -46,11 +46,11 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from broker import config
-from broker.config import Config
+from broker.daemon import config
+from broker.daemon.config import Config
+from broker.daemon.policy import Policy, Rule
 from broker.errors import ConfigError
 from broker.names import CONFIG_ENV, ENV_PREFIX, LOCATION_ENV, grantable_name_problem
-from broker.policy import Policy, Rule
 
 MAX_CONFIG_BYTES: Final = 1 << 20
 """The largest configuration file (and environment override) read: a policy naming ten

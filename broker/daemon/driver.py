@@ -1,10 +1,10 @@
 """The broker's trio driver: accept control connections, move their bytes, keep time.
 
-Each connection takes a slot as it is accepted (broker/admission.py, knowing only the
+Each connection takes a slot as it is accepted (broker/daemon/admission.py, knowing only the
 peer's uid), then is served by its own task: identify the peer from the kernel, count
 it against its uid and its share, then move bytes between the socket and the
-connection's rules (broker/connection.py), which decide every reply; outcomes go to the
-ledger (broker/ledger.py). A slow, silent, malformed or vanishing client costs one task and
+connection's rules (broker/daemon/connection.py), which decide every reply; outcomes go to the
+ledger (broker/daemon/ledger.py). A slow, silent, malformed or vanishing client costs one task and
 one fd until its deadline, never anyone else's time. Everything is bounded:
 connections (`max_connections`, `max_connections_per_user`), request size and count,
 time per request and reply (`client_timeout`), and the shutdown grace.
@@ -32,21 +32,21 @@ from typing import Final
 import trio
 
 from broker import __version__, status
-from broker.accepting import accept_loop
-from broker.activation import CONTROL_BACKLOG, Intake
-from broker.admission import Admission
-from broker.audit import Audit
-from broker.config import Config, unheld_rules
-from broker.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
+from broker.daemon.accepting import accept_loop
+from broker.daemon.activation import CONTROL_BACKLOG, Intake
+from broker.daemon.admission import Admission
+from broker.daemon.audit import Audit
+from broker.daemon.config import Config, unheld_rules
+from broker.daemon.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
+from broker.daemon.identity import Marks, Peer, peer_credentials, peer_marks, peer_uid
+from broker.daemon.inflight import Delivery, InFlight
+from broker.daemon.ledger import Ledger
+from broker.daemon.reload import Reloader, Standing
+from broker.daemon.sdnotify import keep_watchdog, notify, publish_status
+from broker.daemon.users import UserDatabase
 from broker.errors import Code, ConfigError
-from broker.identity import Marks, Peer, peer_credentials, peer_marks, peer_uid
-from broker.inflight import Delivery, InFlight
-from broker.ledger import Ledger
 from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
-from broker.reload import Reloader, Standing
-from broker.sdnotify import keep_watchdog, notify, publish_status
-from broker.users import UserDatabase
 
 SHUTDOWN_GRACE: Final = 1.0
 """Seconds clients in the middle of a request get after SIGTERM: far more than a grant
@@ -281,7 +281,7 @@ async def _send_reply(
     conn: socket.socket, send: Send, connection: Connection, ledger: Ledger, delivery: Delivery
 ) -> None:
     """Send a reply, recording its outcomes now and its grants once its fds went; a
-    grant waits until the peer has read the last one's fds (broker/inflight.py)."""
+    grant waits until the peer has read the last one's fds (broker/daemon/inflight.py)."""
     peer = connection.peer
     if send.fds:
         await delivery.wait_taken()  # within the reply's deadline
@@ -306,7 +306,7 @@ async def _send_reply(
 
 async def _until_taken(delivery: Delivery, peer: Peer, ledger: Ledger) -> None:
     """Keep a done connection (and its slot) until its peer has read the fds sent to
-    it, or closed (broker/inflight.py, rule 2)."""
+    it, or closed (broker/daemon/inflight.py, rule 2)."""
     if delivery.taken():
         return
     ledger.notice(

@@ -55,7 +55,7 @@ _SHIM: Final = """\
 #!{python} -I
 import sys
 sys.path.insert(0, {package!r})
-from broker.idmap import shim
+from broker.intercept.idmap import shim
 shim()
 """
 _PEERCRED: Final = struct.Struct("3i")
@@ -99,7 +99,7 @@ class Relay:
             self.listener.setblocking(False)
             self._poll = select.epoll()
             self._poll.register(self.listener, select.EPOLLIN)
-            package = str(Path(__file__).resolve().parent.parent)
+            package = str(Path(__file__).resolve().parents[2])  # holds broker/
             text = _SHIM.format(python=sys.executable, package=package)
             for name in self.mappers:
                 shim_path = self.directory / name

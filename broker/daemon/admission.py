@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from broker.identity import Marks
+from broker.daemon.identity import Marks
 from broker.status import Connections
 
 NAMED_RESERVE: Final = 4

@@ -2,7 +2,7 @@
 
 Under systemd (stderr is the journal stream), each event goes to the journal with
 structured fields, through journald's native socket without ever waiting for it
-(broker/journal.py: a stalled journald costs records, counted, not grants) —
+(broker/daemon/journal.py: a stalled journald costs records, counted, not grants) —
 `journalctl -u port-broker MESSAGE_ID=<grant id>`, or
 `journalctl -o json` to see PEER_UID, PEER_PID, PEER_UNIT, PEER_CGROUP, SOCKET,
 DECISION, REASON.
@@ -26,8 +26,8 @@ import sys
 from collections.abc import Mapping
 from typing import Final
 
-from broker.identity import Peer
-from broker.journal import BACKLOG, SOCKET, Journal
+from broker.daemon.identity import Peer
+from broker.daemon.journal import BACKLOG, SOCKET, Journal
 from broker.names import Level, printable, unprintable
 
 GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"

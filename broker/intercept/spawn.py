@@ -24,8 +24,9 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NoReturn
 
-from broker import seccomp, syscalls
+from broker import syscalls
 from broker.errors import InterceptError, InterceptUnsupported
+from broker.intercept import seccomp
 
 SETUP_TIMEOUT: Final = 60.0
 """Seconds the child may take to install the filter and exec; generous for slow disks."""

@@ -23,7 +23,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from broker import names
-from broker.policy import Policy, Rule
+from broker.daemon.policy import Policy, Rule
 
 
 def setting(default: float, description: str, **bounds: float) -> Any:

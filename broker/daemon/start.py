@@ -2,14 +2,14 @@
 s6-fdholder-daemon's exec chain (bind → drop privileges → serve):
 
 1. start the configuration loader child, before importing trio: the two overlap, and
-   pydantic never enters the broker (broker/loader.py);
+   pydantic never enters the broker (broker/daemon/loader.py);
 2. import everything the server needs, before any privilege change (after it, the
    interpreter may no longer read its own modules);
 3. take the sockets: systemd's (LISTEN_FDS), or bind them here as root, once `--user`
-   is known to exist (broker/activation.py);
+   is known to exist (broker/daemon/activation.py);
 4. check the configuration against the sockets, then drop to `--user`
-   (broker/privileges.py), fit RLIMIT_NOFILE to the limits, and log what is served;
-5. serve until SIGTERM (broker/server.py).
+   (broker/daemon/privileges.py), fit RLIMIT_NOFILE to the limits, and log what is served;
+5. serve until SIGTERM (broker/daemon/driver.py).
 
 A start refused after binding removes the control socket file it bound (it is still
 root then); one refused before binds nothing.
@@ -27,15 +27,15 @@ import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from broker.config import unheld_rules
+from broker.daemon.config import unheld_rules
+from broker.daemon.loader import IsolatedLoad
 from broker.errors import BrokerError, ConfigError, IntakeError
-from broker.loader import IsolatedLoad
 from broker.names import Level
 
 if TYPE_CHECKING:
-    from broker.activation import Intake
-    from broker.audit import Audit
-    from broker.config import Config
+    from broker.daemon.activation import Intake
+    from broker.daemon.audit import Audit
+    from broker.daemon.config import Config
 
 FD_HEADROOM: Final = 64
 """Open files the broker needs besides its clients: stdio, the held and control sockets'
@@ -61,8 +61,8 @@ def serve(
         raise BrokerError(f"cannot start the configuration loader: {e.strerror}") from None
     import trio  # noqa: PLC0415 (step 2: while the loader child works)
 
-    from broker import activation, privileges, server  # noqa: PLC0415
-    from broker.audit import Audit  # noqa: PLC0415
+    from broker.daemon import activation, driver, privileges  # noqa: PLC0415
+    from broker.daemon.audit import Audit  # noqa: PLC0415
 
     audit = Audit()
     loaded = loader.result()
@@ -92,7 +92,7 @@ def serve(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
         )
         audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
-        trio.run(server.Broker(intake, loaded, audit).serve)
+        trio.run(driver.Broker(intake, loaded, audit).serve)
     except BaseException:
         if control:  # bound here as root: a refused start leaves no socket file behind
             with contextlib.suppress(OSError):
@@ -105,7 +105,7 @@ def serve(
 
 def _bind(binds: Sequence[str], control: str | None, user: str | None) -> Intake:
     """Step 3 without systemd: bind as root (`user` is dropped to after the checks)."""
-    from broker import activation, privileges  # noqa: PLC0415 (imported in step 2)
+    from broker.daemon import activation, privileges  # noqa: PLC0415 (imported in step 2)
 
     if not control:
         raise IntakeError("--bind needs --control PATH for the broker's own socket")
@@ -135,7 +135,7 @@ def _check(loaded: Config, intake: Intake, audit: Audit) -> None:
 
 def _check_own_uid(audit: Audit) -> None:
     """Say loudly if other processes run as our uid (docs/security.md, V7)."""
-    from broker import privileges  # noqa: PLC0415 (imported in step 2)
+    from broker.daemon import privileges  # noqa: PLC0415 (imported in step 2)
 
     uid = os.geteuid()
     others = privileges.sharing_uid(uid)
@@ -153,7 +153,7 @@ def _check_own_uid(audit: Audit) -> None:
 
 def fit_open_files(max_connections: int, intake: Intake, audit: Audit) -> None:
     """Raise RLIMIT_NOFILE's soft limit so that `max_connections` clients fit, and the fds
-    they may hold unread (broker/inflight.py: the kernel refuses to pass more once those
+    they may hold unread (broker/daemon/inflight.py: the kernel refuses to pass more once those
     pass this limit), or say why not."""
     held = sum(map(len, intake.held.values()))
     connections = max_connections + held + FD_HEADROOM

@@ -55,7 +55,7 @@ Known limits (see also the docstring of `run_intercepted`):
   itself non-dumpable gets its binds passed to the kernel, with a note on stderr.
 - A signal sent to both us and the program (KillMode=control-group) reaches the program
   twice: use KillMode=mixed. A terminal's ^C to our process group is not forwarded again.
-- no_new_privs disarms setuid programs: broker/idmap.py runs newuidmap/newgidmap for it.
+- no_new_privs disarms setuid programs: broker/intercept/idmap.py runs newuidmap/newgidmap for it.
 
 Standard library only (ctypes for the syscalls Python lacks): a worker's start-up path.
 """
@@ -74,8 +74,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from broker import seccomp, spawn, syscalls
-from broker.bindings import (
+from broker import syscalls
+from broker.errors import InterceptError, InterceptUnsupported
+from broker.intercept import seccomp, spawn
+from broker.intercept.bindings import (
     Endpoint,
     FamilyCheck,
     Held,
@@ -87,10 +89,9 @@ from broker.bindings import (
     show_endpoint,
     v6only_note,
 )
-from broker.errors import InterceptError, InterceptUnsupported
-from broker.seccomp import check_supported
-from broker.spawn import FORWARDED_SIGNALS
-from broker.tracee import SOCKADDR_MAX, Lingering, Tracee, as_fd, task_name
+from broker.intercept.seccomp import check_supported
+from broker.intercept.spawn import FORWARDED_SIGNALS
+from broker.intercept.tracee import SOCKADDR_MAX, Lingering, Tracee, as_fd, task_name
 
 __all__ = [
     "InterceptError",
