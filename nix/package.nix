@@ -63,7 +63,7 @@ python3Packages.buildPythonApplication {
   pythonImportsCheck = [
     "broker"
     "broker.cli"
-    "broker.config"
+    "broker.daemon.config"
   ];
 
   postInstall = ''

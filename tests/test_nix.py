@@ -24,6 +24,7 @@ run here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -329,6 +330,8 @@ def test_the_package_depends_on_what_pyproject_says() -> None:
     for path in package["enabledTestPaths"]:
         assert (ROOT / path).is_file(), path
     assert package["pythonImportsCheck"][0] == "broker"
+    for module in package["pythonImportsCheck"]:  # each a module of the tree
+        assert importlib.util.find_spec(module) is not None, module
 
 
 def module_service(module: Path = MODULE) -> dict[str, Any]:
