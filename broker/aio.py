@@ -18,25 +18,29 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from broker.client import DEFAULT_TIMEOUT, socket_path
+from broker.client import DEFAULT_TIMEOUT, Grant, single, sockets
+from broker.errors import BrokerUnavailable
 from broker.exchange import (
     ANCILLARY_BYTES,
     CONNECT_RETRY_FIRST,
     CONNECT_RETRY_MAX,
     RECV_BYTES,
-    Grant,
+    Attempts,
+    ClosedOnFailure,
     ReplyReader,
     as_names,
-    asked_until_not_busy,
-    check_timeout,
-    closed_on_failure,
+    close_all,
     connected,
     delays,
-    grants_from,
-    single,
+    granted,
 )
-from broker.protocol import Acquire, Reply, Request, encode_request
+from broker.names import socket_path
+from broker.protocol import Acquire, Request, encode_request
+
+if TYPE_CHECKING:
+    from broker.exchange import Outcome
 
 __all__ = ["acquire", "acquire_many"]
 
@@ -49,8 +53,8 @@ async def acquire_many(
     Raises:
         As `broker.client.acquire_many`.
     """
-    reply, fds = await _exchange(Acquire(as_names(names)), path, timeout)
-    return grants_from(reply, fds, socket_path(path))
+    outcome = await _ask(Acquire(as_names(names)), path, timeout)
+    return sockets(granted(outcome, socket_path(path)))
 
 
 async def acquire(
@@ -64,25 +68,28 @@ async def acquire(
     return single(name, await acquire_many([name], path=path, timeout=timeout))
 
 
-async def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
-    """As broker.client's: asked again after `busy`, with a backoff, within the deadline."""
+async def _ask(request: Request, path: str | None, timeout: float) -> Outcome:
+    """`exchange.ask` on asyncio: the same attempts, without stopping the event loop."""
+    loop = asyncio.get_running_loop()
     where = socket_path(path)
-    check_timeout(timeout)
-    return await asked_until_not_busy(
-        lambda deadline: _exchange_once(request, where, timeout, deadline),
-        asyncio.get_running_loop().time,
-        asyncio.sleep,
-        timeout,
-    )
+    attempts = Attempts(loop.time(), timeout)
+    while True:
+        try:
+            outcome = await _ask_once(request, where, timeout, attempts.deadline)
+        except BrokerUnavailable as e:
+            return attempts.failed(e, loop.time())
+        delay = attempts.again(outcome, loop.time())
+        if delay is None:
+            return outcome
+        close_all(outcome[1])
+        await asyncio.sleep(delay)
 
 
-async def _exchange_once(
-    request: Request, path: str, timeout: float, deadline: float
-) -> tuple[Reply, list[int]]:
+async def _ask_once(request: Request, path: str, timeout: float, deadline: float) -> Outcome:
     loop = asyncio.get_running_loop()
     reader = ReplyReader(path)
     flags = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-    with closed_on_failure(reader, timeout, TimeoutError):
+    with ClosedOnFailure(reader, timeout, TimeoutError):
         async with asyncio.timeout_at(deadline):
             with socket.socket(socket.AF_UNIX, flags) as sock:
                 for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
@@ -92,13 +99,15 @@ async def _exchange_once(
                     await asyncio.sleep(delay)
                 reader.queued = False
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    await loop.sock_sendall(sock, encode_request(request))
+                    await loop.sock_sendall(sock, encode_request(request))  # (as exchange.ask)
                 while not reader.done:
                     await _readable(loop, sock)
-                    with contextlib.suppress(BlockingIOError):
+                    try:
                         reader.feed(
                             *sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
                         )
+                    except BlockingIOError:
+                        continue
         return reader.result()
 
 

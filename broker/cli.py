@@ -1,23 +1,25 @@
-"""The `port-broker` command: serve, exec, list, status, check-config.
+"""The `port-broker` command: serve, exec, list, status, check-config, reload.
 
-Each subcommand imports only what it needs, so `port-broker exec` (on every worker's
-start-up path) loads the standard library and the small client, never trio or pydantic.
+Each subcommand imports only what it needs. `port-broker exec NAMES -- COMMAND`, on
+every worker's start and restart, is read here without argparse (`plain_exec`) and
+imports nothing but the client's core (broker/exchange.py) and the launcher: no trio,
+no pydantic, no supervisor, and none of the standard modules that cost a start-up its
+milliseconds (argparse, enum, typing, re, json, socket). Anything else, --help and
+every mistake included, goes to argparse (broker/usage.py), which reads it, and says
+what is wrong, the way it always did.
 
 Exit status: 0 success; 1 other failure; 2 usage; 66 unknown socket; 69 broker
-unavailable; 77 access denied; 78 invalid configuration or sockets (serve, check-config;
-systemd does not restart on it); 126/127 the command cannot be run (exec).
+unavailable; 77 access denied; 78 invalid configuration or sockets (serve, check-config,
+reload; systemd does not restart on it); 126/127 the command cannot be run (exec).
+
+Must never: import at module level anything but the worker path's own modules.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
-import textwrap
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
 
-from broker import __version__
 from broker.errors import (
     AccessDenied,
     BrokerError,
@@ -30,22 +32,16 @@ from broker.errors import (
     ReloadRefused,
     UnknownSocket,
 )
-from broker.names import (
-    CONFIG_ENV,
-    DEFAULT_CONFIG,
-    DEFAULT_SOCKET,
-    SOCKET_ENV,
-    Exit,
-    exit_statuses,
-    grantable_name_problem,
-    transport,
-    valid_name,
-)
+from broker.exchange import DEFAULT_TIMEOUT, ask, granted
+from broker.names import Exit, grantable_name_problem, socket_path, transport, valid_name
+from broker.protocol import Acquire
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import socket
-
-    from broker.exchange import Grant
+    from collections.abc import Sequence
+    from typing import Final
 
 
 def _fail(command: str, message: str, status: int) -> int:
@@ -71,10 +67,69 @@ def _split_names(values: Sequence[str]) -> list[str]:
 
 # --- exec -------------------------------------------------------------------------
 
-
 EXEC_USAGE: Final = (
     "usage: port-broker exec [--intercept [--map PORT=NAME]] NAME[,NAME...] -- COMMAND [ARGS...]"
 )
+
+
+def plain_exec(words: Sequence[str]) -> tuple[list[str], str | None, float, list[str]] | None:
+    """`exec [--socket PATH] [--timeout SECONDS] NAME[,NAME...] -- COMMAND [ARGS...]`,
+    the options as `--option VALUE` or `--option=VALUE`, before or after the names, read
+    without argparse: (names, socket, timeout, command), or None for any other form or
+    any mistake, which argparse then reads (and explains) as ever."""
+    if words[:1] != ["exec"] or "--" not in words:
+        return None
+    split = words.index("--")
+    ours, command = list(words[1:split]), list(words[split + 1 :])
+    path: str | None = None
+    timeout = DEFAULT_TIMEOUT
+    names: list[str] | None = None
+    while ours:
+        word = ours.pop(0)
+        option, equals, value = word.partition("=")
+        if option in ("--socket", "--timeout"):
+            if not equals:
+                if not ours or ours[0].startswith("-"):
+                    return None
+                value = ours.pop(0)
+            if option == "--socket":
+                path = value
+            else:
+                seconds = _seconds(value)
+                if seconds is None:
+                    return None
+                timeout = seconds
+        elif word.startswith("-") or names is not None:
+            return None
+        else:
+            names = _split_names([word])
+    if not command or not names or any(grantable_name_problem(name) for name in names):
+        return None
+    return list(dict.fromkeys(names)), path, timeout, command
+
+
+def _seconds(text: str) -> float | None:
+    """`text` as usage.positive_seconds takes it, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
+
+
+def exec_plain(names: list[str], path: str | None, timeout: float, command: list[str]) -> int:
+    """Acquire `names` and replace this process with `command`, the sockets at fd 3..;
+    return only on failure."""
+    try:
+        grants = granted(ask(Acquire(tuple(names)), path, timeout), socket_path(path))
+    except ClientError as e:
+        return _client_failure("exec", e)
+    from broker.launcher import exec_with  # (once the sockets are there)
+
+    try:
+        exec_with(grants, command)
+    except OSError as e:
+        return _cannot_run(command, e)
 
 
 def _port_map(values: Sequence[str]) -> dict[int, str]:
@@ -107,26 +162,23 @@ def _exec_arguments(args: argparse.Namespace) -> tuple[list[str], dict[int, str]
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from broker.client import acquire_many
-
     try:
         names, mapping, command = _exec_arguments(args)
     except ValueError as e:
-        return _fail("exec", str(e), 2)
-    if args.intercept:
-        from broker.intercept.seccomp import check_supported
+        return _fail("exec", str(e), Exit.USAGE)
+    if not args.intercept:
+        return exec_plain(names, args.socket, args.timeout, command)
+    from broker.intercept.seccomp import check_supported
 
-        try:
-            check_supported()  # before asking the broker for anything
-        except InterceptError as e:
-            return _fail("exec", e.message, Exit.FAILURE)
     try:
-        grants = acquire_many(names, path=args.socket, timeout=args.timeout)
+        check_supported()  # before asking the broker for anything
+        grants = granted(ask(Acquire(tuple(names)), args.socket, args.timeout),
+                         socket_path(args.socket))  # fmt: skip
+    except InterceptError as e:
+        return _fail("exec", e.message, Exit.FAILURE)
     except ClientError as e:
         return _client_failure("exec", e)
-    if args.intercept:
-        return _run_intercepted(grants, mapping, command)
-    return _exec_in_place(grants, command)
+    return _run_intercepted(grants, mapping, command)
 
 
 def _cannot_run(command: list[str], error: OSError) -> int:
@@ -135,50 +187,43 @@ def _cannot_run(command: list[str], error: OSError) -> int:
     return _fail("exec", f"{command[0]}: cannot execute: {error.strerror}", Exit.CANNOT_EXECUTE)
 
 
-def _exec_in_place(grants: Sequence[Grant], command: list[str]) -> int:
-    """Replace this process with `command`, the sockets at fd 3..; return only on error."""
-    from broker.launcher import exec_with
-
-    try:
-        exec_with(grants, command)
-    except OSError as e:
-        return _cannot_run(command, e)
-
-
-def _run_intercepted(grants: Sequence[Grant], mapping: dict[int, str], command: list[str]) -> int:
+def _run_intercepted(
+    grants: list[tuple[str, int]], mapping: dict[int, str], command: list[str]
+) -> int:
     """Supervise `command`, giving its bind() to a held port the held socket."""
-    import os
+    import socket  # (the supervisor's path)
 
     from broker.intercept.idmap import Relay
     from broker.intercept.supervisor import run_intercepted
 
-    held = [sock for _, sock in grants]
-    port_map: dict[int, list[socket.socket]] | None = None
-    relay = Relay(os.environ)  # newuidmap/newgidmap, which no_new_privs disarms
+    held: list[tuple[str, socket.socket]] = []
+    relay = None
     try:
-        if mapping:  # each socket on its own port, plus the ports --map sends elsewhere
-            port_map = {}
-            for sock in held:
-                port_map.setdefault(sock.getsockname()[1], []).append(sock)
-            for port, name in mapping.items():
-                port_map[port] = [sock for granted, sock in grants if granted == name]
+        for name, fd in grants:
+            held.append((name, socket.socket(fileno=fd)))
+        relay = Relay(os.environ)  # newuidmap/newgidmap, which no_new_privs disarms
         return run_intercepted(
-            command, held, port_map, env=relay.environment(), services=relay.services()
+            command, held, mapping, env=relay.environment(), services=relay.services()
         )
     except OSError as e:
         return _cannot_run(command, e)
     except InterceptError as e:
         return _fail("exec", e.message, Exit.FAILURE)
     finally:
-        relay.close()
-        for sock in held:
+        if relay is not None:
+            relay.close()
+        for _, sock in held:
             sock.close()
+        for _, fd in grants[len(held) :]:
+            os.close(fd)
 
 
-# --- list / status ----------------------------------------------------------------
+# --- list / status / reload -------------------------------------------------------
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
     from broker.client import list_sockets
     from broker.status import table
 
@@ -198,6 +243,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
     from broker.client import status
     from broker.status import format_status
 
@@ -258,176 +305,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    from broker.client import DEFAULT_TIMEOUT
-    from broker.protocol import RELOAD_TIMEOUT
-
-    parser = argparse.ArgumentParser(
-        prog="port-broker",
-        description="Hand privileged listening sockets held by systemd to unprivileged "
-        "workers: no capabilities, no setuid, no proxy.",
-    )
-    parser.add_argument("--version", action="version", version=f"port-broker {__version__}")
-    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
-
-    def client_options(sub: argparse.ArgumentParser, timeout: float = DEFAULT_TIMEOUT) -> None:
-        sub.add_argument(
-            "--socket",
-            metavar="PATH",
-            help=f"the broker's control socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
-        )
-        sub.add_argument(
-            "--timeout",
-            type=_positive_seconds,
-            default=timeout,
-            metavar="SECONDS",
-            help=f"give up on the broker after this long (default: {timeout:g})",
-        )
-
-    run = commands.add_parser(
-        "exec",
-        help="acquire sockets, then run a command with them at fd 3..",
-        description="Acquire the named sockets, place them at fd 3, 4, … and replace this "
-        "process with COMMAND, setting LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID "
-        "as systemd does. Node: server.listen({fd: 3}). With --intercept, COMMAND "
-        "needs to know nothing: it calls bind() as usual and gets the held socket.",
-        epilog="examples: port-broker exec http,https -- node server.js\n"
-        "          port-broker exec --intercept https -- npx vite --host --port 443\n\n"
-        + textwrap.fill(
-            f"exit status: COMMAND's own once it runs; before that {exit_statuses()}", 79
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    client_options(run)
-    run.add_argument(
-        "--intercept",
-        action="store_true",
-        help="for programs that bind() the port themselves: supervise COMMAND and give its "
-        "bind() to a held port the held socket instead (Linux 5.9+, x86_64). COMMAND runs "
-        "under no_new_privs: setuid programs lose their privilege, but newuidmap and "
-        "newgidmap, which rootless podman needs, are run for it (docs/intercept.md)",
-    )
-    run.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="PORT=NAME",
-        help="with --intercept: a bind() to PORT gets socket NAME (default: each socket "
-        "its own port), e.g. --map 3000=http",
-    )
-    run.add_argument(
-        "names",
-        nargs="?",
-        metavar="NAME[,NAME...]",
-        help="socket names, e.g. http,https (optional with --map)",
-    )
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
-    run.set_defaults(func=cmd_exec)
-
-    lister = commands.add_parser(
-        "list",
-        help="show the sockets you may acquire",
-        description="Show the sockets the broker would give you (your uid, groups and "
-        "unit, as the kernel reports them): name, protocol and address.",
-    )
-    client_options(lister)
-    lister.add_argument("--json", action="store_true", help="print JSON")
-    lister.set_defaults(func=cmd_list)
-
-    stat = commands.add_parser(
-        "status",
-        help="show what the broker holds and has granted",
-        description="Show the broker's state: its sockets, grants and denials per socket, "
-        "connections, and recent decisions. Allowed by [status] in the configuration "
-        "(default: root only).",
-    )
-    client_options(stat)
-    stat.add_argument("--json", action="store_true", help="print the full report as JSON")
-    stat.set_defaults(func=cmd_status)
-
-    check = commands.add_parser(
-        "check-config",
-        help="validate a configuration file",
-        description=f"Validate FILE (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}) as "
-        "`serve` would, PORT_BROKER_* overrides included, without serving; users and "
-        f"groups must exist here. Exit status {int(Exit.CONFIG)} if it is invalid.",
-    )
-    check.add_argument("file", nargs="?", metavar="FILE", help="the TOML policy file")
-    check.set_defaults(func=cmd_check_config)
-
-    reload = commands.add_parser(
-        "reload",
-        help="make the broker read its configuration again, and wait until it has",
-        description="Make the broker read its configuration again, and wait until it "
-        "has: what `systemctl reload port-broker.service` runs (ExecReload=). A valid "
-        "new configuration applies to every request from then on, connected clients "
-        "included, and this prints its generation; an invalid one is refused, this "
-        f"says why and exits {int(Exit.CONFIG)}, and the configuration in force stays. "
-        "Only root and the broker's own user may (as with SIGHUP, which reloads too, "
-        "without waiting). Sockets are not reloaded: a new one needs a restart.",
-    )
-    client_options(reload, timeout=2 * RELOAD_TIMEOUT + 5)  # (a reload may be running)
-    reload.set_defaults(func=cmd_reload)
-
-    serve = commands.add_parser(
-        "serve",
-        help="run the broker",
-        description="Serve the sockets systemd passed (LISTEN_FDS, named by "
-        "FileDescriptorName=; 'control' is the broker's own). Without systemd, "
-        "--bind and --control bind them here as root, then --user drops to an "
-        "unprivileged user before any client is served.",
-    )
-    serve.add_argument(
-        "--config",
-        metavar="FILE",
-        help=f"policy file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
-    )
-    serve.add_argument(
-        "--bind",
-        action="append",
-        default=[],
-        metavar="NAME=ADDRESS",
-        help="bind a socket here: http=[::]:80, http=0.0.0.0:80, http=80, "
-        "quic=udp:[::]:443, api=/run/api.sock, api=@abstract-name (repeatable)",
-    )
-    serve.add_argument(
-        "--control", metavar="PATH", help="bind the control socket here (with --bind)"
-    )
-    serve.add_argument(
-        "--user",
-        metavar="NAME|UID[:GID]",
-        help="after binding as root, become this user (with --bind); a uid the user "
-        "database does not know is taken as it is",
-    )
-    serve.set_defaults(func=cmd_serve)
-    return parser
+COMMANDS: Final = {
+    "exec": cmd_exec,
+    "list": cmd_list,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "check-config": cmd_check_config,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
+    plain = plain_exec(words)
+    if plain is not None:
+        return exec_plain(*plain)
+    from broker.usage import parser  # (everything but a plain exec)
+
     command = None
     if words[:1] == ["exec"] and "--" in words:
         # Everything before "--" is ours (options may follow the names), the rest the
         # command's, even if it looks like our options.
         split = words.index("--")
         words, command = words[:split], words[split + 1 :]
-    args = _parser().parse_args(words)
+    args = parser().parse_args(words)
     if command is not None:
         args.command = command
-    status: int = args.func(args)
-    return status
+    return COMMANDS[args.command_name](args)
 
 
 if __name__ == "__main__":

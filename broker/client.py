@@ -14,8 +14,8 @@ Synchronous functions use only the standard library, so a worker's start-up stay
 cheap (no trio, no pydantic): `acquire`, `acquire_many`, `list_sockets`, `status`,
 `reload`.
 The trio equivalents (`acquire_trio`, `acquire_many_trio`) import trio when called;
-the asyncio ones are in broker/aio.py. What all three share (the reply reader, the
-waits, the error messages) is broker/exchange.py.
+the asyncio ones are in broker/aio.py. What all three share (the exchange, the reply
+reader, when to ask again, the error messages) is broker/exchange.py.
 
 The broker's socket is found at the `path` argument, else $PORT_BROKER_SOCKET, else
 /run/port-broker.sock. Every call has a deadline (`timeout`, default 5 s) covering
@@ -33,45 +33,37 @@ connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import socket
-import struct
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.errors import BrokerUnavailable, refusal
 from broker.exchange import (
     ANCILLARY_BYTES,
-    BUSY_RETRY_FIRST,
-    BUSY_RETRY_MAX,
     CONNECT_RETRY_FIRST,
     CONNECT_RETRY_MAX,
+    DEFAULT_TIMEOUT,
     RECV_BYTES,
-    Grant,
+    RELOAD_WAIT,
+    Attempts,
+    ClosedOnFailure,
     ReplyReader,
     as_names,
-    asked_until_not_busy,
-    check_timeout,
+    ask,
     close_all,
-    closed_on_failure,
     connected,
     delays,
-    grants_from,
-    is_busy,
-    single,
+    granted,
+    one,
 )
-from broker.names import DEFAULT_SOCKET, SOCKET_ENV
+from broker.names import socket_path
 from broker.protocol import (
-    RELOAD_TIMEOUT,
     Acquire,
     Listing,
     ListSockets,
     Refusal,
     Reload,
     Reloaded,
-    Reply,
     Request,
     SocketInfo,
     Status,
@@ -82,93 +74,42 @@ from broker.protocol import (
 if TYPE_CHECKING:
     import trio
 
-DEFAULT_TIMEOUT: Final = 5.0
-"""Seconds for a whole exchange: a grant takes well under a millisecond; this only
-bounds a broker that is starting (socket activation) or stuck."""
+    from broker.exchange import Outcome
 
-_TIMEVAL: Final = struct.Struct("@ll")
-"""struct timeval, as SO_SNDTIMEO takes it."""
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "acquire",
+    "acquire_many",
+    "acquire_many_trio",
+    "acquire_trio",
+    "list_sockets",
+    "reload",
+    "socket_path",
+    "status",
+]
+
+Grant = tuple[str, socket.socket]
+"""A granted socket with its name."""
 
 ReplyT = TypeVar("ReplyT", Listing, StatusReport, Reloaded)
+SocketT = TypeVar("SocketT", socket.socket, "trio.socket.SocketType")
 
 
-def socket_path(path: str | None = None) -> str:
-    """Return where the broker listens: `path`, else $PORT_BROKER_SOCKET, else the default."""
-    return path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+def sockets(pairs: list[tuple[str, int]]) -> list[Grant]:
+    """(name, fd) pairs from `exchange.granted` as (name, socket) pairs; each fd is the
+    socket's from then on."""
+    return [(name, socket.socket(fileno=fd)) for name, fd in pairs]
 
 
-def _connect_waiting(sock: socket.socket, path: str, remaining: Callable[[], float]) -> None:
-    """connect(), waiting until the deadline for room in a full connection queue.
-
-    A non-blocking connect() to a Unix socket whose queue is full fails at once with
-    EAGAIN (one user's connect/close loop can fill it); a blocking one sleeps in the
-    kernel until the broker accepts and makes room, for at most SO_SNDTIMEO. So: block,
-    bounded by the deadline, and be woken in the kernel's order. A signal during that
-    wait ends it with EINTR, which CPython takes for "in progress" and then for done:
-    so check that it is connected, and wait again for the time left if not.
-    """
-    sock.settimeout(None)
-    while True:
-        seconds = max(remaining(), 0.001)  # raises TimeoutError past the deadline
-        timeval = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        sock.connect(path)
-        try:
-            sock.getpeername()
-        except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                raise
-        else:
-            return
-
-
-def _exchange(request: Request, path: str | None, timeout: float) -> tuple[Reply, list[int]]:
-    """Connect, send `request`, return the reply and any fds (the caller owns them);
-    asked again after a `busy` refusal, with a backoff, while the deadline allows (an
-    attempt after `busy` that runs out of time gives that `busy`, as in
-    exchange.asked_until_not_busy)."""
-    path = socket_path(path)
-    check_timeout(timeout)
-    deadline = time.monotonic() + timeout
-    waits = delays(BUSY_RETRY_FIRST, BUSY_RETRY_MAX)
-    busy: tuple[Reply, list[int]] | None = None
-    while True:
-        try:
-            reply, fds = _exchange_once(request, path, timeout, deadline)
-        except BrokerUnavailable:
-            if busy is None or time.monotonic() < deadline:
-                raise
-            return busy
-        delay = next(waits)
-        if not is_busy(reply) or deadline - time.monotonic() <= delay:
-            return reply, fds
-        busy = reply, fds
-        time.sleep(delay)
-
-
-def _exchange_once(
-    request: Request, path: str, timeout: float, deadline: float
-) -> tuple[Reply, list[int]]:
-    reader = ReplyReader(path)
-
-    def remaining() -> float:  # one deadline for the whole exchange
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        return left
-
-    with closed_on_failure(reader, timeout):  # its TimeoutError is an OSError
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            _connect_waiting(sock, path, remaining)
-            # A broker that refuses at once (busy) answers and closes before reading the
-            # request: the reply is still there to read after our send fails.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.settimeout(remaining())
-                sock.sendall(encode_request(request))
-            while not reader.done:
-                sock.settimeout(remaining())
-                reader.feed(*sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC))
-        return reader.result()
+def single(name: str, grants: list[tuple[str, SocketT]]) -> SocketT:
+    """The one socket of `grants`, for acquire(); all are closed if there are more."""
+    try:
+        one(name, len(grants))
+    except BaseException:
+        for _, sock in grants:
+            sock.close()
+        raise
+    return grants[0][1]
 
 
 def acquire_many(
@@ -193,8 +134,8 @@ def acquire_many(
         UnknownSocket: the broker holds no socket by one of the names.
         RequestRefused: any other refusal (e.g. busy).
     """
-    reply, fds = _exchange(Acquire(as_names(names)), path, timeout)
-    return grants_from(reply, fds, socket_path(path))
+    outcome = ask(Acquire(as_names(names)), path, timeout)
+    return sockets(granted(outcome, socket_path(path)))
 
 
 def acquire(
@@ -215,7 +156,7 @@ def acquire(
 def _inquiry(request: Request, expected: type[ReplyT], path: str | None, timeout: float
              ) -> ReplyT:  # fmt: skip
     """Send a request that carries no fds back; return its reply or raise its refusal."""
-    reply, fds = _exchange(request, path, timeout)
+    reply, fds = ask(request, path, timeout)
     close_all(fds)  # only a (wrong) acquire reply carries any
     if isinstance(reply, Refusal):
         raise refusal(reply.code, reply.message)
@@ -245,7 +186,7 @@ def status(*, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict
     return dict(_inquiry(Status(), StatusReport, path, timeout).report)
 
 
-def reload(*, path: str | None = None, timeout: float = 2 * RELOAD_TIMEOUT + 5) -> dict[str, Any]:
+def reload(*, path: str | None = None, timeout: float = RELOAD_WAIT) -> dict[str, Any]:
     """Make the broker load its configuration again; return, once it is in force, its
     `configuration` object (path, generation, loaded; docs/protocol.md). Only root and
     the broker's own uid may.
@@ -262,45 +203,45 @@ def reload(*, path: str | None = None, timeout: float = 2 * RELOAD_TIMEOUT + 5) 
 # --- trio ------------------------------------------------------------------------
 
 
-async def _exchange_trio(
-    request: Request, path: str | None, timeout: float
-) -> tuple[Reply, list[int]]:
+async def _ask_trio(request: Request, path: str | None, timeout: float) -> Outcome:
+    """`exchange.ask` on trio: the same attempts, without stopping the event loop."""
     import trio  # noqa: PLC0415  (only trio users pay for importing trio)
 
     where = socket_path(path)
-    check_timeout(timeout)
-    return await asked_until_not_busy(
-        lambda deadline: _exchange_trio_once(request, where, timeout, deadline),
-        trio.current_time,
-        trio.sleep,
-        timeout,
-    )
+    attempts = Attempts(trio.current_time(), timeout)
+    while True:
+        try:
+            outcome = await _ask_trio_once(request, where, timeout, attempts.deadline)
+        except BrokerUnavailable as e:
+            return attempts.failed(e, trio.current_time())
+        delay = attempts.again(outcome, trio.current_time())
+        if delay is None:
+            return outcome
+        close_all(outcome[1])
+        await trio.sleep(delay)
 
 
-async def _exchange_trio_once(
-    request: Request, path: str, timeout: float, deadline: float
-) -> tuple[Reply, list[int]]:
+async def _ask_trio_once(request: Request, path: str, timeout: float, deadline: float) -> Outcome:
     import trio  # noqa: PLC0415
 
     reader = ReplyReader(path)
-    with closed_on_failure(reader, timeout, trio.TooSlowError):
-        with trio.fail_at(deadline):
-            plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
-                for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
-                    if connected(plain, path):
-                        break
-                    reader.queued = True  # full: wait without stopping the event loop
-                    await trio.sleep(delay)
-                reader.queued = False
-                data = memoryview(encode_request(request))
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    while data:  # (see _exchange)
-                        data = data[await sock.send(data) :]
-                while not reader.done:
-                    reader.feed(
-                        *await sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
-                    )
+    with ClosedOnFailure(reader, timeout, trio.TooSlowError), trio.fail_at(deadline):
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
+            for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
+                if connected(plain, path):
+                    break
+                reader.queued = True  # full: wait without stopping the event loop
+                await trio.sleep(delay)
+            reader.queued = False
+            data = memoryview(encode_request(request))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # (as ask)
+                while data:
+                    data = data[await sock.send(data) :]
+            while not reader.done:
+                reader.feed(
+                    *await sock.recvmsg(RECV_BYTES, ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+                )
         return reader.result()
 
 
@@ -317,8 +258,8 @@ async def acquire_many_trio(
     """
     import trio  # noqa: PLC0415
 
-    reply, fds = await _exchange_trio(Acquire(as_names(names)), path, timeout)
-    grants = grants_from(reply, fds, socket_path(path))
+    outcome = await _ask_trio(Acquire(as_names(names)), path, timeout)
+    grants = sockets(granted(outcome, socket_path(path)))
     return [(name, trio.socket.from_stdlib_socket(sock)) for name, sock in grants]
 
 

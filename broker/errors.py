@@ -4,41 +4,51 @@ Every error a user can see is a `BrokerError` whose message says what happened, 
 socket, user or file, and what to do about it. `OSError` from the kernel is translated
 into these at one boundary per layer (intake, server, client), never passed on raw.
 
-Standard library only: the client imports this module.
+Must never: import anything a bare interpreter has not already loaded (a worker's
+`exec` imports this), nor anything of the broker's own.
 """
 
 from __future__ import annotations
 
-import enum
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 
-class Code(enum.StrEnum):
-    """Stable codes carried by every refusal on the wire (see docs/protocol.md).
+class Code:
+    """Stable codes carried by every refusal on the wire (see docs/protocol.md): plain
+    strings, so that they cost nothing to import and compare equal to what the wire says.
 
     Clients may switch on these; their spelling never changes within a protocol version.
     """
 
-    MALFORMED = "malformed"
+    MALFORMED: Final = "malformed"
     """The request is not a JSON object of the documented shape."""
-    TOO_LARGE = "too-large"
+    TOO_LARGE: Final = "too-large"
     """The request is too large: longer than the broker reads before its end is seen,
     or asking for more fds than one reply can carry."""
-    UNSUPPORTED_VERSION = "unsupported-version"
+    UNSUPPORTED_VERSION: Final = "unsupported-version"
     """The request names a protocol version the broker does not speak."""
-    UNKNOWN_OPERATION = "unknown-operation"
+    UNKNOWN_OPERATION: Final = "unknown-operation"
     """The request's `op` is not one the broker knows."""
-    UNKNOWN_SOCKET = "unknown-socket"
+    UNKNOWN_SOCKET: Final = "unknown-socket"
     """A requested name is not among the sockets the broker holds."""
-    DENIED = "denied"
+    DENIED: Final = "denied"
     """The policy does not allow this peer to have this socket (or to ask for status)."""
-    BUSY = "busy"
+    BUSY: Final = "busy"
     """The broker is at its connection limit, or this uid at its own; retry shortly."""
-    TIMEOUT = "timeout"
+    TIMEOUT: Final = "timeout"
     """The peer did not send a complete request within the broker's deadline."""
-    INTERNAL = "internal"
+    INTERNAL: Final = "internal"
     """The broker failed to carry out a valid, permitted request."""
-    INVALID_CONFIG = "invalid-config"
+    INVALID_CONFIG: Final = "invalid-config"
     """A reload found the configuration invalid; the one in force stays."""
+
+
+CODES: Final = frozenset(
+    value for key, value in vars(Code).items() if key.isupper() and isinstance(value, str)
+)
+"""Every refusal code this side knows."""
 
 
 class BrokerError(Exception):
@@ -76,7 +86,7 @@ class ProtocolError(BrokerError):
         code: The stable refusal code for this violation.
     """
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -104,7 +114,7 @@ class RequestRefused(ClientError):
         code: The broker's stable refusal code (`Code`).
     """
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -121,12 +131,12 @@ class ReloadRefused(RequestRefused):
     """The broker refused the new configuration; the one in force stays."""
 
 
-def refusal(code: Code, message: str) -> RequestRefused:
+def refusal(code: str, message: str) -> RequestRefused:
     """Return the most specific client exception for a refusal code."""
-    if code is Code.DENIED:
+    if code == Code.DENIED:
         return AccessDenied(code, message)
-    if code is Code.UNKNOWN_SOCKET:
+    if code == Code.UNKNOWN_SOCKET:
         return UnknownSocket(code, message)
-    if code is Code.INVALID_CONFIG:
+    if code == Code.INVALID_CONFIG:
         return ReloadRefused(code, message)
     return RequestRefused(code, message)

@@ -9,18 +9,21 @@ process, so the pid stays the same and nothing of port-broker remains running. N
 serves with `server.listen({fd: 3})`, gunicorn by itself (it reads LISTEN_FDS; adding
 `--bind fd://3` would make it close fd 3 twice), uvicorn with `--fd 3`.
 
-Standard library only, and quick: this runs before every worker starts.
+Must never: import a module a bare interpreter has not already loaded but C ones
+(`fcntl`): this runs before every worker starts (broker/names.py says why).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
-LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Final, NoReturn
+
+LISTEN_FDS_START: Final = 3  # SD_LISTEN_FDS_START
 
 
 def place_fds(fds: Sequence[int]) -> None:
@@ -77,17 +80,18 @@ def listen_environment(names: Sequence[str], base: Mapping[str, str]) -> dict[st
 
 
 def exec_with(
-    grants: Sequence[tuple[str, socket.socket]],
+    grants: Sequence[tuple[str, int]],
     argv: Sequence[str],
     environ: Mapping[str, str] | None = None,
 ) -> NoReturn:
-    """Place the granted sockets at fd 3.. and replace this process with `argv`.
+    """Place the granted sockets (name, fd) at fd 3.. and replace this process with
+    `argv`; the fds given are closed (each is at its new number).
 
     Raises:
         OSError: if `argv[0]` cannot be executed (FileNotFoundError, PermissionError…);
             the sockets are closed by then only when this process exits.
     """
     names = [name for name, _ in grants]
-    place_fds([sock.detach() for _, sock in grants])
+    place_fds([fd for _, fd in grants])
     env = listen_environment(names, os.environ if environ is None else environ)
     os.execvpe(argv[0], list(argv), env)

@@ -1,7 +1,7 @@
 """The manual pages and shell completion, made from what the program itself says.
 
 - port-broker(1): every subcommand, option and exit status, from the argument parser
-  that `--help` prints (`cli._parser`) and the exit statuses of `names.Exit`;
+  that `--help` prints (`usage.parser`) and the exit statuses of `names.EXIT_MEANINGS`;
 - port-broker.toml(5): docs/configuration.md turned into roff, once its table of
   settings has been checked against the settings `config.py` declares (default and
   bounds): a page that disagrees with the code is not written;
@@ -25,8 +25,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from broker import __version__, cli, names, roff
+from broker import __version__, names, roff
 from broker.daemon import config
+from broker.usage import parser as command_line
 
 TITLE: Final = "Hand privileged listening sockets held by systemd to unprivileged workers"
 """The NAME line of port-broker(1): what `apropos` shows."""
@@ -160,7 +161,7 @@ def _epilog(text: str) -> list[str]:
 
 def command_page(date: str) -> str:
     """port-broker(1)."""
-    parser = cli._parser()
+    parser = command_line()
     commands = subcommands(parser)
     helps = summaries(parser)
     out = header("port-broker", 1, date, "User Commands")
@@ -187,10 +188,12 @@ def command_page(date: str) -> str:
         ]
     )  # fmt: skip
     out += [".SH EXIT STATUS"]
-    out += roff.tagged((str(int(status)), roff.escape(status.meaning)) for status in names.Exit)
+    out += roff.tagged(
+        (str(status), roff.escape(meaning)) for status, meaning in names.EXIT_MEANINGS.items()
+    )
     out += [
         ".PP",
-        roff.inline(EXIT_NOTE.format(exec=names.exit_statuses(), config=int(names.Exit.CONFIG))),
+        roff.inline(EXIT_NOTE.format(exec=names.exit_statuses(), config=names.Exit.CONFIG)),
     ]
     out += [".SH ENVIRONMENT", *roff.tagged(_environment()), ".SH FILES", *roff.tagged(_files())]
     see_also = ("port-broker.toml(5)", "systemd.socket(5)", "sd_listen_fds(3)", "journalctl(1)")
@@ -314,7 +317,7 @@ complete -o bashdefault -o default -F _port_broker port-broker
 
 def bash_completion() -> str:
     """The bash completion script for port-broker."""
-    commands = subcommands(cli._parser())
+    commands = subcommands(command_line())
     values: list[str] = []
     flags: list[str] = []
     for name, sub in commands.items():
@@ -369,13 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
         sys.stderr.write("usage: python -m broker.manual DOCS_DIR OUT_DIR\n")
-        return int(names.Exit.USAGE)
+        return names.Exit.USAGE
     try:
         for path in write_all(Path(args[0]), Path(args[1])):
             print(f"wrote {path}")
     except (ValueError, OSError) as e:
         sys.stderr.write(f"broker.manual: {e}\n")
-        return int(names.Exit.FAILURE)
+        return names.Exit.FAILURE
     return 0
 
 

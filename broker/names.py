@@ -1,99 +1,58 @@
-"""Names the whole project shares, each written once: socket families and types with
-their kernel constants, the socket-name rule, exit statuses, environment variables and
-default paths, audit levels, and how text from outside is made printable.
+"""Names the whole project shares, each written once: how the protocol spells socket
+families and types, the socket-name rule, exit statuses, environment variables and
+default paths, and how text from outside is made printable.
 
-Must never: import anything of the broker's own or outside the standard library (the
-client, `exec` and the broker all import it, and `exec` must stay cheap), or change a
-value without the documentation that quotes it (docs/protocol.md, README.md; tests
-compare them).
+Must never: import anything of the broker's own, or any module a bare interpreter has not
+already loaded (enum, re, socket, typing…: each costs a worker's start-up milliseconds,
+and `port-broker exec` imports this first); or change a value without the documentation
+that quotes it (docs/protocol.md, README.md; tests compare them).
 """
 
 from __future__ import annotations
 
-import enum
-import functools
-import re
-import socket
-from typing import Final
+import os
 
-# --- socket families and types ----------------------------------------------------
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import re
+    from typing import Final
 
+# --- socket families and types, as the protocol spells them ------------------------
 
-class Family(enum.StrEnum):
-    """A socket family, as the protocol spells it."""
+INET: Final = "inet"
+INET6: Final = "inet6"
+UNIX: Final = "unix"
+FAMILIES: Final = (INET, INET6, UNIX)
+"""The families the broker serves (broker/sockets.py maps them to the kernel's)."""
 
-    INET = "inet"
-    INET6 = "inet6"
-    UNIX = "unix"
-
-    @property
-    def kernel(self) -> int:
-        """The AF_* constant."""
-        return _FAMILY_KERNEL[self]
-
-    @property
-    def label(self) -> str:
-        """How messages name it: "IPv4 (AF_INET)"."""
-        return _FAMILY_LABEL[self]
-
-    @classmethod
-    def from_kernel(cls, family: int) -> Family | None:
-        """The family of an AF_* constant; None for one the broker does not serve."""
-        return _FAMILY_OF.get(family)
-
-
-class SocketType(enum.StrEnum):
-    """A socket type, as the protocol spells it."""
-
-    STREAM = "stream"
-    DATAGRAM = "datagram"
-
-    @property
-    def kernel(self) -> int:
-        """The SOCK_* constant."""
-        return _TYPE_KERNEL[self]
-
-    @classmethod
-    def from_kernel(cls, type_: int) -> SocketType | None:
-        """The type of a SOCK_* constant; None for one the broker does not serve."""
-        return _TYPE_OF.get(type_)
-
-
-_FAMILY_KERNEL: Final[dict[Family, int]] = {
-    Family.INET: socket.AF_INET,
-    Family.INET6: socket.AF_INET6,
-    Family.UNIX: socket.AF_UNIX,
-}
-_FAMILY_OF: Final[dict[int, Family]] = {kernel: family for family, kernel in _FAMILY_KERNEL.items()}
-_FAMILY_LABEL: Final = {
-    Family.INET: "IPv4 (AF_INET)",
-    Family.INET6: "IPv6 (AF_INET6)",
-    Family.UNIX: "Unix (AF_UNIX)",
-}
-_TYPE_KERNEL: Final[dict[SocketType, int]] = {
-    SocketType.STREAM: socket.SOCK_STREAM,
-    SocketType.DATAGRAM: socket.SOCK_DGRAM,
-}
-_TYPE_OF: Final[dict[int, SocketType]] = {kernel: kind for kind, kernel in _TYPE_KERNEL.items()}
+STREAM: Final = "stream"
+DATAGRAM: Final = "datagram"
+TYPES: Final = (STREAM, DATAGRAM)
+"""The socket types the broker serves."""
 
 
 def transport(family: str, type_: str) -> str:
     """How `port-broker list` names a socket's kind, as `ss` does: tcp, tcp6, udp, udp6,
     unix-stream, unix-datagram."""
-    if family == Family.UNIX:
+    if family == UNIX:
         return f"unix-{type_}"
-    proto = "tcp" if type_ == SocketType.STREAM else "udp"
-    return proto + ("6" if family == Family.INET6 else "")
+    proto = "tcp" if type_ == STREAM else "udp"
+    return proto + ("6" if family == INET6 else "")
 
 
 # --- socket names -----------------------------------------------------------------
 
 NAME_MAX_LENGTH: Final = 64
-NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-"""Socket names (systemd's FileDescriptorName=). Stricter than systemd's own rule so a
-name is safe in a comma-separated list, a journal field, a TOML key and a message."""
+NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+NAME_REST: Final = NAME_FIRST | frozenset("_.@-")
+"""Socket names (systemd's FileDescriptorName=): a letter or digit, then letters,
+digits and `_.@-`, up to NAME_MAX_LENGTH characters. Stricter than systemd's own rule so
+that a name is safe in a comma-separated list, a journal field, a TOML key, a message
+and a JSON string without escaping."""
 NAME_RULE: Final = "letters, digits, '_.@-', up to 64 characters"
-"""NAME_PATTERN in words, for messages."""
+"""The rule in words, for messages."""
+NAME_REGEX: Final = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"
+"""The rule as a regular expression, for those who have `re` loaded anyway (tests)."""
 
 CONTROL_NAME: Final = "control"
 """The name of the broker's own Unix control socket; never grantable."""
@@ -101,7 +60,11 @@ CONTROL_NAME: Final = "control"
 
 def valid_name(name: str) -> bool:
     """Return whether `name` is acceptable as a socket name."""
-    return NAME_PATTERN.fullmatch(name) is not None
+    return (
+        0 < len(name) <= NAME_MAX_LENGTH
+        and name[0] in NAME_FIRST
+        and all(character in NAME_REST for character in name)
+    )
 
 
 def grantable_name_problem(name: str) -> str | None:
@@ -116,26 +79,21 @@ def grantable_name_problem(name: str) -> str | None:
 # --- exit statuses ----------------------------------------------------------------
 
 
-class Exit(enum.IntEnum):
+class Exit:
     """Exit statuses of the command line (sysexits.h where one fits)."""
 
-    OK = 0
-    FAILURE = 1
-    USAGE = 2
-    UNKNOWN_SOCKET = 66  # EX_NOINPUT
-    UNAVAILABLE = 69  # EX_UNAVAILABLE
-    DENIED = 77  # EX_NOPERM
-    CONFIG = 78  # EX_CONFIG
-    CANNOT_EXECUTE = 126  # as a shell says it
-    NOT_FOUND = 127
-
-    @property
-    def meaning(self) -> str:
-        """What the status tells, in a few words."""
-        return _EXIT_MEANING[self]
+    OK: Final = 0
+    FAILURE: Final = 1
+    USAGE: Final = 2
+    UNKNOWN_SOCKET: Final = 66  # EX_NOINPUT
+    UNAVAILABLE: Final = 69  # EX_UNAVAILABLE
+    DENIED: Final = 77  # EX_NOPERM
+    CONFIG: Final = 78  # EX_CONFIG
+    CANNOT_EXECUTE: Final = 126  # as a shell says it
+    NOT_FOUND: Final = 127
 
 
-_EXIT_MEANING: Final = {
+EXIT_MEANINGS: Final = {
     Exit.OK: "success",
     Exit.FAILURE: "other refusal",
     Exit.USAGE: "usage error",
@@ -146,6 +104,7 @@ _EXIT_MEANING: Final = {
     Exit.CANNOT_EXECUTE: "the command cannot be run",
     Exit.NOT_FOUND: "the command is not found",
 }
+"""Every exit status, in order, with what it tells in a few words."""
 
 EXEC_EXIT_STATUSES: Final = (
     Exit.USAGE,
@@ -159,9 +118,9 @@ EXEC_EXIT_STATUSES: Final = (
 """What `port-broker exec` itself may exit with, before the command replaces it."""
 
 
-def exit_statuses(statuses: tuple[Exit, ...] = EXEC_EXIT_STATUSES) -> str:
+def exit_statuses(statuses: tuple[int, ...] = EXEC_EXIT_STATUSES) -> str:
     """`statuses` in words: "2 usage error, 66 unknown socket, …" (--help, README)."""
-    return ", ".join(f"{int(status)} {status.meaning}" for status in statuses)
+    return ", ".join(f"{status} {EXIT_MEANINGS[status]}" for status in statuses)
 
 
 # --- environment and paths --------------------------------------------------------
@@ -178,45 +137,37 @@ ENV_PREFIX: Final = "PORT_BROKER_"
 PORT_BROKER_CONFIG excepted: they say where things are, not how to serve)."""
 LOCATION_ENV: Final = frozenset({SOCKET_ENV, CONFIG_ENV})
 
-
-# --- audit levels -----------------------------------------------------------------
-
-
-class Level(enum.StrEnum):
-    """How much an audit event matters (syslog's levels, as the journal takes them)."""
-
-    DEBUG = "debug"
-    INFO = "info"
-    NOTICE = "notice"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def priority(self) -> int:
-        """The journal's PRIORITY= (syslog's numbering)."""
-        return _PRIORITY[self]
+LOAD_TIMEOUT: Final = 30.0
+"""Seconds loading the configuration may take, at start and on a reload (the loader
+imports pydantic, ~0.2 s, and asks the user database for every user and group named):
+past that the start fails, or the reload is refused and the configuration in force
+stays. A client asking for a reload waits for two (one may be running) and a little."""
 
 
-_PRIORITY: Final = {
-    Level.DEBUG: 7,
-    Level.INFO: 6,
-    Level.NOTICE: 5,
-    Level.WARNING: 4,
-    Level.ERROR: 3,
-}
+def socket_path(path: str | None = None) -> str:
+    """Where the broker listens: `path`, else $PORT_BROKER_SOCKET, else DEFAULT_SOCKET."""
+    return path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
 # --- printable text ---------------------------------------------------------------
 
+_UNPRINTABLE: list[re.Pattern[str]] = []
+"""C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
+bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8),
+compiled when first needed: a worker's `exec` never needs it."""
 
-@functools.cache
+
 def _unprintable() -> re.Pattern[str]:
-    """C0 and C1 controls (newline, CR, ESC, NEL...), the line and paragraph separators,
-    bidirectional and zero-width marks, and lone surrogates (a name that was not UTF-8).
-    Compiled when first needed: `exec` imports this module and never needs it."""
-    return re.compile(
-        "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
-    )
+    if not _UNPRINTABLE:
+        import re  # noqa: PLC0415 (see _UNPRINTABLE)
+
+        _UNPRINTABLE.append(
+            re.compile(
+                "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+                "\ud800-\udfff]"
+            )
+        )
+    return _UNPRINTABLE[0]
 
 
 def unprintable(text: str) -> bool:

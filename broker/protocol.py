@@ -1,7 +1,7 @@
 """The control-socket wire protocol, sans-IO: bytes in, messages out.
 
-Nothing here touches a socket, a file descriptor or the clock; the server and the
-client do the I/O and call in here to frame, encode and parse. The format is documented
+Nothing here touches a socket, a file descriptor or the clock; the broker and the
+clients do the I/O and call in here to frame, encode and parse. The format is documented
 in docs/protocol.md. In short: each message is one line of compact UTF-8 JSON ending in
 "\\n", always carrying `"v": 1`. The fds of an `acquire` reply travel as one SCM_RIGHTS
 message attached to the reply's first byte, one fd per entry of its `sockets` list, in
@@ -10,18 +10,25 @@ that order.
 Invariant (tested with hypothesis, whole and byte by byte): every input either parses
 or raises `ProtocolError`, nothing else.
 
-Standard library only: the client imports this module.
+Must never: import anything a bare interpreter has not already loaded but C modules
+(`_json`): a worker's `exec` parses its reply here, and `json`, `dataclasses`, `enum` or
+`typing` would each cost it milliseconds. Messages are therefore plain records
+(`_Record`), JSON is read with the C scanner that `json` itself uses, and written with
+`json` only on the broker's side (`encode_reply`), which has it loaded anyway.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from _json import encode_basestring_ascii as _quoted  # what json itself uses, in C
+from _json import make_scanner as _make_scanner
 
-from broker.errors import Code, ProtocolError
-from broker.names import Family, SocketType, printable, valid_name
+from broker.errors import CODES, Code, ProtocolError
+from broker.names import FAMILIES, TYPES, printable, valid_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 
@@ -36,59 +43,90 @@ MAX_REPLY_BYTES: Final = 1 << 20
 MAX_NAMES: Final = 32
 """Most socket names in one acquire; one worker rarely needs more than http+https."""
 
-RELOAD_TIMEOUT: Final = 30.0
-"""Seconds a reload may take (the loader imports pydantic, ~0.2 s, and asks NSS for every
-user and group named): past that it is refused and the configuration in force stays. The
-reply to `reload` comes within twice this (one may be running when it is asked for), so
-a client waits that long, and a little more."""
-
 SCM_MAX_FD: Final = 253
 """The kernel's limit on fds in one SCM_RIGHTS message (include/net/scm.h)."""
 
 # --- messages ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Acquire:
+class _Record:
+    """A message: immutable, equal to another of its class with equal fields."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Record) or type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _set(self, **fields: object) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+
+class Acquire(_Record):
     """Ask for the listening sockets called `names`: all of them, in this order, or none."""
 
+    __slots__ = ("names",)
     names: tuple[str, ...]
 
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._set(names=names)
 
-@dataclass(frozen=True)
-class ListSockets:
+
+class ListSockets(_Record):
     """Ask which sockets the caller may acquire."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Status:
+
+class Status(_Record):
     """Ask for the broker's state: what it holds, grants and denials (admin only)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Reload:
+
+class Reload(_Record):
     """Ask the broker to load its configuration again and say, once done, what is in force
     (only the broker's own uid and root: whoever could send it SIGHUP)."""
+
+    __slots__ = ()
 
 
 Request = Acquire | ListSockets | Status | Reload
 
 
-@dataclass(frozen=True)
-class SocketInfo:
+class SocketInfo(_Record):
     """What a client learns about one held socket.
 
     Attributes:
         name: The socket's name (FileDescriptorName=).
-        family: a `names.Family` value: "inet", "inet6" or "unix".
-        type: a `names.SocketType` value: "stream" or "datagram".
+        family: "inet", "inet6" or "unix" (names.FAMILIES).
+        type: "stream" or "datagram" (names.TYPES).
         address: Printable local address: "[::]:80", "127.0.0.1:443" or a path.
     """
 
+    __slots__ = ("name", "family", "type", "address")  # noqa: RUF023 (the fields' order)
     name: str
     family: str
     type: str
     address: str
+
+    def __init__(self, name: str, family: str, type: str, address: str) -> None:
+        self._set(name=name, family=family, type=type, address=address)
 
     def to_json(self) -> dict[str, str]:
         """Return the wire form."""
@@ -100,41 +138,56 @@ class SocketInfo:
         }
 
 
-@dataclass(frozen=True)
-class Granted:
+class Granted(_Record):
     """Reply to `Acquire`: one entry per fd attached, in order."""
 
+    __slots__ = ("sockets",)
     sockets: tuple[SocketInfo, ...]
 
+    def __init__(self, sockets: tuple[SocketInfo, ...]) -> None:
+        self._set(sockets=sockets)
 
-@dataclass(frozen=True)
-class Listing:
+
+class Listing(_Record):
     """Reply to `ListSockets`: the sockets the caller may acquire."""
 
+    __slots__ = ("sockets",)
     sockets: tuple[SocketInfo, ...]
 
+    def __init__(self, sockets: tuple[SocketInfo, ...]) -> None:
+        self._set(sockets=sockets)
 
-@dataclass(frozen=True)
-class StatusReport:
+
+class StatusReport(_Record):
     """Reply to `Status`: a JSON object whose shape docs/protocol.md describes."""
 
-    report: Mapping[str, Any] = field(default_factory=dict)
+    __slots__ = ("report",)
+    report: Mapping[str, Any]
+
+    def __init__(self, report: Mapping[str, Any] | None = None) -> None:
+        self._set(report={} if report is None else report)
 
 
-@dataclass(frozen=True)
-class Reloaded:
+class Reloaded(_Record):
     """Reply to `Reload`: the new configuration is in force; its `configuration` object
     as in the status report (docs/protocol.md)."""
 
-    configuration: Mapping[str, Any] = field(default_factory=dict)
+    __slots__ = ("configuration",)
+    configuration: Mapping[str, Any]
+
+    def __init__(self, configuration: Mapping[str, Any] | None = None) -> None:
+        self._set(configuration={} if configuration is None else configuration)
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """Reply to anything the broker will not or cannot do."""
+class Refusal(_Record):
+    """Reply to anything the broker will not or cannot do; `code` is one of `Code`'s."""
 
-    code: Code
+    __slots__ = ("code", "message")
+    code: str
     message: str
+
+    def __init__(self, code: str, message: str) -> None:
+        self._set(code=code, message=message)
 
 
 Reply = Granted | Listing | StatusReport | Reloaded | Refusal
@@ -186,16 +239,25 @@ class LineBuffer:
 # --- encoding ---------------------------------------------------------------------
 
 
-def _dump(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-
-
 def encode_request(request: Request) -> bytes:
-    """Return the wire form of a request, newline included."""
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": _OPS[type(request)]}
+    """Return the wire form of a request, newline included (written here, not by
+    `json`: a request is a version, an operation and names, each a JSON string)."""
+    text = f'{{"v":{PROTOCOL_VERSION},"op":"{_OPS[type(request)]}"'
     if isinstance(request, Acquire):
-        body["names"] = list(request.names)
-    return _dump(body)
+        text += ',"names":[' + ",".join(map(_quoted, request.names)) + "]"
+    return text.encode() + b"}\n"
+
+
+_DUMPS: list[Callable[[object], str]] = []
+"""json's encoder, made once, when the broker first writes a reply."""
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    if not _DUMPS:
+        import json  # noqa: PLC0415 (the broker's side only: see the module's docstring)
+
+        _DUMPS.append(json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode)
+    return _DUMPS[0](obj).encode() + b"\n"
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -240,10 +302,46 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+class _Strict:
+    """What json's scanner reads its settings from: JSON as RFC 8259 has it (no NaN or
+    Infinity), a key at most once in an object."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = staticmethod(_unique_keys)
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_reject_constant)
+    memo: dict[str, str]  # (the scanner written in Python keeps its memo here)
+
+    def __init__(self) -> None:
+        self.memo = {}
+
+
+_scan: Final = _make_scanner(_Strict())  # type: ignore[arg-type]  # (typeshed: its own type)
+_WHITESPACE: Final = " \t\n\r"
+
+
+def _decode(text: str) -> object:
+    """The one JSON value `text` holds, as json.loads would give it with _Strict's rules.
+
+    Raises:
+        ValueError: for anything else (json.JSONDecodeError is one).
+        ProtocolError: for a constant or a key twice (raised by _Strict's hooks).
+    """
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as e:
+        raise ValueError(f"Expecting value: char {e.value}") from None
+    if text[end:].strip(_WHITESPACE):
+        raise ValueError(f"Extra data: char {end}")
+    return value
+
+
 def _load_object(line: bytes) -> dict[str, Any]:
     try:
-        text = line.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        obj = _decode(line.decode("utf-8"))
     except UnicodeDecodeError:
         raise _malformed("message is not UTF-8") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError
@@ -277,6 +375,15 @@ def _expect_keys(obj: Mapping[str, Any], allowed: set[str], what: str) -> None:
         raise _malformed(f"{what} has unknown key(s): {shown}{more}")
 
 
+REQUEST_CACHE: Final = 256
+"""Request lines remembered with what they parse to (the broker's side): workers ask the
+same few things again and again, and parsing is a tenth of what a grant costs. Lines
+past CACHED_LINE_MAX are not kept, so the cache holds at most 64 KiB of them."""
+CACHED_LINE_MAX: Final = 256
+
+_parsed: dict[bytes, Request] = {}
+
+
 def parse_request(line: bytes) -> Request:
     """Parse one request line (without its newline).
 
@@ -286,6 +393,17 @@ def parse_request(line: bytes) -> Request:
     Raises:
         ProtocolError: for any input that is not a valid request.
     """
+    request = _parsed.get(line)
+    if request is None:
+        request = _parse_request(line)  # raises for anything invalid: never kept
+        if len(line) <= CACHED_LINE_MAX:
+            if len(_parsed) >= REQUEST_CACHE:
+                del _parsed[next(iter(_parsed))]  # the oldest
+            _parsed[line] = request
+    return request
+
+
+def _parse_request(line: bytes) -> Request:
     obj = _load_object(line)
     op = obj.get("op")
     if not isinstance(op, str):
@@ -318,10 +436,6 @@ def parse_request(line: bytes) -> Request:
     )
 
 
-_FAMILIES: Final = frozenset(Family)
-_TYPES: Final = frozenset(SocketType)
-
-
 def _parse_info(item: Any) -> SocketInfo:
     if not isinstance(item, dict):
         raise _malformed("socket entry is not an object")
@@ -333,7 +447,7 @@ def _parse_info(item: Any) -> SocketInfo:
         and isinstance(address, str)
     ):
         raise _malformed("socket entry lacks name, family, type or address")
-    if not valid_name(name) or family not in _FAMILIES or type_ not in _TYPES:
+    if not valid_name(name) or family not in FAMILIES or type_ not in TYPES:
         raise _malformed(f"socket entry {item!r:.200} has an invalid value")
     return SocketInfo(name, family, type_, address)
 
@@ -360,11 +474,9 @@ def parse_reply(line: bytes) -> Reply:
         code, message = obj.get("code"), obj.get("message")
         if not isinstance(code, str) or not isinstance(message, str):
             raise _malformed('refusal lacks string "code" and "message"')
-        try:
-            return Refusal(Code(code), message)
-        except ValueError:
-            # A code from a newer broker: keep its words, classify it as internal.
+        if code not in CODES:  # a code from a newer broker: keep its words, as internal
             return Refusal(Code.INTERNAL, f"{message} ({code})")
+        return Refusal(code, message)
     if ok is not True:
         raise _malformed('reply has no boolean "ok"')
     op = obj.get("op")

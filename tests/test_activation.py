@@ -30,13 +30,13 @@ from broker.daemon.activation import (
     Intake,
     bind_all,
     bind_control,
-    format_address,
     from_systemd,
     intake_fds,
 )
 from broker.daemon.privileges import capabilities, drop_privileges
 from broker.errors import IntakeError, PrivilegeError
 from broker.protocol import SocketInfo
+from broker.sockets import format_address
 from tests.harness.processes import Processes, run_in_child, wait_for
 
 CHILD_TIMEOUT: Final = 30.0

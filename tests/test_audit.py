@@ -13,9 +13,8 @@ from typing import Final
 
 import pytest
 
-from broker.daemon.audit import Audit
+from broker.daemon.audit import Audit, Level
 from broker.daemon.identity import Peer
-from broker.names import Level
 from tests.harness.inprocess import audit_fields
 
 

@@ -298,7 +298,7 @@ async def test_a_refusal_raises_its_exception_with_the_brokers_words(
     with no_fd_left(), ScriptedPeer(path, script), pytest.raises(RequestRefused) as raised:
         await acquire_many(variant, ["http"], str(path))
     assert type(raised.value) is kind
-    assert (raised.value.code, raised.value.message) == (Code(code), message)
+    assert (raised.value.code, raised.value.message) == (code, message)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -314,7 +314,7 @@ async def test_an_unknown_refusal_code_is_treated_as_internal(
     ):
         await acquire_many(variant, ["http"], str(path))
     assert type(raised.value) is RequestRefused
-    assert raised.value.code is Code.INTERNAL
+    assert raised.value.code == Code.INTERNAL
     assert raised.value.message == "the moon is full (moon-phase)"
 
 
@@ -758,7 +758,7 @@ async def test_refusals_from_the_broker(rundir: Path, variant: Variant) -> None:
         with no_fd_left():
             with pytest.raises(AccessDenied) as denied:
                 await acquire_many(variant, ["http", "secret"], served.path)
-            assert denied.value.code is Code.DENIED
+            assert denied.value.code == Code.DENIED
             assert "may not acquire socket 'secret'" in denied.value.message
             with pytest.raises(UnknownSocket) as unknown:
                 await acquire(variant, "nope", served.path)
@@ -767,7 +767,7 @@ async def test_refusals_from_the_broker(rundir: Path, variant: Variant) -> None:
             )
             with pytest.raises(RequestRefused) as malformed:
                 await acquire(variant, "not a name", served.path)
-            assert malformed.value.code is Code.MALFORMED
+            assert malformed.value.code == Code.MALFORMED
             await trio.testing.wait_all_tasks_blocked()
 
 
@@ -834,7 +834,7 @@ async def test_busy_is_a_request_refused(
                 await client.acquire_trio("http", path=served.path, timeout=0.5)
             assert served.broker.ledger.refusals["busy"] > 1  # asked again meanwhile
     assert type(raised.value) is RequestRefused
-    assert raised.value.code is Code.BUSY
+    assert raised.value.code == Code.BUSY
 
 
 async def test_the_path_argument_then_the_environment_then_the_default(

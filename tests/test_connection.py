@@ -182,7 +182,7 @@ PADDED_LIST = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b"}\n"
     ],
 )  # fmt: skip
 def test_a_bad_request_gets_one_refusal_and_nothing_after_it(
-    held: dict[str, list[HeldSocket]], data: bytes, code: Code, words: str
+    held: dict[str, list[HeldSocket]], data: bytes, code: str, words: str
 ) -> None:
     actions = drive(connection(held), [data + line(Acquire(("http",)))])
     [refusal] = sends(actions)

@@ -272,12 +272,12 @@ def test_rejects_a_held_socket_that_is_not_listening() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         with pytest.raises(InterceptError, match="not listening"):
-            supervisor.run_intercepted(["true"], [sock])
+            supervisor.run_intercepted(["true"], [("http", sock)])
 
 
 def test_rejects_a_held_unix_socket() -> None:
     with socket.socket(socket.AF_UNIX) as sock, pytest.raises(InterceptError, match="AF_INET"):
-        supervisor.run_intercepted(["true"], [sock])
+        supervisor.run_intercepted(["true"], [("http", sock)])
 
 
 def _in_a_fresh_process(code: str) -> None:
@@ -386,10 +386,8 @@ for h in spec["held"]:
         s.listen(h.get("backlog", 4096))
     s.setblocking(h.get("blocking", True))
     s.set_inheritable(h.get("inheritable", False))
-    held.append(s)
-port_map = None
-if spec.get("port_map") is not None:
-    port_map = {int(p): [held[i] for i in ix] for p, ix in spec["port_map"].items()}
+    held.append((h.get("name", f"held{len(held)}"), s))
+mapping = {int(p): name for p, name in (spec.get("mapping") or {}).items()}
 uid = spec["uid"]
 os.setgroups([])
 os.setresgid(uid, uid, uid)
@@ -398,7 +396,7 @@ caps = [l for l in open("/proc/self/status") if l.startswith("CapEff:")][0].spli
 assert int(caps, 16) == 0, caps
 os.chdir("/")
 print("runner: holding", flush=True, file=sys.stderr)  # the test waits for this line
-sys.exit(supervisor.run_intercepted(spec["argv"], held, port_map, env=spec["env"]))
+sys.exit(supervisor.run_intercepted(spec["argv"], held, mapping, env=spec["env"]))
 '''
 
 COMMON = '''
@@ -785,13 +783,13 @@ class Scenario:
         argv: list[str],
         held: list[dict[str, Any]],
         *,
-        port_map: dict[str, list[int]] | None = None,
+        mapping: dict[str, str] | None = None,
         wrapper: list[str] | None = None,
         stdin: int | None = subprocess.DEVNULL,
     ) -> Scenario:
         spec = {
             "held": held,
-            "port_map": port_map,
+            "mapping": mapping,
             "uid": NOBODY,
             "argv": argv,
             "env": {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"},
@@ -1124,11 +1122,11 @@ def test_x32_syscalls_are_intercepted_too(stage: Path, scenario: Callable[..., S
 
 
 @needs_root
-def test_port_map_gives_a_held_socket_for_another_port(
+def test_a_mapping_gives_a_held_socket_for_another_port(
     stage: Path, scenario: Callable[..., Scenario], netns: str
 ) -> None:
     """A program that insists on 8080 can be given the socket held on 80."""
-    run = scenario(py(stage, "passthrough.py"), [V4_80], port_map={"8080": [0]})
+    run = scenario(py(stage, "passthrough.py"), [V4_80], mapping={"8080": "held0"})
     report = run.wait_for_report(lambda r: "port" in r)
     assert report["unmapped"] == 0
     assert report["port"] == 80  # getsockname() of the injected socket

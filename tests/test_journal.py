@@ -16,9 +16,8 @@ from typing import Final
 
 import pytest
 
-from broker.daemon.audit import Audit
+from broker.daemon.audit import Audit, Level
 from broker.daemon.journal import Journal, native
-from broker.names import Level
 
 SEND_BUDGET: Final = 0.05
 """Seconds one send may take, at most, whatever the journal does: it never waits."""

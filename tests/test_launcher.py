@@ -174,7 +174,7 @@ print(json.dumps({
     "inos": [os.fstat(s.fileno()).st_ino for s in (http, dns)],
     "addresses": [list(s.getsockname()) for s in (http, dns)],
 }), flush=True)
-exec_with([("http", http), ("dns", dns)], [sys.executable, "-I", "-c", sys.argv[2]], environ)
+exec_with([("http", http.detach()), ("dns", dns.detach())], [sys.executable, "-I", "-c", sys.argv[2]], environ)
 """
 
 
@@ -221,7 +221,7 @@ from broker.launcher import exec_with
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 sock.listen()
-exec_with([("http", sock)], ["sh", "-c", 'echo "$$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES"'])
+exec_with([("http", sock.detach())], ["sh", "-c", 'echo "$$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES"'])
 """
     done = run_child(script)
     assert done.returncode == 0, done.stderr
@@ -239,20 +239,22 @@ exec_with([("http", sock)], ["sh", "-c", 'echo "$$ $LISTEN_PID $LISTEN_FDS $LIST
 )
 def test_exec_with_raises_when_the_program_cannot_run(program: str, error: str) -> None:
     script = f"""
-import socket
+import os, socket
 from broker.launcher import exec_with
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 sock.listen()
+fd = sock.detach()
 try:
-    exec_with([("http", sock)], [{program!r}])
+    exec_with([("http", fd)], [{program!r}])
 except OSError as e:
-    print(type(e).__name__, sock.fileno(), socket.socket(fileno=3).detach() == 3)
+    print(type(e).__name__, os.path.exists(f"/proc/self/fd/{{fd}}") and fd != 3,
+          socket.socket(fileno=3).detach() == 3)
 """
     done = run_child(script)
     assert done.returncode == 0, done.stderr
     # Raised, with the socket already handed over to fd 3 (closed when the process ends).
-    assert done.stdout.split() == [error, "-1", "True"]
+    assert done.stdout.split() == [error, "False", "True"]
 
 
 @pytest.fixture
@@ -265,10 +267,9 @@ async def test_acquire_then_exec_leaves_only_the_sockets_open(rundir: Path) -> N
     # client opened are gone by the time the program runs; the sockets are the broker's.
     script = """
 import sys
-from broker import client
-from broker.launcher import exec_with
-grants = client.acquire_many(["http", "dual"], path=sys.argv[1])
-exec_with(grants, [sys.executable, "-I", "-c", sys.argv[2]])
+from broker.cli import main
+sys.exit(main(["exec", "--socket", sys.argv[1], "http,dual", "--", sys.executable, "-I", "-c",
+               sys.argv[2]]))
 """
     async with running_broker(rundir) as served:
         with trio.fail_after(START_TIMEOUT):

@@ -36,8 +36,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from broker import __version__, manual, names
-from broker.cli import _parser
 from broker.daemon import audit, config
+from broker.usage import parser
 from tests.harness.box import Box
 from tests.harness.debian import APT_TIMEOUT, apt, build_package, in_box, package_box
 from tests.harness.processes import NOBODY, REQUEST_TIMEOUT
@@ -437,7 +437,7 @@ def check_manual_pages(box: Box) -> None:
     page = rendered(box, "port-broker")
     assert page.startswith("PORT-BROKER(1)")
     commands = section(page, "COMMANDS")
-    subcommands = manual.subcommands(_parser())
+    subcommands = manual.subcommands(parser())
     heads = [re.search(rf"^   {re.escape(name)}$", commands, re.MULTILINE) for name in subcommands]
     assert all(heads), list(zip(subcommands, heads, strict=True))
     starts = [head.start() for head in heads if head]
@@ -454,8 +454,8 @@ def check_manual_pages(box: Box) -> None:
     assert re.search(r"^ +-h, --help$", section(page, "OPTIONS"), re.MULTILINE)
     assert re.search(r"^ +--version$", section(page, "OPTIONS"), re.MULTILINE)
     exits = section(page, "EXIT STATUS")
-    for status in names.Exit:
-        assert re.search(rf"^ +{int(status)} +{re.escape(status.meaning)}$", exits, re.M), status
+    for status, meaning in names.EXIT_MEANINGS.items():
+        assert re.search(rf"^ +{status} +{re.escape(meaning)}$", exits, re.M), status
 
     settings = rendered(box, "port-broker.toml")
     assert settings.startswith("PORT-BROKER.TOML(5)")
@@ -509,8 +509,8 @@ def completions(box: Box, *words: str, user: str | None = None) -> list[str]:
 
 def check_completion(box: Box) -> None:
     """bash completes the subcommands, and each subcommand's options."""
-    parser = _parser()
-    subcommands = manual.subcommands(parser)
+    whole = parser()
+    subcommands = manual.subcommands(whole)
     assert completions(box, "port-broker", "") == sorted([*subcommands, "--help", "--version"])
     for name, sub in subcommands.items():
         flags = [flag for action in sub._actions for flag in action.option_strings]

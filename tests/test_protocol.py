@@ -17,8 +17,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.errors import Code, ProtocolError
-from broker.names import NAME_MAX_LENGTH, NAME_PATTERN, Family, SocketType, valid_name
+from broker.errors import CODES, Code, ProtocolError
+from broker.names import FAMILIES, NAME_MAX_LENGTH, NAME_REGEX, TYPES, valid_name
 from broker.protocol import (
     MAX_NAMES,
     MAX_REQUEST_BYTES,
@@ -53,7 +53,7 @@ PARSERS: list[Parser] = [parse_request, parse_reply]
 
 # --- strategies ----------------------------------------------------------------------
 
-names = st.from_regex(NAME_PATTERN, fullmatch=True)
+names = st.from_regex(NAME_REGEX, fullmatch=True)
 acquires = st.lists(names, min_size=1, max_size=MAX_NAMES, unique=True).map(
     lambda ns: Acquire(tuple(ns))
 )
@@ -64,8 +64,8 @@ requests: st.SearchStrategy[Request] = st.one_of(
 infos = st.builds(
     SocketInfo,
     name=names,
-    family=st.sampled_from([str(f) for f in Family]),
-    type=st.sampled_from([str(t) for t in SocketType]),
+    family=st.sampled_from(FAMILIES),
+    type=st.sampled_from(TYPES),
     address=st.text(max_size=40),
 )
 json_values: st.SearchStrategy[Any] = st.recursive(
@@ -84,7 +84,7 @@ replies: st.SearchStrategy[Reply] = st.one_of(
     st.lists(infos, max_size=5).map(lambda s: Listing(tuple(s))),
     st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(StatusReport),
     st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(Reloaded),
-    st.builds(Refusal, code=st.sampled_from(Code), message=st.text(max_size=80)),
+    st.builds(Refusal, code=st.sampled_from(sorted(CODES)), message=st.text(max_size=80)),
 )
 valid_lines = st.one_of(requests.map(encode_request), replies.map(encode_reply))
 
@@ -94,8 +94,8 @@ socket_entries = st.fixed_dictionaries(
     {},
     optional={
         "name": names | json_values,
-        "family": st.sampled_from([str(f) for f in Family]) | json_values,
-        "type": st.sampled_from([str(t) for t in SocketType]) | json_values,
+        "family": st.sampled_from(FAMILIES) | json_values,
+        "type": st.sampled_from(TYPES) | json_values,
         "address": st.text(max_size=20) | json_values,
         "x": json_values,
     },
@@ -106,7 +106,7 @@ name_lists = st.lists(names, min_size=1, max_size=3) | st.lists(
 )
 reply_keys = {
     "op": ops | json_values,
-    "code": st.sampled_from([str(code) for code in Code]) | json_values,
+    "code": st.sampled_from(sorted(CODES)) | json_values,
     "message": st.text(max_size=20) | json_values,
     "sockets": st.lists(socket_entries | json_values, max_size=3) | json_values,
     "status": st.dictionaries(st.text(max_size=5), json_values, max_size=3) | json_values,
@@ -166,7 +166,7 @@ def outcome(parse: Parser, line: bytes) -> object:
         return parse(line)
     except ProtocolError as e:
         error = e
-    assert isinstance(error.code, Code)
+    assert error.code in CODES
     assert error.message
     return error.code
 
@@ -214,7 +214,7 @@ def feed_bytewise(data: bytes, parse: Parser, limit: int) -> list[object]:
     return feed_in_chunks(data, [1] * len(data), parse, limit)
 
 
-def code_of(parse: Parser, line: bytes) -> Code:
+def code_of(parse: Parser, line: bytes) -> str:
     with pytest.raises(ProtocolError) as caught:
         parse(line)
     return caught.value.code
@@ -331,10 +331,10 @@ def test_mutated_messages_parse_or_raise_protocol_error(data: bytes) -> None:
 def test_message_shaped_objects_parse_or_raise_protocol_error(obj: dict[str, Any]) -> None:
     data = json.dumps(obj).encode()
     reply = outcome(parse_reply, data)
-    if not isinstance(reply, Code):
+    if not isinstance(reply, str):
         assert obj["v"] == 1  # anything that parsed carried the version
     request = outcome(parse_request, data)
-    if not isinstance(request, Code):
+    if not isinstance(request, str):
         # Strict: a request that parsed had nothing but known keys, and means one thing.
         assert obj["v"] == 1
         assert set(obj) <= {"v", "op", "names"}
@@ -386,7 +386,7 @@ def test_deep_nesting_anywhere_is_malformed_or_parses() -> None:
         for template in templates:
             for parse in PARSERS:
                 outcome(parse, (template % nested).encode())
-    assert code_of(parse_request, b"[" * 100_000) is Code.MALFORMED
+    assert code_of(parse_request, b"[" * 100_000) == Code.MALFORMED
     assert "nested too deeply" in message_of(parse_request, b"[" * 100_000)
 
 
@@ -432,7 +432,7 @@ def test_oversized_input_raises_too_large(data: bytes) -> None:
     buffer.feed(data.split(b"\n", 1)[-1] if data.startswith(b"{") else data)
     with pytest.raises(ProtocolError, match=f"exceeds {MAX_REQUEST_BYTES} bytes") as caught:
         buffer.next_line()
-    assert caught.value.code is Code.TOO_LARGE
+    assert caught.value.code == Code.TOO_LARGE
 
 
 def test_too_large_is_raised_as_soon_as_the_limit_is_reached() -> None:
@@ -443,7 +443,7 @@ def test_too_large_is_raised_as_soon_as_the_limit_is_reached() -> None:
     buffer.feed(b"z")
     with pytest.raises(ProtocolError) as caught:
         buffer.next_line()
-    assert caught.value.code is Code.TOO_LARGE
+    assert caught.value.code == Code.TOO_LARGE
 
 
 # --- requests: the right code for each fault ------------------------------------------
@@ -510,7 +510,7 @@ def names_request(names: object) -> bytes:
         (b'{"v":1,"op":"launch","x":1}', Code.UNKNOWN_OPERATION, "launch"),
     ],
 )
-def test_bad_requests_get_the_right_code(line: bytes, code: Code, words: str) -> None:
+def test_bad_requests_get_the_right_code(line: bytes, code: str, words: str) -> None:
     with pytest.raises(ProtocolError) as caught:
         parse_request(line)
     assert caught.value.code is code
@@ -538,7 +538,7 @@ def test_bad_names_are_malformed(name: str) -> None:
     assert not valid_name(name)
     with pytest.raises(ProtocolError, match="is not a valid socket name") as caught:
         parse_request(names_request(["http", name]))
-    assert caught.value.code is Code.MALFORMED
+    assert caught.value.code == Code.MALFORMED
 
 
 @pytest.mark.parametrize(
@@ -583,8 +583,8 @@ def test_a_refusal_code_from_a_newer_broker_is_kept_and_treated_as_internal() ->
     assert parse_reply(line) == Refusal(Code.INTERNAL, "the broker is on fire (on-fire)")
 
 
-@pytest.mark.parametrize("code", list(Code))
-def test_every_documented_code_survives_a_round_trip(code: Code) -> None:
+@pytest.mark.parametrize("code", sorted(CODES))
+def test_every_documented_code_survives_a_round_trip(code: str) -> None:
     line = json.dumps({"v": 1, "ok": False, "code": str(code), "message": "m"}).encode()
     assert parse_reply(line) == Refusal(code, "m")
 
@@ -626,7 +626,7 @@ GOOD_ENTRY = {"name": "http", "family": "inet6", "type": "stream", "address": "[
         (sockets_reply({**GOOD_ENTRY, "name": "a b"}), Code.MALFORMED, "invalid value"),
     ],
 )
-def test_bad_replies_get_the_right_code(line: bytes, code: Code, words: str) -> None:
+def test_bad_replies_get_the_right_code(line: bytes, code: str, words: str) -> None:
     with pytest.raises(ProtocolError) as caught:
         parse_reply(line)
     assert caught.value.code is code
@@ -634,6 +634,6 @@ def test_bad_replies_get_the_right_code(line: bytes, code: Code, words: str) -> 
 
 
 def test_a_request_is_not_a_reply_and_a_reply_is_not_a_request() -> None:
-    assert code_of(parse_reply, b'{"v":1,"op":"list"}') is Code.MALFORMED
+    assert code_of(parse_reply, b'{"v":1,"op":"list"}') == Code.MALFORMED
     reply = b'{"v":1,"ok":true,"op":"list","sockets":[]}'
-    assert code_of(parse_request, reply) is Code.MALFORMED
+    assert code_of(parse_request, reply) == Code.MALFORMED

@@ -15,8 +15,7 @@ from typing import Final
 
 import trio
 
-from broker.daemon.audit import Audit
-from broker.names import Level
+from broker.daemon.audit import Audit, Level
 
 ACCEPT_BACKOFF: Final = 0.1
 """Seconds to pause accepting when out of fds or memory, as trio does: retrying at once

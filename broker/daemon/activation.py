@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from broker.errors import IntakeError
-from broker.names import CONTROL_NAME, DEFAULT_SOCKET, NAME_RULE, Family, SocketType, valid_name
+from broker.names import CONTROL_NAME, DEFAULT_SOCKET, NAME_RULE, valid_name
 from broker.protocol import SocketInfo
+from broker.sockets import Family, SocketType, format_address
 
 BACKLOG: Final = 4096
 """Listen backlog for sockets bound here: SOMAXCONN, as systemd's Backlog= default."""
@@ -76,17 +77,6 @@ class Intake:
         for sockets in self.held.values():
             for held in sockets:
                 held.sock.close()
-
-
-def format_address(family: int, address: object) -> str:
-    """Return a printable local address: "[::]:80", "127.0.0.1:443", a path or @name."""
-    if family == socket.AF_INET6 and isinstance(address, tuple):
-        return f"[{address[0]}]:{address[1]}"
-    if family == socket.AF_INET and isinstance(address, tuple):
-        return f"{address[0]}:{address[1]}"
-    if isinstance(address, bytes):  # abstract Unix socket
-        return "@" + address[1:].decode(errors="replace")
-    return str(address) or "(unnamed)"
 
 
 def inspect(sock: socket.socket, name: str, what: str) -> SocketInfo:

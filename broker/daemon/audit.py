@@ -20,6 +20,7 @@ must not stop grants), or log what a client sent verbatim beyond a bounded lengt
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import sys
@@ -28,7 +29,32 @@ from typing import Final
 
 from broker.daemon.identity import Peer
 from broker.daemon.journal import BACKLOG, SOCKET, Journal
-from broker.names import Level, printable, unprintable
+from broker.names import printable, unprintable
+
+
+class Level(enum.StrEnum):
+    """How much an audit event matters (syslog's levels, as the journal takes them)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    NOTICE = "notice"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def priority(self) -> int:
+        """The journal's PRIORITY= (syslog's numbering)."""
+        return _PRIORITY[self]
+
+
+_PRIORITY: Final = {
+    Level.DEBUG: 7,
+    Level.INFO: 6,
+    Level.NOTICE: 5,
+    Level.WARNING: 4,
+    Level.ERROR: 3,
+}
+
 
 GRANT_MESSAGE_ID: Final = "5c8a1f3e2b7d4e0a9f6c1b2d3e4f5a01"
 """MESSAGE_ID of grant events: `journalctl MESSAGE_ID=5c8a1f3e…a01`."""

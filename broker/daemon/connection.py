@@ -117,7 +117,7 @@ class Outcome(NamedTuple):
     kind: Kind
     reason: str
     socket: str | None = None
-    code: Code | None = None
+    code: str | None = None
     detail: str | None = None
 
 
@@ -335,7 +335,7 @@ class Connection:
             return self._deny(Code.TOO_LARGE, ",".join(request.names), message)
         return Send(encode_reply(Granted(tuple(infos))), tuple(fds), grants=tuple(grants))
 
-    def _deny(self, code: Code, name: str, reason: str) -> Send:
+    def _deny(self, code: str, name: str, reason: str) -> Send:
         return self._reply(Refusal(code, reason), Outcome(Kind.DENIAL, reason, name, code))
 
     def _status(self) -> Send:

@@ -35,7 +35,7 @@ from broker import __version__, status
 from broker.daemon.accepting import accept_loop
 from broker.daemon.activation import CONTROL_BACKLOG, Intake
 from broker.daemon.admission import Admission
-from broker.daemon.audit import Audit
+from broker.daemon.audit import Audit, Level
 from broker.daemon.config import Config, unheld_rules
 from broker.daemon.connection import CLOSE, NEED_DATA, RELOAD, Connection, Holdings, Phase, Send
 from broker.daemon.identity import Marks, Peer, peer_credentials, peer_marks, peer_uid
@@ -45,7 +45,6 @@ from broker.daemon.reload import Reloader, Standing
 from broker.daemon.sdnotify import keep_watchdog, notify, publish_status
 from broker.daemon.users import UserDatabase
 from broker.errors import Code, ConfigError
-from broker.names import Level
 from broker.protocol import MAX_REQUEST_BYTES, Refusal, encode_reply
 
 SHUTDOWN_GRACE: Final = 1.0

@@ -18,11 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from broker.daemon.audit import Audit
+from broker.daemon.audit import Audit, Level
 from broker.daemon.connection import Kind, Outcome
 from broker.daemon.identity import Peer
 from broker.errors import Code
-from broker.names import Level
 from broker.status import Event, SocketStatus
 
 if TYPE_CHECKING:
@@ -164,7 +163,7 @@ class Ledger:
             return
         logged = self.limiter.allow(peer.uid)
         if outcome.kind is Kind.DENIAL:
-            if outcome.code is Code.DENIED:
+            if outcome.code == Code.DENIED:
                 self.denials[name] += 1
             if logged:
                 code = None if outcome.code is None else str(outcome.code)

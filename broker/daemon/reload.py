@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from broker.daemon import loader
+from broker.daemon.audit import Level
 from broker.errors import ConfigError
-from broker.names import Level
-from broker.protocol import RELOAD_TIMEOUT
+from broker.names import LOAD_TIMEOUT as RELOAD_TIMEOUT
 
 if TYPE_CHECKING:
     from broker.daemon.audit import Audit

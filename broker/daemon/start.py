@@ -27,10 +27,10 @@ import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from broker.daemon.audit import Level
 from broker.daemon.config import unheld_rules
 from broker.daemon.loader import IsolatedLoad
 from broker.errors import BrokerError, ConfigError, IntakeError
-from broker.names import Level
 
 if TYPE_CHECKING:
     from broker.daemon.activation import Intake

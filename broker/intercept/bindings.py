@@ -18,9 +18,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
-from broker.daemon.activation import format_address
 from broker.errors import InterceptError
-from broker.names import Family
+from broker.sockets import Family, format_address
 
 
 class Endpoint(NamedTuple):
@@ -159,25 +158,31 @@ def describe_held(sock: socket.socket) -> Held:
 
 
 def build_map(
-    held: Sequence[socket.socket], port_map: Mapping[int, Sequence[socket.socket]] | None
+    grants: Sequence[tuple[str, socket.socket]], mapping: Mapping[int, str] | None = None
 ) -> tuple[list[Held], dict[int, list[Held]]]:
-    everything = list(held)
-    if port_map is not None:
-        everything += [s for socks in port_map.values() for s in socks]
+    """The held sockets, described (each checked), and which of them a bind() to each
+    port gets, in order: every socket for its own port, and with `mapping` (--map
+    PORT=NAME) every socket named NAME for PORT as well.
+
+    Raises:
+        InterceptError: a socket cannot be held (see `describe_held`).
+        ValueError: a `mapping` key is not a port, or names no socket given.
+    """
     described: dict[int, Held] = {}
-    for sock in everything:
+    for _, sock in grants:
         if sock.fileno() not in described:
             described[sock.fileno()] = describe_held(sock)
-    mapping: dict[int, list[Held]] = {}
-    if port_map is None:
-        for h in described.values():
-            mapping.setdefault(h.endpoint.port, []).append(h)
-    else:
-        for port, socks in port_map.items():
-            if not 0 < port < 65536:
-                raise ValueError(f"port_map key {port!r} is not a port number")
-            mapping[port] = [described[s.fileno()] for s in socks]
-    return list(described.values()), mapping
+    ports: dict[int, list[Held]] = {}
+    for held in described.values():
+        ports.setdefault(held.endpoint.port, []).append(held)
+    for port, name in (mapping or {}).items():
+        if not 0 < port < 65536:
+            raise ValueError(f"mapping key {port!r} is not a port number")
+        named = [described[sock.fileno()] for granted, sock in grants if granted == name]
+        if not named:
+            raise ValueError(f"mapping {port}={name}: no socket named {name!r} is held")
+        ports[port] = named
+    return list(described.values()), ports
 
 
 def v6only_note(wanted_v6only: bool, held: Held, who: str) -> str | None:

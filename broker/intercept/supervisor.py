@@ -402,8 +402,8 @@ class _Supervisor:
 
 def run_intercepted(
     argv: Sequence[str],
-    held: Sequence[socket.socket],
-    port_map: Mapping[int, Sequence[socket.socket]] | None = None,
+    held: Sequence[tuple[str, socket.socket]],
+    mapping: Mapping[int, str] | None = None,
     *,
     env: Mapping[str, str] | None = None,
     services: Mapping[int, Callable[[], None]] | None = None,
@@ -429,9 +429,10 @@ def run_intercepted(
 
     Args:
         argv: The program and its arguments.
-        held: Bound sockets (listening, if SOCK_STREAM) of AF_INET or AF_INET6.
-        port_map: Which held sockets a bind() to each port may get, in preference order.
-            Default: each held socket for its own port.
+        held: (name, socket) pairs: bound sockets (listening, if SOCK_STREAM) of AF_INET
+            or AF_INET6, as granted.
+        mapping: PORT → NAME (--map): a bind() to PORT gets the sockets named NAME too.
+            Each held socket serves its own port regardless (`bindings.build_map`).
         env: The program's environment; default ours.
         services: fds to serve meanwhile, each with what to run when it is readable.
 
@@ -443,13 +444,13 @@ def run_intercepted(
             `check_supported`), or the process already runs under another supervisor.
         InterceptError: A held socket is unusable, or the program could not be started.
         OSError: exec failed (FileNotFoundError, PermissionError, ...).
-        ValueError: `argv` is empty, a `port_map` key is not a port, or other threads
-            run in this process.
+        ValueError: `argv` is empty, a `mapping` key is not a port or names no held
+            socket, or other threads run in this process.
     """
     if not argv:
         raise ValueError("argv is empty: nothing to run")
     check_supported()
-    described, mapping = build_map(held, port_map)
+    described, ports = build_map(held, mapping)
     threads = len(os.listdir("/proc/self/task"))
     if threads > 1:
         # Another thread with SIGCHLD unblocked would take the signals our signalfd
@@ -472,7 +473,7 @@ def run_intercepted(
         sigfd = syscalls.signalfd(watched)
         held_fds = [h.sock.fileno() for h in described]
         pid, listener = spawn.start(argv, env=env, held_fds=held_fds, old_mask=old_mask)
-        supervisor = _Supervisor(listener, sigfd, pid, described, mapping, services=services or {})
+        supervisor = _Supervisor(listener, sigfd, pid, described, ports, services=services or {})
         try:
             return supervisor.serve()
         finally:
