@@ -174,7 +174,8 @@ print(json.dumps({
     "inos": [os.fstat(s.fileno()).st_ino for s in (http, dns)],
     "addresses": [list(s.getsockname()) for s in (http, dns)],
 }), flush=True)
-exec_with([("http", http.detach()), ("dns", dns.detach())], [sys.executable, "-I", "-c", sys.argv[2]], environ)
+grants = [("http", http.detach()), ("dns", dns.detach())]
+exec_with(grants, [sys.executable, "-I", "-c", sys.argv[2]], environ)
 """
 
 
@@ -221,7 +222,8 @@ from broker.launcher import exec_with
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 sock.listen()
-exec_with([("http", sock.detach())], ["sh", "-c", 'echo "$$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES"'])
+exec_with([("http", sock.detach())],
+          ["sh", "-c", 'echo "$$ $LISTEN_PID $LISTEN_FDS $LISTEN_FDNAMES"'])
 """
     done = run_child(script)
     assert done.returncode == 0, done.stderr
