@@ -18,6 +18,7 @@ from broker.daemon.admission import (
     UNNAMED_TOTAL_BURST,
     UNNAMED_TOTAL_RATE,
     Admission,
+    Limits,
 )
 from broker.daemon.identity import Marks
 
@@ -36,10 +37,12 @@ class Clock:
         return self.now
 
 
+def limits(max_connections: int, max_per_user: int) -> Limits:
+    return Limits(max_connections, max_per_user, SOURCE, frozenset({NAMED}))
+
+
 def admission(max_connections: int, max_per_user: int, clock: Clock | None = None) -> Admission:
-    slots = Admission(max_connections, max_per_user, SOURCE, clock or Clock())
-    slots.named_uids = frozenset({NAMED})
-    return slots
+    return Admission(lambda: limits(max_connections, max_per_user), clock or Clock())
 
 
 def admitted_in_a_row(slots: Admission, uid: int | None, marks: Marks | None = None) -> int:
@@ -64,7 +67,7 @@ def held_to_no_rate(slots: Admission, uid: int, marks: Marks) -> bool:
 
 def test_unnamed_peers_share_all_but_the_reserved_slots() -> None:
     slots = admission(16, 64)
-    assert slots.reserved == 16 // NAMED_RESERVE == 4
+    assert limits(16, 64).reserved == 16 // NAMED_RESERVE == 4
     for uid in range(12):  # 12 attacking uids, one connection each
         assert slots.admit(NAMED) is None
         assert slots.admit_peer(70000 + uid, named=False) is None
@@ -93,12 +96,19 @@ def test_one_uid_is_held_to_its_own_limit_named_or_not() -> None:
     assert slots.admit_peer(33, named=True) is None
 
 
-def test_a_reload_moves_the_reserve_with_the_limit() -> None:
-    slots = admission(16, 64)
-    slots.limit(4, 64, SOURCE)
-    assert slots.reserved == 1
-    slots.limit(1, 64, SOURCE)
-    assert slots.reserved == 1  # at least one, always
+def test_a_reload_moves_the_limits_and_the_reserve_with_them() -> None:
+    # Admission asks for the limits in force at each decision: a reload's apply to the
+    # next connection, and those over a new limit are not cut.
+    current = [limits(16, 64)]
+    slots = Admission(lambda: current[0], Clock())
+    for uid in range(4):
+        assert slots.admit(NAMED) is None
+        assert slots.admit_peer(70000 + uid, named=False) is None
+    current[0] = limits(4, 64)
+    assert current[0].reserved == 1
+    assert slots.admit(NAMED) is not None  # 4 of 4 taken
+    assert slots.report() == {"active": 4, "total": 5, "limit": 4}
+    assert limits(1, 64).reserved == 1  # at least one, always
 
 
 events = st.lists(
@@ -124,16 +134,15 @@ def test_counts_never_drift_and_the_reserve_holds(steps: list[tuple[bool, int, b
             slots.leave_peer(gone, named=was_named)
             slots.leave()
         assert slots.active == len(held) <= 8
-        assert slots.unnamed == sum(not n for _, n in held) <= 8 - slots.reserved
+        assert slots.unnamed == sum(not n for _, n in held) <= 8 - limits(8, 3).reserved
         assert all(count <= 3 for count in slots.per_uid.values())
         assert sum(slots.per_uid.values()) == len(held)
 
 
 @pytest.mark.parametrize("limit", [1, 3, 4, 1024])
 def test_the_reserve_is_a_quarter_and_never_everything(limit: int) -> None:
-    slots = admission(limit, 64)
-    assert slots.reserved == max(1, limit // 4)
-    assert slots.max_connections - slots.reserved >= 0
+    assert limits(limit, 64).reserved == max(1, limit // 4)
+    assert limit - limits(limit, 64).reserved >= 0
 
 
 def test_a_uid_no_users_entry_names_is_held_to_its_connection_rate() -> None:

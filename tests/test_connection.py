@@ -1,36 +1,38 @@
-"""Tests for `broker.connection`: one connection's rules, without I/O.
+"""Tests for `broker.daemon.connection`: one connection's rules, without I/O.
 
 Each numbered rule of the module has its own tests, and hypothesis checks the
 invariants over arbitrary input, whole and in arbitrary chunks: every `Send` is one
 reply line; a refusal that closes is the last thing sent; fds travel only with a grant,
 exactly those of the names asked for; a grant is recorded only as a grant; nothing is
-answered after the connection closes.
+answered after the connection closes. No socket is opened: the held sockets are fd
+numbers with their descriptions, as the connection sees them.
 """
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.daemon.activation import HeldSocket, inspect
+from broker.daemon.config import Config
 from broker.daemon.connection import (
     CLOSE,
+    FINAL_SEND_TIMEOUT,
     NEED_DATA,
     RELOAD,
     Action,
     Connection,
-    Holdings,
     Kind,
     Phase,
     Send,
+    refuse_busy,
 )
 from broker.daemon.identity import Peer
 from broker.daemon.policy import Policy, Rule
+from broker.daemon.standing import Held, Standing
 from broker.errors import Code
 from broker.protocol import (
     MAX_NAMES,
@@ -43,6 +45,7 @@ from broker.protocol import (
     Refusal,
     Reload,
     Reloaded,
+    SocketInfo,
     Status,
     StatusReport,
     encode_request,
@@ -59,38 +62,34 @@ POLICY = Policy(
 TIMEOUT = 5.0
 
 
+HeldMap = dict[str, tuple[Held, ...]]
+
+
 @pytest.fixture(scope="module")
-def held() -> Iterator[dict[str, list[HeldSocket]]]:
-    """http (IPv4 and IPv6), https and secret: real listening sockets on loopback."""
-    made: dict[str, list[HeldSocket]] = {}
-    socks = []
-    for name, family, host in [
-        ("http", socket.AF_INET, "127.0.0.1"),
-        ("http", socket.AF_INET6, "::1"),
-        ("https", socket.AF_INET, "127.0.0.1"),
-        ("secret", socket.AF_INET, "127.0.0.1"),
-    ]:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        socks.append(sock)
-        sock.bind((host, 0))
-        sock.listen()
-        made.setdefault(name, []).append(HeldSocket(name, sock, inspect(sock, name, name)))
-    yield made
-    for sock in socks:
-        sock.close()
+def held() -> HeldMap:
+    """http (IPv4 and IPv6), https and secret, as fds and descriptions: the connection
+    passes fds on and reads nothing of them, so no socket is needed."""
+    made: dict[str, list[Held]] = {}
+    for fd, (name, family, address) in enumerate(
+        [("http", "inet", "0.0.0.0:80"), ("http", "inet6", "[::]:80"),
+         ("https", "inet", "0.0.0.0:443"), ("secret", "inet", "127.0.0.1:9")], start=100,
+    ):  # fmt: skip
+        made.setdefault(name, []).append((fd, SocketInfo(name, family, "stream", address)))
+    return {name: tuple(group) for name, group in made.items()}
 
 
-def holdings(held: dict[str, list[HeldSocket]], report: Any = None) -> Holdings:
-    return Holdings(POLICY, held, report or (lambda: {"grants": 0}))
+def standing(held: HeldMap, policy: Policy = POLICY, owner: int = 0) -> Standing:
+    return Standing(Config(policy.source, True, policy), held, owner=owner)
 
 
-def connection(held: dict[str, list[HeldSocket]], peer: Peer = PEER, **kw: Any) -> Connection:
-    current = holdings(held, kw.pop("report", None))
-    return Connection(peer, lambda: current, timeout=TIMEOUT, **kw)
+def connection(held: HeldMap, peer: Peer = PEER, **kw: Any) -> Connection:
+    current = standing(held)
+    report = kw.pop("report", None) or (lambda: {"grants": 0})
+    return Connection(peer, lambda: current, report, timeout=TIMEOUT, **kw)
 
 
-def fds_of(held: dict[str, list[HeldSocket]], names: Sequence[str]) -> tuple[int, ...]:
-    return tuple(h.sock.fileno() for name in names for h in held[name])
+def fds_of(held: HeldMap, names: Sequence[str]) -> tuple[int, ...]:
+    return tuple(fd for name in names for fd, _ in held[name])
 
 
 ACTIONS_PER_STEP: Final = 16
@@ -134,14 +133,14 @@ def line(request: Any) -> bytes:
 
 
 def test_a_request_of_exactly_the_size_limit_is_served(
-    held: dict[str, list[HeldSocket]],
+    held: HeldMap,
 ) -> None:
     assert len(PADDED_LIST) == MAX_REQUEST_BYTES
     [send] = sends(drive(connection(held), [PADDED_LIST]))
     assert isinstance(parse_reply(send.data.rstrip(b"\n")), Listing)
 
 
-def test_each_request_gets_one_reply_in_order(held: dict[str, list[HeldSocket]]) -> None:
+def test_each_request_gets_one_reply_in_order(held: HeldMap) -> None:
     actions = drive(connection(held), [line(ListSockets()) + line(Acquire(("http",)))])
     listing, granted = (parse_reply(s.data.rstrip(b"\n")) for s in sends(actions))
     assert isinstance(listing, Listing)
@@ -149,7 +148,7 @@ def test_each_request_gets_one_reply_in_order(held: dict[str, list[HeldSocket]])
     assert actions[-1] is CLOSE
 
 
-def test_the_connection_closes_after_its_last_request(held: dict[str, list[HeldSocket]]) -> None:
+def test_the_connection_closes_after_its_last_request(held: HeldMap) -> None:
     conn = connection(held, max_requests=3)
     actions = drive(conn, [line(ListSockets()) * 5], eof=False)
     assert len(sends(actions)) == 3
@@ -182,7 +181,7 @@ PADDED_LIST = b'{"v":1,"op":"list"' + b" " * (MAX_REQUEST_BYTES - 20) + b"}\n"
     ],
 )  # fmt: skip
 def test_a_bad_request_gets_one_refusal_and_nothing_after_it(
-    held: dict[str, list[HeldSocket]], data: bytes, code: str, words: str
+    held: HeldMap, data: bytes, code: str, words: str
 ) -> None:
     actions = drive(connection(held), [data + line(Acquire(("http",)))])
     [refusal] = sends(actions)
@@ -201,7 +200,7 @@ def test_a_bad_request_gets_one_refusal_and_nothing_after_it(
 @given(names=st.lists(st.sampled_from(["http", "https", "secret", "nope"]), min_size=1,
                       max_size=4, unique=True))  # fmt: skip
 @settings(max_examples=60, deadline=None)
-def test_an_acquire_is_all_or_none(held: dict[str, list[HeldSocket]], names: list[str]) -> None:
+def test_an_acquire_is_all_or_none(held: HeldMap, names: list[str]) -> None:
     [send] = sends(drive(connection(held), [line(Acquire(tuple(names)))], eof=False))
     reply = parse_reply(send.data.rstrip(b"\n"))
     if set(names) <= {"http", "https"}:
@@ -218,18 +217,19 @@ def test_an_acquire_is_all_or_none(held: dict[str, list[HeldSocket]], names: lis
         assert (denial.kind, denial.socket, denial.code) == (Kind.DENIAL, first_bad, reply.code)
 
 
-def test_more_fds_than_one_message_carries_is_refused(held: dict[str, list[HeldSocket]]) -> None:
+def test_more_fds_than_one_message_carries_is_refused(held: HeldMap) -> None:
     many = {f"s{i}": held["http"] * 4 for i in range(MAX_NAMES)}  # 32 names, 8 fds each
     assert MAX_NAMES * 8 > SCM_MAX_FD
     policy = Policy(sockets={n: Rule(uids=frozenset({1000})) for n in many})
-    conn = Connection(PEER, lambda: Holdings(policy, many, dict), timeout=TIMEOUT)
+    current = standing(many, policy)
+    conn = Connection(PEER, lambda: current, dict, timeout=TIMEOUT)
     [send] = sends(drive(conn, [line(Acquire(tuple(many)))], eof=False))
     assert parse_reply(send.data.rstrip(b"\n")).code == Code.TOO_LARGE  # type: ignore[union-attr]
     assert (send.fds, send.grants) == ((), ())
 
 
 def test_unknown_names_reveal_only_what_the_peer_may_have(
-    held: dict[str, list[HeldSocket]],
+    held: HeldMap,
 ) -> None:
     [send] = sends(drive(connection(held), [line(Acquire(("nope",)))], eof=False))
     assert send.outcomes[0].reason == "no socket named 'nope' (you may acquire: http, https)"
@@ -238,7 +238,7 @@ def test_unknown_names_reveal_only_what_the_peer_may_have(
 # --- rule 4: grants are recorded apart ---------------------------------------------
 
 
-def test_grants_ride_apart_from_other_outcomes(held: dict[str, list[HeldSocket]]) -> None:
+def test_grants_ride_apart_from_other_outcomes(held: HeldMap) -> None:
     [send] = sends(drive(connection(held), [line(Acquire(("https", "http")))], eof=False))
     assert send.outcomes == ()
     assert [(g.kind, g.socket) for g in send.grants] == [
@@ -251,13 +251,15 @@ def test_grants_ride_apart_from_other_outcomes(held: dict[str, list[HeldSocket]]
 # --- rule 5: the deadline's meaning -----------------------------------------------
 
 
-def test_a_late_request_is_refused_with_timeout(held: dict[str, list[HeldSocket]]) -> None:
+def test_a_late_request_is_refused_with_timeout(held: HeldMap) -> None:
     conn = connection(held)
     conn.receive_data(b'{"v":1,')
     assert conn.next_action() is NEED_DATA
-    late = conn.timed_out()
+    conn.timed_out()
+    late = conn.next_action()
     assert isinstance(late, Send)
     assert late.final
+    assert conn.wait == FINAL_SEND_TIMEOUT  # rule 2: a short try to say it
     assert parse_reply(late.data.rstrip(b"\n")) == Refusal(
         Code.TIMEOUT, "no complete request within 5 seconds"
     )
@@ -266,18 +268,18 @@ def test_a_late_request_is_refused_with_timeout(held: dict[str, list[HeldSocket]
 
 
 def test_a_reply_not_taken_in_time_closes_without_a_word(
-    held: dict[str, list[HeldSocket]],
+    held: HeldMap,
 ) -> None:
     conn = connection(held)
     conn.receive_data(line(ListSockets()))
     assert isinstance(conn.next_action(), Send)
     assert conn.phase is Phase.SENDING
-    assert conn.timed_out() is CLOSE
+    conn.timed_out()
     assert conn.next_action() is CLOSE
 
 
 def test_the_driver_must_finish_a_send_before_the_next(
-    held: dict[str, list[HeldSocket]],
+    held: HeldMap,
 ) -> None:
     conn = connection(held)
     with pytest.raises(RuntimeError, match="sent"):
@@ -288,24 +290,43 @@ def test_the_driver_must_finish_a_send_before_the_next(
         conn.next_action()
 
 
-def test_a_new_policy_applies_from_the_next_request(held: dict[str, list[HeldSocket]]) -> None:
-    current = [holdings(held)]
-    conn = Connection(PEER, lambda: current[0], timeout=TIMEOUT)
+def test_a_new_policy_applies_from_the_next_request(held: HeldMap) -> None:
+    current = [standing(held)]
+    conn = Connection(PEER, lambda: current[0], dict, timeout=TIMEOUT)
     conn.receive_data(line(Acquire(("http",))) * 2)
     first = conn.next_action()
     assert isinstance(first, Send)
     assert first.fds
     conn.sent()
-    current[0] = Holdings(Policy(sockets={"http": Rule(uids=frozenset({0}))}), held, dict)
+    current[0] = standing(held, Policy(sockets={"http": Rule(uids=frozenset({0}))}))
     second = conn.next_action()  # the same connection, after a reload
     assert isinstance(second, Send)
     assert (second.fds, [o.code for o in second.outcomes]) == ((), [Code.DENIED])
 
 
+def test_each_phase_begins_a_wait_of_its_own(held: HeldMap) -> None:
+    # The connection says when each deadline starts and how long it lasts; the driver
+    # only keeps the time.
+    conn = connection(held)
+    seen = [(conn.waits, conn.phase, conn.wait)]
+    conn.receive_data(line(ListSockets()))
+    assert isinstance(conn.next_action(), Send)
+    seen.append((conn.waits, conn.phase, conn.wait))
+    conn.sent()
+    seen.append((conn.waits, conn.phase, conn.wait))
+    assert conn.next_action() is NEED_DATA  # waiting for data is no new wait
+    assert conn.waits == seen[-1][0]
+    assert seen == [
+        (1, Phase.READING, TIMEOUT),
+        (2, Phase.SENDING, TIMEOUT),
+        (3, Phase.READING, TIMEOUT),
+    ]
+
+
 # --- rule 6: end of stream --------------------------------------------------------
 
 
-def test_a_partial_request_at_end_of_stream_is_dropped(held: dict[str, list[HeldSocket]]) -> None:
+def test_a_partial_request_at_end_of_stream_is_dropped(held: HeldMap) -> None:
     assert drive(connection(held), [line(ListSockets())[:-3]]) == [CLOSE]
 
 
@@ -313,7 +334,7 @@ def test_a_partial_request_at_end_of_stream_is_dropped(held: dict[str, list[Held
 
 
 def test_a_failure_of_ours_is_refused_and_the_connection_goes_on(
-    held: dict[str, list[HeldSocket]],
+    held: HeldMap,
 ) -> None:
     def broken() -> dict[str, Any]:
         raise KeyError("a bug")
@@ -331,7 +352,7 @@ def test_a_failure_of_ours_is_refused_and_the_connection_goes_on(
     assert parse_reply(second.data.rstrip(b"\n")).code == Code.INTERNAL  # type: ignore[union-attr]
 
 
-def test_status_is_for_the_status_rule_only(held: dict[str, list[HeldSocket]]) -> None:
+def test_status_is_for_the_status_rule_only(held: HeldMap) -> None:
     [denied] = sends(drive(connection(held), [line(Status())]))
     assert [o.kind for o in denied.outcomes] == [Kind.STATUS_DENIAL]
     root = Peer(pid=1, uid=0, gid=0, user="root")
@@ -349,21 +370,26 @@ def phase(conn: Connection) -> Phase:
 
 @pytest.mark.parametrize("uid", [0, 4321])
 def test_root_and_the_broker_uid_get_the_reload_done_then_its_outcome(
-    held: dict[str, list[HeldSocket]], uid: int
+    held: HeldMap, uid: int
 ) -> None:
-    owned_by = Holdings(POLICY, held, dict, owner=4321)
-    conn = Connection(Peer(pid=1, uid=uid, gid=uid), lambda: owned_by, timeout=TIMEOUT)
+    owned_by = standing(held, owner=4321)
+    conn = Connection(Peer(pid=1, uid=uid, gid=uid), lambda: owned_by, dict, timeout=TIMEOUT)
     conn.receive_data(line(Reload()) * 2)
     assert conn.next_action() is RELOAD
     assert phase(conn) is Phase.WORKING
+    assert conn.wait is None  # rule 8: the reload's own bound
     with pytest.raises(RuntimeError, match="while working"):
         conn.next_action()
-    done = conn.reloaded({"generation": 2}, None)
+    conn.reloaded({"generation": 2}, None)
+    done = conn.next_action()
+    assert isinstance(done, Send)
     assert parse_reply(done.data.rstrip(b"\n")) == Reloaded({"generation": 2})
     assert (done.outcomes, done.final) == ((), False)  # the reload logs its own outcome
     conn.sent()
     assert conn.next_action() is RELOAD
-    refused = conn.reloaded({"generation": 2}, "x.toml: bad; generation 2 stays in force")
+    conn.reloaded({"generation": 2}, "x.toml: bad; generation 2 stays in force")
+    refused = conn.next_action()
+    assert isinstance(refused, Send)
     reply = parse_reply(refused.data.rstrip(b"\n"))
     assert reply == Refusal(Code.INVALID_CONFIG, "x.toml: bad; generation 2 stays in force")
     assert not refused.final  # the connection goes on
@@ -371,9 +397,9 @@ def test_root_and_the_broker_uid_get_the_reload_done_then_its_outcome(
     assert phase(conn) is Phase.READING
 
 
-def test_a_reload_from_anyone_else_is_denied(held: dict[str, list[HeldSocket]]) -> None:
-    owned_by = Holdings(POLICY, held, dict, owner=4321)
-    conn = Connection(PEER, lambda: owned_by, timeout=TIMEOUT)
+def test_a_reload_from_anyone_else_is_denied(held: HeldMap) -> None:
+    owned_by = standing(held, owner=4321)
+    conn = Connection(PEER, lambda: owned_by, dict, timeout=TIMEOUT)
     [denied] = sends(drive(conn, [line(Reload())]))
     [outcome] = denied.outcomes
     assert (outcome.kind, outcome.code) == (Kind.RELOAD_DENIAL, Code.DENIED)
@@ -384,7 +410,7 @@ def test_a_reload_from_anyone_else_is_denied(held: dict[str, list[HeldSocket]]) 
     assert parse_reply(denied.data.rstrip(b"\n")) == Refusal(Code.DENIED, outcome.reason)
 
 
-def test_reloaded_is_only_for_a_reload(held: dict[str, list[HeldSocket]]) -> None:
+def test_reloaded_is_only_for_a_reload(held: HeldMap) -> None:
     with pytest.raises(RuntimeError, match="while reading"):
         connection(held).reloaded({}, None)
 
@@ -409,7 +435,7 @@ def chunked(draw: st.DrawFn) -> list[bytes]:
 @given(chunks=chunked())
 @settings(max_examples=300, deadline=None)
 def test_any_input_gives_replies_then_at_most_one_refusal_then_close(
-    held: dict[str, list[HeldSocket]], chunks: list[bytes]
+    held: HeldMap, chunks: list[bytes]
 ) -> None:
     actions = drive(connection(held), chunks)
     assert actions[-1] is CLOSE
@@ -433,3 +459,41 @@ def test_any_input_gives_replies_then_at_most_one_refusal_then_close(
     assert [s.data for s in sends(drive(connection(held), [b"".join(chunks)]))] == [
         s.data for s in replies
     ]
+
+
+# --- rule 9: a grant the kernel would not pass ---------------------------------------
+
+
+def test_an_undeliverable_grant_is_answered_busy_and_the_connection_goes_on(
+    held: HeldMap,
+) -> None:
+    conn = connection(held)
+    conn.receive_data(line(Acquire(("http",))) * 2)
+    grant = conn.next_action()
+    assert isinstance(grant, Send)
+    assert grant.fds
+    conn.undeliverable("uid 61300 holds 64")
+    busy = conn.next_action()
+    assert isinstance(busy, Send)
+    assert (busy.fds, busy.grants, busy.final) == ((), (), False)
+    assert parse_reply(busy.data.rstrip(b"\n")) == Refusal(Code.BUSY, "uid 61300 holds 64")
+    assert [(o.kind, o.code) for o in busy.outcomes] == [(Kind.BUSY, Code.BUSY)]
+    conn.sent()
+    again = conn.next_action()  # the peer may ask again
+    assert isinstance(again, Send)
+    assert again.fds == fds_of(held, ["http"])
+    conn.sent()
+    with pytest.raises(RuntimeError, match="while reading"):
+        conn.undeliverable("nothing is being sent")
+
+
+# --- rule 10: busy before anything is read ----------------------------------------
+
+
+def test_a_connection_not_taken_is_told_busy_and_closed() -> None:
+    refusal = refuse_busy("uid 7 already has 64 connections")
+    assert refusal.final
+    assert (refusal.fds, refusal.grants, refusal.outcomes) == ((), (), ())  # counted apart
+    reply = parse_reply(refusal.data.rstrip(b"\n"))
+    assert reply == Refusal(Code.BUSY, "uid 7 already has 64 connections")
+    assert refuse_busy("uid 7 already has 64 connections") is refusal  # made once

@@ -26,6 +26,7 @@ import resource
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Final
 
@@ -820,7 +821,8 @@ async def test_a_new_configuration_applies_to_the_next_request_of_a_connected_cl
         for sock in fds:
             sock.close()
         others = Policy(sockets={"http": Rule(uids=frozenset({NOBODY}))}, status=ME, source="x")
-        served.broker.apply(dataclasses.replace(served.broker.standing.config, policy=others))
+        config = dataclasses.replace(served.broker.standing.config, policy=others)
+        served.broker.standing = served.broker.standing.replaced(config, time.time())
         await wire.send(acquire_line("http"))  # the same connection: the new policy
         reply, fds = await wire.reply()
         assert (reply["ok"], reply["code"], fds) == (False, "denied", [])
@@ -834,9 +836,9 @@ async def test_a_configuration_with_rules_for_sockets_not_held_is_refused(
         rules = {"http": Rule(uids=frozenset({UID})), "ftp": Rule(uids=frozenset({UID}))}
         new = dataclasses.replace(served.broker.standing.config, policy=Policy(sockets=rules))
         with pytest.raises(ConfigError, match="rules for ftp but the broker holds no such socket"):
-            served.broker.apply(new)
+            served.broker.standing.replaced(new, time.time())
         assert served.broker.report()["configuration"]["generation"] == 1
-        assert served.broker.holdings.policy.sockets == DEFAULT_RULES
+        assert served.broker.standing.policy.sockets == DEFAULT_RULES
 
 
 async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one_is_bad(
@@ -856,7 +858,7 @@ async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one
                     await trio.sleep(0.02)
 
         await reloaded(2, refused=False)
-        assert set(served.broker.holdings.policy.sockets) == {"http"}  # the file's, not the default
+        assert set(served.broker.standing.policy.sockets) == {"http"}  # the file's, not the default
         sock = await client.acquire_trio("http", path=served.path)
         sock.close()
 
@@ -933,16 +935,19 @@ async def test_reloads_asked_for_at_once_run_one_after_the_other(
 async def test_a_reload_that_cannot_even_start_is_refused_and_the_broker_serves_on(
     rundir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(loader, "subprocess_command", lambda path: ["/nonexistent/python"])
+    monkeypatch.setattr(loader, "command", lambda path: ["/nonexistent/python"])
     async with running_broker(rundir) as served:
         send_signal_to_self(signal.SIGHUP)
         with trio.fail_after(START_TIMEOUT):
             while served.broker.standing.refused is None:
                 await trio.sleep(0.02)
-        assert "FileNotFoundError" in served.broker.standing.refused["reason"]
+        assert served.broker.standing.refused["reason"] == (
+            "/etc/port-broker/test-broker.toml: cannot start the configuration loader "
+            "(/nonexistent/python): No such file or directory"
+        )
         sock = await client.acquire_trio("http", path=served.path)  # still serving
         sock.close()
-    assert "reloading /etc/port-broker/test-broker.toml failed: FileNotFoundError" in (
+    assert "refused the new configuration: /etc/port-broker/test-broker.toml: cannot start" in (
         capsys.readouterr().err
     )
 
@@ -993,7 +998,7 @@ async def test_status_line_for_systemd(rundir: Path) -> None:
             assert broker.status_line() == (
                 "Holding http, dual, dns, secret, norule; 1 grants, 1 denials, 1 clients"
             )
-    async with running_broker(rundir, held={}) as served:
+    async with running_broker(rundir, held={}, rules={}) as served:
         assert served.broker.status_line() == "Holding nothing; 0 grants, 0 denials, 0 clients"
 
 

@@ -82,6 +82,30 @@ class _Known:
         return bool(self.groups & peer.groups) or peer.unit in self.units
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What admission holds connections to: part of the configuration in force
+    (broker/daemon/standing.py), read at each decision.
+
+    Attributes:
+        max_connections: Connections served at once.
+        max_per_user: Connections one uid may hold at once.
+        source: Where the limits are set, for messages.
+        named_uids: The uids whose connection rate is not limited (`users` entries,
+            root, the broker's uid).
+    """
+
+    max_connections: int
+    max_per_user: int
+    source: str
+    named_uids: frozenset[int] = frozenset()
+
+    @property
+    def reserved(self) -> int:
+        """Slots only peers the policy names may take: a quarter, at least one."""
+        return max(1, self.max_connections // NAMED_RESERVE)
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -98,57 +122,40 @@ class Admission:
     """Connection slots, counted globally, per uid, and for unnamed peers.
 
     Args:
-        max_connections: Connections served at once.
-        max_per_user: Connections one uid may hold at once.
-        source: Where the limits are set, for messages.
+        limits: The limits in force, asked at each decision (a reload changes them for
+            the next connection; connections over a new limit are not cut).
         clock: Seconds, monotonic (trio's clock in the broker, so tests can move it).
-
-    Attributes:
-        named_uids: The uids whose connection rate is not limited (`users` entries,
-            root, the broker's uid); the server sets them with each configuration.
     """
 
-    def __init__(
-        self,
-        max_connections: int,
-        max_per_user: int,
-        source: str,
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, limits: Callable[[], Limits], clock: Callable[[], float]) -> None:
         self.active = 0
         self.connections = 0
         self.unnamed = 0
         self.per_uid: Counter[int] = Counter()
-        self.named_uids: frozenset[int] = frozenset()
+        self._limits = limits
         self._clock = clock
         self._buckets: OrderedDict[int, _Bucket] = OrderedDict()
         self._known_named: OrderedDict[int, _Known] = OrderedDict()
         self._total: _Bucket | None = None
-        self.limit(max_connections, max_per_user, source)
-
-    def limit(self, max_connections: int, max_per_user: int, source: str) -> None:
-        """Set the limits (a reload): connections over a new limit are not cut."""
-        self.max_connections = max_connections
-        self.max_per_user = max_per_user
-        self.source = source
-        self.reserved = max(1, max_connections // NAMED_RESERVE)
 
     def report(self) -> Connections:
         """The status report's `connections`."""
-        return {"active": self.active, "total": self.connections, "limit": self.max_connections}
+        limit = self._limits().max_connections
+        return {"active": self.active, "total": self.connections, "limit": limit}
 
     def admit(self, uid: int | None, marks: Callable[[], Marks] | None = None) -> str | None:
         """Take a slot for a new connection of `uid` (None: the kernel knows of none);
         return why not (it holds no slot then). `marks` tells the peer's groups and unit,
         asked only when the uid is past its rate and has a mark the policy named."""
         self.connections += 1
-        if uid is None or uid not in self.named_uids:
-            why = self._rate(uid)
+        limits = self._limits()
+        if uid is None or uid not in limits.named_uids:
+            why = self._rate(uid, limits.source)
             if why is not None and not self._marked(uid, marks):
                 return why
-        if self.active >= self.max_connections:
+        if self.active >= limits.max_connections:
             return (
-                f"the broker is serving its limit of {self.max_connections} connections; "
+                f"the broker is serving its limit of {limits.max_connections} connections; "
                 "retry shortly"
             )
         self.active += 1
@@ -165,7 +172,7 @@ class Admission:
             return False
         return known.shown_by(marks())
 
-    def _rate(self, uid: int | None) -> str | None:
+    def _rate(self, uid: int | None, source: str) -> str | None:
         now = self._clock()
         if self._total is None:
             self._total = _Bucket(UNNAMED_TOTAL_BURST, now)
@@ -180,11 +187,11 @@ class Admission:
         if not bucket.fill(now, UNNAMED_RATE, UNNAMED_BURST):
             return (
                 f"uid {uid} opens connections faster than {UNNAMED_RATE:g} a second, the "
-                f"most for a uid no rule in {self.source} names; retry shortly"
+                f"most for a uid no rule in {source} names; retry shortly"
             )
         if not self._total.fill(now, UNNAMED_TOTAL_RATE, UNNAMED_TOTAL_BURST):
             return (
-                f"peers no rule in {self.source} names open connections faster than "
+                f"peers no rule in {source} names open connections faster than "
                 f"{UNNAMED_TOTAL_RATE:g} a second together; retry shortly"
             )
         bucket.tokens -= 1  # both had one: only now is either spent
@@ -198,19 +205,20 @@ class Admission:
         not (not counted then). What named it besides its uid (`by`: a group, a unit) is
         remembered for the connection rate (see `admit`), unless the peer is unmapped:
         the overflow uid is anyone's."""
-        if self.per_uid[uid] >= self.max_per_user:
+        limits = self._limits()
+        if self.per_uid[uid] >= limits.max_per_user:
             return (
-                f"uid {uid} already has {self.max_per_user} connections to the broker, its "
-                f"limit (max_connections_per_user in {self.source}); retry shortly"
+                f"uid {uid} already has {limits.max_per_user} connections to the broker, its "
+                f"limit (max_connections_per_user in {limits.source}); retry shortly"
             )
-        if not named and self.unnamed >= self.max_connections - self.reserved:
+        if not named and self.unnamed >= limits.max_connections - limits.reserved:
             return (
                 f"the broker is serving {self.unnamed} connections of peers no rule in "
-                f"{self.source} names, all it keeps for them; retry shortly"
+                f"{limits.source} names, all it keeps for them; retry shortly"
             )
         self.per_uid[uid] += 1
         self.unnamed += not named
-        if named and mapped and by and uid not in self.named_uids:  # a group, a unit
+        if named and mapped and by and uid not in limits.named_uids:  # a group, a unit
             self._remember(uid, by)
         return None
 

@@ -1,18 +1,22 @@
 """One client connection's rules, without I/O (h11's `Connection` is the model).
 
-The driver (broker/daemon/driver.py) moves bytes and time; this object decides. It is given
-the peer's identity and what the broker holds, fed the bytes the peer sent, and asked
-for the next action: `NEED_DATA` (read more), a `Send` (these bytes, with these fds on
-the first one), or `CLOSE`. Every outcome worth counting or logging (a grant, a denial,
-a protocol error, a failure of ours) comes out as an `Outcome` attached to the `Send`
-that answers it, for the driver to record.
+The driver (broker/daemon/driver.py) moves bytes and fds and keeps time; this object
+decides. It is given the peer's identity and the configuration in force, fed the bytes
+the peer sent and what became of what it said, and asked for the next action:
+`NEED_DATA` (read more), a `Send` (these bytes, with these fds on the first one),
+`RELOAD` or `CLOSE`. It says how long each wait may last (`wait`, set anew whenever
+`waits` changes). Every outcome worth counting or logging (a grant, a denial, a protocol
+error, a failure of ours) comes out as an `Outcome` attached to the `Send` that answers
+it, for the driver to record. Even a connection refused before it has one (`busy`) is
+answered by `refuse_busy` here.
 
 The rules, each enforced here alone (tests/test_connection.py checks them one by one):
 
 1. Requests are newline-framed lines of at most MAX_REQUEST_BYTES. A connection carries
    at most MAX_REQUESTS_PER_CONNECTION of them; it is closed after the last answer.
 2. A request that is malformed, too large, or not complete by its deadline gets one
-   refusal, after which the connection is closed: nothing more is read.
+   refusal, after which the connection is closed: nothing more is read. That refusal
+   gets FINAL_SEND_TIMEOUT to go, no more.
 3. An `acquire` is all or none: either every name is granted, its sockets' fds in
    request order on the reply's first byte, or the reply is one refusal carrying no fd.
 4. A grant is an outcome only once its fds have gone: the `Send` carries the grants
@@ -29,9 +33,11 @@ The rules, each enforced here alone (tests/test_connection.py checks them one by
 8. A reload is for the broker's own uid and root only (whoever could send it SIGHUP).
    The driver carries it out (`RELOAD`) and reports back (`reloaded`); meanwhile the
    connection is WORKING and has no deadline of its own (the reload has its bound).
-9. A grant the kernel would not pass (too many fds in flight: broker/daemon/inflight.py) is
-   answered `busy` instead (`undelivered`), naming who holds them; the connection goes
-   on, and the peer may ask again.
+9. A grant the kernel would not pass (too many fds in flight: broker/daemon/inflight.py)
+   is answered `busy` instead (`undeliverable`), naming who holds them; the connection
+   goes on, and the peer may ask again.
+10. A connection the broker cannot take (a limit, a rate: broker/daemon/admission.py)
+    gets `busy` before anything is read, then is closed (`refuse_busy`).
 
 Must never: do I/O or look at a clock; hand out an fd the policy does not grant this
 peer; answer a request after its refusal-and-close.
@@ -41,13 +47,12 @@ from __future__ import annotations
 
 import enum
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
-from broker.daemon.activation import HeldSocket
 from broker.daemon.identity import Peer
-from broker.daemon.policy import Policy
+from broker.daemon.standing import Standing
 from broker.errors import Code, ProtocolError
 from broker.protocol import (
     MAX_REQUEST_BYTES,
@@ -70,6 +75,10 @@ from broker.protocol import (
 MAX_REQUESTS_PER_CONNECTION: Final = 100
 """Requests one connection may carry; the broker closes it after answering the last.
 A worker needs one: the cap keeps a chatty client from holding its slot for ever."""
+
+FINAL_SEND_TIMEOUT: Final = 0.5
+"""Seconds a last refusal (rule 2) gets to go before the connection is closed anyway:
+a client that is being dropped gets no more of the broker's time than that."""
 
 
 class Phase(enum.Enum):
@@ -129,8 +138,7 @@ class Send(NamedTuple):
         fds: Descriptors to pass, in order; they stay the holder's.
         outcomes: To record now.
         grants: To record once the first byte (and so the fds) has gone (rule 4).
-        final: A refusal after which the connection closes (rule 2): worth only a short
-            try to deliver.
+        final: The connection closes after it, whether it went or not (rules 2, 10).
     """
 
     data: bytes
@@ -156,21 +164,11 @@ CLOSE: Final = _Signal.CLOSE
 Action = Send | _Signal
 
 
-@dataclass(frozen=True)
-class Holdings:
-    """What a connection answers from: the policy, the held sockets, the status report.
-
-    Attributes:
-        policy: Who may have what.
-        held: Name → the sockets of that name (the broker's; only their fds are read).
-        report: The status report, built when asked for.
-        owner: The broker's effective uid: it and root may ask for a reload (rule 8).
-    """
-
-    policy: Policy
-    held: Mapping[str, Sequence[HeldSocket]]
-    report: Callable[[], Mapping[str, Any]]
-    owner: int = 0
+@lru_cache(maxsize=256)
+def refuse_busy(message: str) -> Send:
+    """Rule 10: what a connection the broker cannot take is told, before anything is
+    read (the same few messages again and again under a flood: made once each)."""
+    return Send(encode_reply(Refusal(Code.BUSY, message)), final=True)
 
 
 class Connection:
@@ -178,16 +176,23 @@ class Connection:
 
     Args:
         peer: Who connected, from the kernel (and the user database).
-        holdings: What to answer from, asked at each request: a reload between two
-            requests of one connection applies to the second.
+        standing: The configuration in force, asked at each request: a reload between
+            two requests of one connection applies to the second.
+        report: The status report, made when asked for.
         timeout: Seconds each deadline of rule 5 lasts (the driver keeps the time).
         max_requests: Rule 1's limit (default MAX_REQUESTS_PER_CONNECTION).
+
+    Attributes:
+        wait: Seconds the current wait may last, None for no limit (rule 8).
+        waits: How many waits have begun: a new one (with its own `wait`) whenever this
+            changes.
     """
 
     def __init__(
         self,
         peer: Peer,
-        holdings: Callable[[], Holdings],
+        standing: Callable[[], Standing],
+        report: Callable[[], Mapping[str, Any]],
         *,
         timeout: float,
         max_requests: int | None = None,
@@ -196,13 +201,23 @@ class Connection:
         self.timeout = timeout
         self.phase = Phase.READING
         self.requests = 0
-        self._holdings = holdings
+        self.wait: float | None = timeout
+        self.waits = 1
+        self._standing = standing
+        self._report = report
         self._max_requests = MAX_REQUESTS_PER_CONNECTION if max_requests is None else max_requests
         self._buffer = LineBuffer(MAX_REQUEST_BYTES)
         self._eof = False
+        self._pending: Send | None = None
         self._close_after_send = False
 
-    # --- input -------------------------------------------------------------------
+    def _enter(self, phase: Phase, wait: float | None) -> None:
+        """Rule 5: a new phase, and with it a new deadline."""
+        self.phase = phase
+        self.wait = wait
+        self.waits += 1
+
+    # --- what happened -----------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes the peer sent; b"" means end of stream (rule 6)."""
@@ -211,77 +226,99 @@ class Connection:
         else:
             self._eof = True
 
-    def reloaded(self, configuration: Mapping[str, Any], refused: str | None) -> Send:
+    def reloaded(self, configuration: Mapping[str, Any], refused: str | None) -> None:
         """The driver's reload (rule 8) is done: the configuration now in force (as in
-        the status report) and, if the new one was refused, why. Returns the reply."""
+        the status report) and, if the new one was refused, why."""
         if self.phase is not Phase.WORKING:
             raise RuntimeError(f"reloaded() while {self.phase.value}")
-        self.phase = Phase.SENDING
         if refused is not None:
-            return self._reply(Refusal(Code.INVALID_CONFIG, refused))
-        return self._reply(Reloaded(configuration))
+            self._answer_with(self._reply(Refusal(Code.INVALID_CONFIG, refused)))
+        else:
+            self._answer_with(self._reply(Reloaded(configuration)))
+
+    def undeliverable(self, reason: str) -> None:
+        """The grant just asked for could not be passed (rule 9): its `busy` refusal
+        replaces it, and is the next action."""
+        if self.phase is not Phase.SENDING:
+            raise RuntimeError(f"undeliverable() while {self.phase.value}")
+        outcome = Outcome(Kind.BUSY, reason, code=Code.BUSY)
+        self._pending = self._reply(Refusal(Code.BUSY, reason), outcome)
 
     def sent(self) -> None:
         """The driver sent the last `Send` whole: read the next request, or close."""
         if self.phase is not Phase.SENDING:
             raise RuntimeError(f"sent() while {self.phase.value}")
-        done = self._close_after_send or self.requests >= self._max_requests
-        self.phase = Phase.CLOSED if done else Phase.READING
+        if self._close_after_send or self.requests >= self._max_requests:
+            self._enter(Phase.CLOSED, None)
+        else:
+            self._enter(Phase.READING, self.timeout)
 
-    def undelivered(self, reason: str) -> Send:
-        """The grant just asked for could not be passed (rule 9): its `busy` refusal,
-        which replaces it."""
-        if self.phase is not Phase.SENDING:
-            raise RuntimeError(f"undelivered() while {self.phase.value}")
-        return self._reply(Refusal(Code.BUSY, reason), Outcome(Kind.BUSY, reason, code=Code.BUSY))
-
-    def timed_out(self) -> Action:
-        """The deadline passed (rule 5): what to do about it."""
+    def timed_out(self) -> None:
+        """The deadline passed (rule 5): a request late is refused (rule 2); a peer that
+        does not take its reply is closed without a word."""
         if self.phase is Phase.READING:
             message = f"no complete request within {self.timeout:g} seconds"
-            return self._refuse(ProtocolError(Code.TIMEOUT, message))
-        self.phase = Phase.CLOSED
-        return CLOSE
+            self._refuse(ProtocolError(Code.TIMEOUT, message))
+        else:
+            self.gone()
 
     def gone(self) -> None:
         """The peer went away (the driver could not read or send): close."""
-        self.phase = Phase.CLOSED
+        self._pending = None
+        self._enter(Phase.CLOSED, None)
 
-    # --- output ------------------------------------------------------------------
+    # --- what to do --------------------------------------------------------------
 
     def next_action(self) -> Action:
         """Return what to do next: NEED_DATA, a `Send`, RELOAD or CLOSE.
 
         Raises:
-            RuntimeError: while SENDING or WORKING (call `sent()` or `reloaded()` first).
+            RuntimeError: while WORKING (call `reloaded()` first), or SENDING once the
+                `Send` was given (call `sent()` first).
         """
         if self.phase is Phase.CLOSED:
             return CLOSE
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
         if self.phase is not Phase.READING:
             raise RuntimeError(f"next_action() while {self.phase.value}")
+        request = self._next_request()
+        if isinstance(request, _Signal):
+            return request
+        if isinstance(request, Reload):
+            return self._reload()
+        if request is not None:
+            self._answer_with(self._answer(request))
+        return self.next_action()  # the answer, or rule 2's refusal
+
+    def _next_request(self) -> Request | _Signal | None:
+        """The next whole request; NEED_DATA or CLOSE (rule 6) if there is none; None if
+        it was refused (rule 2)."""
         try:
             line = self._buffer.next_line()
             if line is None:
                 if not self._eof:
                     return NEED_DATA
-                self.phase = Phase.CLOSED  # rule 6: a partial request is dropped
+                self._enter(Phase.CLOSED, None)  # rule 6: a partial request is dropped
                 return CLOSE
             request = parse_request(line)
         except ProtocolError as e:
-            return self._refuse(e)
+            self._refuse(e)
+            return None
         self.requests += 1
-        self.phase = Phase.SENDING
-        if isinstance(request, Reload):
-            return self._reload()
-        return self._answer(request)
+        return request
 
-    def _refuse(self, error: ProtocolError) -> Send:
+    def _answer_with(self, send: Send) -> None:
+        self._enter(Phase.SENDING, FINAL_SEND_TIMEOUT if send.final else self.timeout)
+        self._pending = send
+
+    def _refuse(self, error: ProtocolError) -> None:
         """Rule 2: one refusal, then close."""
-        self.phase = Phase.SENDING
         self._close_after_send = True
         outcome = Outcome(Kind.PROTOCOL, error.message, code=error.code)
         reply = encode_reply(Refusal(error.code, error.message))
-        return Send(reply, outcomes=(outcome,), final=True)
+        self._answer_with(Send(reply, outcomes=(outcome,), final=True))
 
     # --- answers -----------------------------------------------------------------
 
@@ -308,8 +345,8 @@ class Connection:
 
     def _acquire(self, request: Acquire) -> Send:
         """Rule 3: every name, or one refusal and no fd."""
-        holdings = self._holdings()
-        policy, held = holdings.policy, holdings.held
+        standing = self._standing()
+        policy, held = standing.policy, standing.held
         fds: list[int] = []
         infos = []
         grants = []
@@ -324,9 +361,9 @@ class Connection:
             if not decision.allowed:
                 return self._deny(Code.DENIED, name, decision.reason)
             grants.append(Outcome(Kind.GRANT, decision.reason, socket=name))
-            for held_socket in sockets:
-                fds.append(held_socket.sock.fileno())
-                infos.append(held_socket.info)
+            for fd, info in sockets:
+                fds.append(fd)
+                infos.append(info)
         if len(fds) > SCM_MAX_FD:
             message = (
                 f"request would pass {len(fds)} fds; at most {SCM_MAX_FD} per request: "
@@ -339,34 +376,34 @@ class Connection:
         return self._reply(Refusal(code, reason), Outcome(Kind.DENIAL, reason, name, code))
 
     def _status(self) -> Send:
-        holdings = self._holdings()
-        decision = holdings.policy.check_status(self.peer)
+        decision = self._standing().policy.check_status(self.peer)
         if not decision.allowed:
             denial = Outcome(Kind.STATUS_DENIAL, decision.reason, code=Code.DENIED)
             return self._reply(Refusal(Code.DENIED, decision.reason), denial)
-        return self._reply(StatusReport(holdings.report()))
+        return self._reply(StatusReport(self._report()))
 
     def _reload(self) -> Action:
         """Rule 8: the broker's own uid and root may; then the driver does it."""
-        owner = self._holdings().owner
+        owner = self._standing().owner
         if self.peer.uid not in {0, owner}:
             reason = (
                 f"{self.peer.describe()} may not reload the broker: only root and uid "
                 f"{owner}, the broker's own, may (as they could send it SIGHUP)"
             )
             denial = Outcome(Kind.RELOAD_DENIAL, reason, code=Code.DENIED)
-            return self._reply(Refusal(Code.DENIED, reason), denial)
-        self.phase = Phase.WORKING
+            self._answer_with(self._reply(Refusal(Code.DENIED, reason), denial))
+            return self.next_action()
+        self._enter(Phase.WORKING, None)
         return RELOAD
 
     def _listing(self) -> Listing:
-        holdings = self._holdings()
-        policy = holdings.policy
+        standing = self._standing()
+        policy = standing.policy
         return Listing(
             tuple(
-                held.info
-                for name, sockets in holdings.held.items()
+                info
+                for name, sockets in standing.held.items()
                 if policy.may_acquire(name, self.peer)
-                for held in sockets
+                for _, info in sockets
             )
         )

@@ -25,7 +25,9 @@ from broker.errors import Code
 from broker.status import Event, SocketStatus
 
 if TYPE_CHECKING:
-    from broker.daemon.activation import HeldSocket
+    from collections.abc import Mapping
+
+    from broker.daemon.standing import Held
 
 Summarize = Callable[[int | None, int, int], None]
 """(uid or None for "the others", notices not logged, how many uids)."""
@@ -207,19 +209,19 @@ class Ledger:
         self.refusals[Code.INTERNAL] += 1
         self.audit.log(Level.ERROR, message, EXCEPTION=detail)
 
-    def sockets(self, held: dict[str, list[HeldSocket]]) -> list[SocketStatus]:
+    def sockets(self, held: Mapping[str, tuple[Held, ...]]) -> list[SocketStatus]:
         """The status report's `sockets`: each held socket with its name's counts."""
         return [
             {
                 "name": name,
-                "family": one.info.family,
-                "type": one.info.type,
-                "address": one.info.address,
+                "family": info.family,
+                "type": info.type,
+                "address": info.address,
                 "grants": self.grants[name],
                 "denials": self.denials[name],
             }
             for name, group in held.items()
-            for one in group
+            for _, info in group
         ]
 
     def _remember(self, allowed: bool, peer: Peer, name: str, reason: str) -> None:

@@ -28,7 +28,6 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from fnmatch import fnmatchcase
 from functools import partial
 from typing import Annotated, Any, Final, cast
@@ -43,7 +42,6 @@ from pydantic import (
     create_model,
     field_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from broker.daemon import config
@@ -134,55 +132,30 @@ class RuleSettings(BaseModel):
         )
 
 
-_ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("_ENVIRON")
-"""The `environ` of the `load()` in progress: what `_EnvironSource` reads."""
-
-
 def _settings_variables(environ: Mapping[str, str]) -> Iterator[tuple[str, list[str]]]:
     """Each `PORT_BROKER_*` variable that sets a setting, with the key path it names in
-    lower case (`PORT_BROKER_SOCKETS__HTTP__USERS` → sockets, http, users): the one
-    reading of variable names, for overrides, checks and error messages alike."""
+    lower case (`PORT_BROKER_SOCKETS__HTTP__USERS` → sockets, http, users), read as
+    pydantic-settings reads them (`Settings.model_config`: the name in any case): for
+    the checks and error messages that name a variable."""
     for variable in environ:
-        if variable.startswith(ENV_PREFIX) and variable not in LOCATION_ENV:
-            yield variable, variable.removeprefix(ENV_PREFIX).lower().split("__")
-
-
-def _overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The settings that `PORT_BROKER_*` variables in `environ` set, as nested tables:
-    `__` descends into a table (the more specific variable wins over a whole table), and
-    tables and lists are JSON (`_check_environment` has vetted every variable by then).
-    Keys are folded to lower case, as setting and socket names are."""
-    entries = []
-    for variable, path in _settings_variables(environ):
-        text = environ[variable]
-        is_json = ENV_PREFIX + path[0].upper() in _JSON_SETTINGS
-        entries.append((path, json.loads(text) if is_json else text))
-    found: dict[str, Any] = {}
-    for path, value in sorted(entries, key=lambda entry: len(entry[0])):
-        place = found
-        for table in path[:-1]:
-            if not isinstance(place.get(table), dict):
-                place[table] = {}
-            place = place[table]
-        place[path[-1]] = value
-    return found
-
-
-class _EnvironSource(PydanticBaseSettingsSource):
-    """`PORT_BROKER_*` overrides from `load()`'s `environ` argument, not os.environ: a
-    custom settings source, as pydantic-settings documents them."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ gives every value at once
-
-    def __call__(self) -> dict[str, Any]:
-        return _overrides(_ENVIRON.get(os.environ))
+        folded = variable.upper()
+        if folded.startswith(ENV_PREFIX) and folded not in LOCATION_ENV:
+            yield variable, variable[len(ENV_PREFIX) :].lower().split("__")
 
 
 class Settings(BaseSettings):
     """Everything the broker reads at start. The TOML file's top level maps onto this."""
 
-    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+    # The environment's PORT_BROKER_* variables, read by pydantic-settings' own source:
+    # `__` descends into a table, and tables and lists are JSON (what
+    # `_check_environment` has vetted first, naming the variable at fault).
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
 
     sockets: dict[str, RuleSettings] = Field(
         default_factory=dict, description="socket name (FileDescriptorName=) → who may have it"
@@ -221,8 +194,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's contents arrive as init arguments; the environment overrides them.
-        return _EnvironSource(settings_cls), init_settings
+        # The file's contents arrive as init arguments; the environment overrides them,
+        # key by key (a variable for one rule's list leaves the rest of the file's rules).
+        return env_settings, init_settings
 
 
 def _with_scalars(base: type[Settings]) -> type[Settings]:
@@ -272,13 +246,20 @@ _JSON_SETTINGS: Final = frozenset({ENV_PREFIX + "SOCKETS", ENV_PREFIX + "STATUS"
 
 def _check_environment(environ: Mapping[str, str]) -> None:
     known = {ENV_PREFIX + name.upper() for name in _Settings.model_fields}
-    for variable, _ in _settings_variables(environ):
+    seen: dict[str, str] = {}
+    for variable, path in _settings_variables(environ):
         if len(environ[variable]) > MAX_CONFIG_BYTES:
             raise ConfigError(
                 f"environment variable {variable}: longer than {MAX_CONFIG_BYTES // 1024} "
                 "KiB, the most the broker reads"
             )
-        head, nested, _ = variable.partition("__")
+        twin = seen.setdefault("__".join(path), variable)
+        if twin != variable:
+            raise ConfigError(
+                f"environment variables {twin} and {variable} set the same key (names are "
+                "read in any case); keep one"
+            )
+        head, nested, _ = variable.upper().partition("__")
         if head not in known:
             raise ConfigError(
                 f"environment variable {variable}: unknown setting; known: "
@@ -337,17 +318,18 @@ def _read(path: str) -> bytes:
     return data
 
 
-def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """Load, validate and resolve the configuration.
+def load(path: str | None = None) -> Config:
+    """Load, validate and resolve the configuration: the file, and `PORT_BROKER_*`
+    overrides from this process's environment.
 
     Args:
         path: The TOML file; None means $PORT_BROKER_CONFIG, else names.DEFAULT_CONFIG.
-        environ: Where `PORT_BROKER_*` overrides are read from.
 
     Raises:
         ConfigError: naming the file or variable and the key, for anything invalid, and
             for a missing file that was asked for explicitly.
     """
+    environ = os.environ
     path, explicit = config.resolve_path(path, environ)
     data: dict[str, Any] = {}
     exists = True
@@ -366,7 +348,6 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     _check_environment(environ)
-    token = _ENVIRON.set(environ)
     try:
         settings = _Settings(**data)
     except ValidationError as e:
@@ -378,8 +359,6 @@ def load(path: str | None = None, environ: Mapping[str, str] = os.environ) -> Co
             where = f"{path} (overridden by environment variable {variable})"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise ConfigError(f"{where}: {key}: {_describe(first)}{more}") from None
-    finally:
-        _ENVIRON.reset(token)
     policy = Policy(
         sockets={name: rule.to_rule() for name, rule in settings.sockets.items()},
         status=settings.status.to_rule(),

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Final
 
 from broker.daemon.audit import Level
 from broker.daemon.config import unheld_rules
-from broker.daemon.loader import IsolatedLoad
-from broker.errors import BrokerError, ConfigError, IntakeError
+from broker.daemon.loader import Load
+from broker.errors import ConfigError, IntakeError
 
 if TYPE_CHECKING:
     from broker.daemon.activation import Intake
@@ -55,10 +55,7 @@ def serve(
     # Until the server takes SIGHUP (a reload), and after it stops, a `port-broker reload`
     # must not kill the broker: SIGHUP's default action would.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        loader = IsolatedLoad(config)
-    except OSError as e:
-        raise BrokerError(f"cannot start the configuration loader: {e.strerror}") from None
+    loader = Load(config)
     import trio  # noqa: PLC0415 (step 2: while the loader child works)
 
     from broker.daemon import activation, driver, privileges  # noqa: PLC0415
