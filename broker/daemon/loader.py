@@ -67,8 +67,7 @@ class Load:
             )
         except OSError as e:
             raise ConfigError(
-                f"{self.path}: cannot start the configuration loader ({argv[0]}): "
-                f"{e.strerror or e}"
+                f"{self.path}: cannot start the configuration loader ({argv[0]}): {e.strerror or e}"
             ) from None
 
     @property
