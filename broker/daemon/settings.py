@@ -1,6 +1,6 @@
 """Reading and validating the configuration: a TOML file plus `PORT_BROKER_*` overrides.
 
-The pydantic-settings half of `broker.config`: `load()` here turns a file and the
+The pydantic-settings half of `broker.daemon.config`: `load()` here turns a file and the
 environment into a `Config` holding a ready `Policy` in which every user and group name
 is already resolved to its id. Anything wrong — TOML syntax, an unknown key, a bad
 value, a user or group the system does not know — is a `ConfigError` naming the file
@@ -14,8 +14,8 @@ Example (docs/configuration.md has the whole reference)::
     units = ["node-app.service", "machine-*.scope"]
 
 Must never: be imported on the client path, nor by the serving broker, which reads the
-configuration through `broker.loader.load_isolated` so that pydantic's ~15 MB stay out
-of its memory.
+configuration through `broker.daemon.loader.Load` (a child interpreter) so that
+pydantic's ~15 MB stay out of its memory.
 """
 
 from __future__ import annotations
