@@ -37,11 +37,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.intercept import notes as notes_module
 from broker.intercept import seccomp, supervisor
 from broker.intercept.bindings import (
-    FAMILIES_CHECK_DELAY,
     Endpoint,
-    FamilyCheck,
     Held,
     Inject,
     Pass,
@@ -50,6 +49,7 @@ from broker.intercept.bindings import (
     parse_sockaddr,
     unserved_families,
 )
+from broker.intercept.notes import FAMILIES_CHECK_DELAY, LINGER_DELAY, Notes
 from broker.intercept.supervisor import InterceptError, InterceptUnsupported
 from tests.harness.processes import AS_FROM_A_TERMINAL, NOBODY, interception_unsupported
 from tests.harness.runtime import ROOT, SYSTEM_PYTHON
@@ -191,18 +191,38 @@ def held(family: int, port: int, inode: int, *, v6only: bool = False) -> Held:
 
 def test_a_family_left_unserved_is_told_once_after_the_delay() -> None:
     v4, v6 = held(socket.AF_INET, 80, 1), held(socket.AF_INET6, 80, 2, v6only=True)
-    mapping = {80: [v6, v4]}
-    check = FamilyCheck()
-    assert check.timeout_ms(0.0) is None  # nothing taken: nothing to wait for
-    assert check.due(mapping, 100.0) == []
-    check.took(v4.inode, 10.0)
-    assert check.timeout_ms(10.0) == FAMILIES_CHECK_DELAY * 1000
-    assert check.due(mapping, 10.0 + FAMILIES_CHECK_DELAY / 2) == []
-    [note] = check.due(mapping, 10.0 + FAMILIES_CHECK_DELAY)
+    notes = Notes({80: [v6, v4]})
+    assert notes.timeout_ms(0.0) is None  # nothing taken: nothing to wait for
+    assert notes.due(100.0) == []
+    notes.took(v4.inode, 10.0)
+    assert notes.timeout_ms(10.0) == FAMILIES_CHECK_DELAY * 1000
+    notes.took(v4.inode, 11.0)  # the first bind() starts the wait, no later one
+    assert notes.due(10.0 + FAMILIES_CHECK_DELAY / 2) == []
+    [note] = notes.due(10.0 + FAMILIES_CHECK_DELAY)
     assert note.startswith("the program took the socket held on 0.0.0.0:80 but not the one held")
     assert "on [::]:80: its IPv6 clients connect and wait until they time out" in note
-    assert check.due(mapping, 100.0) == []  # once
-    assert check.timeout_ms(100.0) is None
+    assert notes.due(100.0) == []  # once
+    assert notes.timeout_ms(100.0) is None
+
+
+@pytest.mark.parametrize("left", [[], [os.getpid()]])
+def test_what_the_program_left_running_is_named_once_after_the_delay(
+    monkeypatch: pytest.MonkeyPatch, left: list[int]
+) -> None:
+    monkeypatch.setattr(notes_module, "our_children", lambda: left)  # (this process)
+    notes = Notes({})
+    notes.exited(3, 5.0)
+    assert notes.timeout_ms(5.0) == LINGER_DELAY * 1000
+    assert notes.due(5.0 + LINGER_DELAY / 2) == []
+    said = notes.due(5.0 + LINGER_DELAY)
+    if left:
+        [note] = said
+        assert note.startswith("the program exited (3); what it started still runs under the ")
+        assert note.endswith(f": pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})")
+    else:
+        assert said == []  # nothing left: nothing to say
+    assert notes.due(100.0) == []  # and it is not looked for again
+    assert notes.timeout_ms(100.0) is None
 
 
 def test_both_families_taken_or_one_held_is_nothing_to_tell() -> None:

@@ -11,12 +11,11 @@ one that would answer on an address it did not ask for without saying so.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from broker.errors import InterceptError
 from broker.sockets import Family, format_address
@@ -225,35 +224,3 @@ def unserved_families(
                 "families (bind :: too), or hold one family only"
             )
     return notes
-
-
-FAMILIES_CHECK_DELAY: Final = 2.0
-"""Seconds after its first bind() to a held socket before the program is told of a held
-family it left unserved: a server binds each of its families within milliseconds."""
-
-
-class FamilyCheck:
-    """When to look, once, for a held family the program left unserved (see
-    `unserved_families`): FAMILIES_CHECK_DELAY after its first held bind()."""
-
-    def __init__(self) -> None:
-        self.given: set[tuple[int, int]] = set()  # held sockets the program took
-        self._due: float | None = None  # None: nothing taken yet; inf: looked already
-
-    def took(self, inode: tuple[int, int], now: float) -> None:
-        self.given.add(inode)
-        if self._due is None:
-            self._due = now + FAMILIES_CHECK_DELAY
-
-    def timeout_ms(self, now: float) -> int | None:
-        """How long the supervisor may wait for other events before `due`."""
-        if self._due is None or self._due == math.inf:
-            return None
-        return max(0, math.ceil((self._due - now) * 1000))
-
-    def due(self, mapping: Mapping[int, Sequence[Held]], now: float) -> list[str]:
-        """What to say now (once, when due)."""
-        if self._due is None or now < self._due:
-            return []
-        self._due = math.inf
-        return unserved_families(mapping, self.given)

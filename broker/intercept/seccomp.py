@@ -20,7 +20,7 @@ import fcntl
 import os
 import re
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from broker.errors import InterceptUnsupported
 from broker.syscalls import check, libc
@@ -187,14 +187,38 @@ def install_filter(program: ctypes.Array[ctypes.c_char]) -> int:
 # what an errno means (ENOENT: the task died, or a signal interrupted its syscall).
 
 
+SOCKADDR_MAX: Final = 128
+"""sizeof(struct sockaddr_storage): nothing the supervisor matches on is longer."""
+
+
 class Notification(NamedTuple):
-    """One system call waiting for the supervisor (struct seccomp_notif)."""
+    """One system call waiting for the supervisor (struct seccomp_notif): its six
+    arguments as the kernel hands them over, 64-bit registers."""
 
     id: int
     pid: int
     nr: int
     """The syscall number, x32's marked bit cleared."""
     args: tuple[int, ...]
+
+    @property
+    def fd(self) -> int:
+        """The first argument as the fd of bind() and listen() (an `int`)."""
+        return _c_int(self.args[0])
+
+    @property
+    def sockaddr_length(self) -> int:
+        """bind()'s third argument, its `socklen_t` (32 bits, unsigned)."""
+        return self.args[2] & _LOW_32
+
+
+_LOW_32: Final = 0xFFFFFFFF
+"""A 32-bit argument is the low half of its register; the high half is anything."""
+
+
+def _c_int(register: int) -> int:
+    low = register & _LOW_32
+    return low - (1 << 32) if low >= 1 << 31 else low
 
 
 def receive(listener: int) -> Notification:

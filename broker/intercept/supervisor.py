@@ -79,7 +79,6 @@ from broker.errors import InterceptError, InterceptUnsupported
 from broker.intercept import seccomp, spawn
 from broker.intercept.bindings import (
     Endpoint,
-    FamilyCheck,
     Held,
     Pass,
     Refuse,
@@ -89,9 +88,10 @@ from broker.intercept.bindings import (
     show_endpoint,
     v6only_note,
 )
+from broker.intercept.notes import Notes, task_name
 from broker.intercept.seccomp import check_supported
 from broker.intercept.spawn import FORWARDED_SIGNALS
-from broker.intercept.tracee import SOCKADDR_MAX, Lingering, Tracee, as_fd, task_name
+from broker.intercept.tracee import Tracee
 
 __all__ = [
     "InterceptError",
@@ -144,10 +144,9 @@ class _Supervisor:
         self.held_inodes = {h.inode for h in held}
         self.listening_inodes = {h.inode for h in held if h.endpoint.type != socket.SOCK_DGRAM}
         self.nonblock_given: dict[tuple[int, int], bool] = {}
-        self.families = FamilyCheck()
+        self.notes = Notes(mapping)
         self.child_status: int | None = None
         self.tracee = Tracee(listener)
-        self.lingering = Lingering()
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -159,12 +158,9 @@ class _Supervisor:
             poller.register(fd, select.POLLIN)
         filter_in_use, stop = True, False
         while not stop and (filter_in_use or self.child_status is None):
-            now = time.monotonic()
-            for note in [*self.families.due(self.mapping, now), *self.lingering.due(now)]:
+            for note in self.notes.due(time.monotonic()):
                 _say(note)
-            now = time.monotonic()
-            waits = [self.families.timeout_ms(now), self.lingering.timeout_ms(now)]
-            for fd, events in poller.poll(min((w for w in waits if w is not None), default=None)):
+            for fd, events in poller.poll(self.notes.timeout_ms(time.monotonic())):
                 if fd == self.sigfd:
                     stop = self._on_signals()
                 elif fd in self.services:
@@ -219,7 +215,7 @@ class _Supervisor:
                 return
             if pid == self.child:
                 self.child_status = status
-                self.lingering.start(os.waitstatus_to_exitcode(status), time.monotonic())
+                self.notes.exited(os.waitstatus_to_exitcode(status), time.monotonic())
 
     # -- notifications --------------------------------------------------------------
     def _on_notification(self) -> None:
@@ -251,8 +247,8 @@ class _Supervisor:
         self._reply(n.id, flags=seccomp.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def _on_bind(self, n: seccomp.Notification) -> None:
-        fd = as_fd(n.args[0])
-        if n.args[2] & 0xFFFFFFFF > SOCKADDR_MAX:
+        fd = n.fd
+        if n.sockaddr_length > seccomp.SOCKADDR_MAX:
             self._pass(n)  # longer than any sockaddr: the kernel's EINVAL, not ours
             return
         try:
@@ -351,7 +347,7 @@ class _Supervisor:
         # not before: a failed ADDFD leaves the flag as the other holders had it.
         self._match_nonblocking(bool(fd_flags & os.O_NONBLOCK), held, who)
         self._reply(n.id)
-        self.families.took(held.inode, time.monotonic())
+        self.notes.took(held.inode, time.monotonic())
 
     def _match_nonblocking(self, wanted: bool, held: Held, who: str) -> None:
         """Give the shared open file description the program's own O_NONBLOCK."""
@@ -376,7 +372,7 @@ class _Supervisor:
         os.set_blocking(held.sock.fileno(), not wanted)
 
     def _on_listen(self, n: seccomp.Notification) -> None:
-        fd = as_fd(n.args[0])
+        fd = n.fd
         target = None
         if fd >= 0:
             try:

@@ -12,7 +12,6 @@ leave an fd of ours open on any path.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import socket
 import sys
@@ -20,9 +19,6 @@ from typing import Final
 
 from broker import syscalls
 from broker.intercept import seccomp
-
-SOCKADDR_MAX: Final = 128
-"""sizeof(struct sockaddr_storage): nothing we match on is longer."""
 
 SO_NETNS_COOKIE: Final = getattr(socket, "SO_NETNS_COOKIE", 71)
 """Linux 5.14+: a number naming the network namespace a socket lives in, for the life
@@ -36,63 +32,6 @@ def netns_cookie(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return int.from_bytes(raw, sys.byteorder)
-
-
-def as_fd(arg: int) -> int:
-    """A syscall's int argument: the low 32 bits, signed."""
-    low = arg & 0xFFFFFFFF
-    return low - (1 << 32) if low >= 1 << 31 else low
-
-
-def task_name(pid: int) -> str:
-    """`pid 42 (comm)` for messages; `pid 42` once it is gone."""
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f"pid {pid} ({f.read().strip().decode(errors='replace')})"
-    except OSError:
-        return f"pid {pid}"
-
-
-class Lingering:
-    """The note for a program that exited leaving processes under the filter, which keep
-    the supervisor serving, and so running: said once, if they still run a while after
-    (a forwarder or a helper ending with the program is not worth a word)."""
-
-    DELAY: Final = 2.0
-
-    def __init__(self) -> None:
-        self._due: float | None = None
-        self._code = 0
-
-    def start(self, code: int, now: float) -> None:
-        """The program exited with `code` at `now`."""
-        self._due, self._code = now + self.DELAY, code
-
-    def timeout_ms(self, now: float) -> int | None:
-        return None if self._due is None else max(0, math.ceil((self._due - now) * 1000))
-
-    def due(self, now: float) -> list[str]:
-        if self._due is None or now < self._due:
-            return []
-        self._due = None
-        if not (left := [task_name(pid) for pid in our_children()]):
-            return []
-        return [
-            f"the program exited ({self._code}); what it started still runs under the "
-            f"filter, served until it ends or a signal comes: {', '.join(left)}"
-        ]
-
-
-def our_children() -> list[int]:
-    """The pids of this process's children (orphans we took in as subreaper included)."""
-    found: list[int] = []
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children", "rb") as f:
-                found += map(int, f.read().split())
-    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: name none
-        return []
-    return found
 
 
 class Tracee:
@@ -162,9 +101,9 @@ class Tracee:
                     os.close(opened)
 
     def sockaddr(self, n: seccomp.Notification) -> bytes | None:
-        """The sockaddr a bind() passes (at most SOCKADDR_MAX bytes); b"" for a kernel
+        """The sockaddr a bind() passes (at most seccomp.SOCKADDR_MAX bytes); b"" for a kernel
         address, None if the notification is gone."""
-        addr, length = n.args[1], n.args[2] & 0xFFFFFFFF
+        addr, length = n.args[1], n.sockaddr_length
         if addr >= 1 << 63:
             return b""  # a kernel address: not the program's to pass (the kernel: EFAULT)
         mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
@@ -173,7 +112,7 @@ class Tracee:
                 self.listener, n.id
             ):  # the fd is known to be this task's memory
                 return None
-            raw = os.pread(mem, min(length, SOCKADDR_MAX), addr)
+            raw = os.pread(mem, min(length, seccomp.SOCKADDR_MAX), addr)
             # Re-check after reading (seccomp_unotify(2)): a task that exited or was
             # interrupted meanwhile has no syscall left to answer.
             return raw if seccomp.id_valid(self.listener, n.id) else None
