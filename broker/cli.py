@@ -246,13 +246,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from broker.client import status
-    from broker.status import format_status
+    from broker.status import format_status, report_from
 
     try:
         report = status(path=args.socket, timeout=args.timeout)
+        shown = json.dumps(report, indent=2) if args.json else format_status(report_from(report))
     except ClientError as e:
         return _client_failure("status", e)
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    except (ValueError, KeyError, TypeError) as e:  # a report of another shape
+        return _fail(
+            "status",
+            f"{socket_path(args.socket)}: cannot read the broker's status report ({e!r}): "
+            "is the broker of another version? `port-broker status --json` shows it whole",
+            Exit.UNAVAILABLE,
+        )
+    print(shown)
     return 0
 
 

@@ -9,7 +9,8 @@ names and what the audit trail already records.
 from __future__ import annotations
 
 import time
-from typing import Any, TypedDict
+from collections.abc import Mapping
+from typing import Any, Final, NotRequired, TypedDict, cast
 
 from broker.names import transport
 
@@ -74,15 +75,15 @@ class Report(TypedDict):
     pid: int
     uptime: float
     config: str
-    configuration: Configuration
+    configuration: NotRequired[Configuration]  # (since 0.1: a broker before has none)
     connections: Connections
     sockets: list[SocketStatus]
     grants: int
     denials: int
     refusals: dict[str, int]
     recent: list[Event]
-    log: Log
-    unread: Unread
+    log: NotRequired[Log]
+    unread: NotRequired[Unread]
 
 
 # --- rendering (`port-broker status`) -------------------------------------------
@@ -96,61 +97,73 @@ def _duration(seconds: float) -> str:
     return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
 
-def format_status(report: dict[str, Any]) -> str:
+REQUIRED: Final = ("version", "pid", "uptime", "config", "connections", "sockets", "grants",
+                   "denials", "refusals", "recent")  # fmt: skip
+"""What every broker's report has had since the protocol's first version; the rest
+(configuration, log, unread) came later, and a report from an older broker lacks them."""
+
+
+def report_from(obj: Mapping[str, Any]) -> Report:
+    """A report as a broker of any version sends it, as this version's `Report` (the
+    sections an older broker lacks are absent; keys a newer one adds are kept).
+
+    Raises:
+        ValueError: it lacks what every report has (naming it).
+    """
+    missing = [key for key in REQUIRED if key not in obj]
+    if missing:
+        raise ValueError(f"the status report lacks {', '.join(missing)}")
+    return cast("Report", dict(obj))
+
+
+def format_status(report: Report) -> str:
     """Render a status report as the table `port-broker status` prints."""
-    conns = report.get("connections", {})
+    conns = report["connections"]
     lines = [
-        f"port-broker {report.get('version', '?')}, pid {report.get('pid', '?')}, "
-        f"up {_duration(float(report.get('uptime', 0)))}, config {report.get('config', '?')}",
-        f"clients: {conns.get('active', 0)} connected, {conns.get('total', 0)} served "
-        f"(limit {conns.get('limit', '?')}); {report.get('grants', 0)} grants, "
-        f"{report.get('denials', 0)} denials",
+        f"port-broker {report['version']}, pid {report['pid']}, "
+        f"up {_duration(report['uptime'])}, config {report['config']}",
+        f"clients: {conns['active']} connected, {conns['total']} served "
+        f"(limit {conns['limit']}); {report['grants']} grants, {report['denials']} denials",
     ]
     configuration = report.get("configuration")
-    if isinstance(configuration, dict):
-        loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(configuration["loaded"]))
-        lines.append(f"configuration: generation {configuration['generation']}, loaded {loaded}")
-        refused = configuration.get("refused")
-        if refused:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused["time"]))
-            lines.append(f"  last reload refused at {when}: {refused['reason']}")
-    log = report.get("log")
-    if isinstance(log, dict) and (log.get("suppressed") or log.get("lost")):
+    if configuration is not None:
         lines.append(
-            f"log: {log.get('suppressed', 0)} notices about clients summed up, not logged "
-            f"one by one; {log.get('lost', 0)} records the journal did not take"
+            f"configuration: generation {configuration['generation']}, loaded "
+            f"{_when(configuration['loaded'])}"
         )
-    unread = report.get("unread")
-    if isinstance(unread, dict) and unread.get("fds"):
-        holders = ", ".join(f"uid {h['uid']}: {h['fds']}" for h in unread.get("holders", []))
+        refused = configuration["refused"]
+        if refused:
+            lines.append(f"  last reload refused at {_when(refused['time'])}: {refused['reason']}")
+    log: Log = report.get("log", {"suppressed": 0, "lost": 0})
+    if log["suppressed"] or log["lost"]:
+        lines.append(
+            f"log: {log['suppressed']} notices about clients summed up, not logged one by "
+            f"one; {log['lost']} records the journal did not take"
+        )
+    unread: Unread = report.get("unread", {"fds": 0, "holders": []})
+    if unread["fds"]:
+        holders = ", ".join(f"uid {h['uid']}: {h['fds']}" for h in unread["holders"])
         lines.append(
             f"unread: {unread['fds']} granted sockets not read yet by their receivers ({holders})"
         )
     lines.append("")
     rows = [["NAME", "PROTO", "ADDRESS", "GRANTS", "DENIALS"]]
-    for s in report.get("sockets", []):
-        rows.append(
-            [
-                s["name"],
-                transport(s["family"], s["type"]),
-                s["address"],
-                str(s["grants"]),
-                str(s["denials"]),
-            ]
-        )
+    rows += [[s["name"], transport(s["family"], s["type"]), s["address"], str(s["grants"]),
+              str(s["denials"])] for s in report["sockets"]]  # fmt: skip
     lines.append(table(rows) if len(rows) > 1 else "holding no sockets")
-    recent = report.get("recent", [])
-    if recent:
+    if report["recent"]:
         lines += ["", "recent:"]
-        for event in recent[-10:]:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
-            who = event.get("user") or "-"
-            unit = event.get("unit") or "-"
+        for event in report["recent"][-10:]:
             lines.append(
-                f"  {when} {event['decision']:5} {event['socket']} uid {event['uid']}"
-                f" ({who}) pid {event['pid']} unit {unit}"
+                f"  {_when(event['time'])} {event['decision']:5} {event['socket']} uid "
+                f"{event['uid']} ({event['user'] or '-'}) pid {event['pid']} unit "
+                f"{event['unit'] or '-'}"
             )
     return "\n".join(lines)
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def table(rows: list[list[str]]) -> str:

@@ -26,7 +26,7 @@ from broker.cli import main
 from broker.daemon.policy import Rule
 from broker.errors import UnknownSocket
 from broker.names import exit_statuses
-from broker.status import format_status
+from broker.status import REQUIRED, format_status, report_from
 from tests.harness.inprocess import (
     CONFIG_PATH,
     UID,
@@ -139,7 +139,7 @@ REPORT: Final[dict[str, Any]] = {
 
 
 def test_format_status_renders_the_report(utc: None) -> None:
-    assert format_status(REPORT).splitlines() == [
+    assert format_status(report_from(REPORT)).splitlines() == [
         "port-broker 0.1.0, pid 4242, up 1d2h3m4s, config /etc/port-broker/broker.toml",
         "clients: 2 connected, 1500 served (limit 1024); 13 grants, 3 denials",
         "configuration: generation 3, loaded 1970-01-02 00:00:00",
@@ -177,13 +177,21 @@ def test_the_documented_status_keys_are_the_reports() -> None:
     assert set(REPORT) == set(status.Report.__annotations__)  # the sample above too
 
 
-def test_format_status_of_an_empty_report() -> None:
-    assert format_status({}) == (
-        "port-broker ?, pid ?, up 0s, config ?\n"
-        "clients: 0 connected, 0 served (limit ?); 0 grants, 0 denials\n"
-        "\n"
-        "holding no sockets"
-    )
+MINIMAL: Final[dict[str, Any]] = {key: REPORT[key] for key in REQUIRED}
+"""What a broker of the protocol's first version reported."""
+
+
+def test_a_report_of_an_older_broker_renders_without_what_it_lacks(utc: None) -> None:
+    assert format_status(report_from(MINIMAL)).splitlines()[:3] == [
+        "port-broker 0.1.0, pid 4242, up 1d2h3m4s, config /etc/port-broker/broker.toml",
+        "clients: 2 connected, 1500 served (limit 1024); 13 grants, 3 denials",
+        "",
+    ]
+
+
+def test_a_report_lacking_what_every_report_has_is_refused() -> None:
+    with pytest.raises(ValueError, match="the status report lacks version, pid, uptime"):
+        report_from({})
 
 
 @pytest.mark.parametrize(
@@ -200,7 +208,8 @@ def test_format_status_of_an_empty_report() -> None:
     ],
 )
 def test_format_status_uptime(uptime: float, shown: str) -> None:
-    assert format_status({"uptime": uptime}).startswith(f"port-broker ?, pid ?, up {shown}, ")
+    report = report_from({**MINIMAL, "uptime": uptime})
+    assert format_status(report).startswith(f"port-broker 0.1.0, pid 4242, up {shown}, ")
 
 
 # --- exec -------------------------------------------------------------------------
