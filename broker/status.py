@@ -134,13 +134,15 @@ def format_status(report: Report) -> str:
         refused = configuration["refused"]
         if refused:
             lines.append(f"  last reload refused at {_when(refused['time'])}: {refused['reason']}")
-    log: Log = report.get("log", {"suppressed": 0, "lost": 0})
+    no_log: Log = {"suppressed": 0, "lost": 0}
+    log = report.get("log", no_log)
     if log["suppressed"] or log["lost"]:
         lines.append(
             f"log: {log['suppressed']} notices about clients summed up, not logged one by "
             f"one; {log['lost']} records the journal did not take"
         )
-    unread: Unread = report.get("unread", {"fds": 0, "holders": []})
+    none_unread: Unread = {"fds": 0, "holders": []}
+    unread = report.get("unread", none_unread)
     if unread["fds"]:
         holders = ", ".join(f"uid {h['uid']}: {h['fds']}" for h in unread["holders"])
         lines.append(
