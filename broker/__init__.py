@@ -4,9 +4,9 @@ systemd binds the ports in `.socket` units and socket-activates the broker; a wo
 asks over a Unix socket and, if the policy allows its user, group or unit, receives the
 listening socket's file descriptor and accepts on it itself.
 
-This package must stay cheap to import: `port-broker exec` and `broker.client` are on a
-worker's start-up path and import only the standard library. The broker's own heavy
-dependencies (trio, pydantic, systemd) are imported by the modules that serve, never here.
+Must never: import anything (it holds the version only): `port-broker exec` and
+`broker.client` are on a worker's start-up path. The broker's own heavy dependencies
+(trio, pydantic, systemd) are imported by the modules that serve, never here.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
-"""`python -m broker` is `port-broker`."""
+"""`python -m broker` is `port-broker`.
+
+Must never: do anything but run the command line (broker/cli.py).
+"""
 
 import sys
 

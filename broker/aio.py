@@ -9,6 +9,9 @@ trio versions, with the same requests, reply reader, deadline, waits and errors.
 Ownership: sockets returned are the caller's to close; on any error, every fd received
 is closed before the exception propagates.
 
+Must never: block the event loop (every wait is asyncio's), or import anything of the
+broker's daemon or supervisor.
+
 Standard library only, as broker.client.
 """
 
@@ -36,8 +39,9 @@ from broker.exchange import (
     delays,
     granted,
 )
+from broker.messages import Acquire, Request
 from broker.names import socket_path
-from broker.protocol import Acquire, Request, encode_request
+from broker.protocol import encode_request
 
 if TYPE_CHECKING:
     from broker.exchange import Outcome

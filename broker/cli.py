@@ -33,8 +33,8 @@ from broker.errors import (
     UnknownSocket,
 )
 from broker.exchange import DEFAULT_TIMEOUT, ask, granted
+from broker.messages import Acquire
 from broker.names import Exit, grantable_name_problem, socket_path, transport, valid_name
-from broker.protocol import Acquire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -24,6 +24,9 @@ connect, request and reply.
 Ownership: sockets returned are the caller's to close. On any error, every fd received
 is closed before the exception propagates.
 
+Must never: import trio (but in the trio variants, when called), pydantic or anything of
+the broker's daemon or supervisor: a worker imports this to serve.
+
 Raises (all subclasses of `broker.errors.ClientError`): `BrokerUnavailable` (cannot
 connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 `RequestRefused` for other refusals, each carrying the broker's message; and
@@ -56,8 +59,7 @@ from broker.exchange import (
     granted,
     one,
 )
-from broker.names import socket_path
-from broker.protocol import (
+from broker.messages import (
     Acquire,
     Listing,
     ListSockets,
@@ -68,8 +70,9 @@ from broker.protocol import (
     SocketInfo,
     Status,
     StatusReport,
-    encode_request,
 )
+from broker.names import socket_path
+from broker.protocol import encode_request
 
 if TYPE_CHECKING:
     import trio

@@ -21,18 +21,9 @@ import stat
 import time
 
 from broker.errors import BrokerUnavailable, ClientError, Code, ProtocolError, refusal
+from broker.messages import Granted, Refusal, Reply, Request
 from broker.names import LOAD_TIMEOUT, SOCKET_ENV, socket_path
-from broker.protocol import (
-    MAX_REPLY_BYTES,
-    SCM_MAX_FD,
-    Granted,
-    LineBuffer,
-    Refusal,
-    Reply,
-    Request,
-    encode_request,
-    parse_reply,
-)
+from broker.protocol import MAX_REPLY_BYTES, SCM_MAX_FD, LineBuffer, encode_request, parse_reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from broker.daemon.activation import (
 )
 from broker.daemon.privileges import capabilities, drop_privileges
 from broker.errors import IntakeError, PrivilegeError
-from broker.protocol import SocketInfo
+from broker.messages import SocketInfo
 from broker.sockets import format_address
 from tests.harness.processes import Processes, run_in_child, wait_for
 

@@ -40,7 +40,8 @@ from broker.errors import (
     RequestRefused,
     UnknownSocket,
 )
-from broker.protocol import MAX_REPLY_BYTES, SocketInfo
+from broker.messages import SocketInfo
+from broker.protocol import MAX_REPLY_BYTES
 from tests.harness.inprocess import (
     ino,
     open_fds,

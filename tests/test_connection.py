@@ -34,10 +34,7 @@ from broker.daemon.identity import Peer
 from broker.daemon.policy import Policy, Rule
 from broker.daemon.standing import Held, Standing
 from broker.errors import Code
-from broker.protocol import (
-    MAX_NAMES,
-    MAX_REQUEST_BYTES,
-    SCM_MAX_FD,
+from broker.messages import (
     Acquire,
     Granted,
     Listing,
@@ -48,9 +45,8 @@ from broker.protocol import (
     SocketInfo,
     Status,
     StatusReport,
-    encode_request,
-    parse_reply,
 )
+from broker.protocol import MAX_NAMES, MAX_REQUEST_BYTES, SCM_MAX_FD, encode_request, parse_reply
 
 PEER = Peer(pid=4242, uid=1000, gid=1000, user="alice")
 POLICY = Policy(

@@ -5,8 +5,17 @@
 - The modules of broker/ import one another without a cycle, counting the imports made
   inside functions (the lazy ones that keep `exec` cheap): every layer depends only on
   layers below it.
-- No module of broker/ passes MAX_MODULE_LINES, and the server's driver class stays
-  within MAX_DRIVER_LINES: past that a module holds more than one job.
+- No module of broker/ passes MAX_MODULE_LINES, and the driver class stays within
+  MAX_DRIVER_LINES: an alarm, not a rule of placement (past it a module holds more
+  than one job).
+- The packages keep their direction: broker.daemon (the broker) and broker.intercept
+  (the supervisor) import the shared top-level modules and never each other, and no
+  shared module imports either; only the entry points (cli, manual) import them.
+- The worker path's imports, on real runs: `exec` (without --intercept), `list` and
+  `status` import neither trio, pydantic, the daemon nor the supervisor, and a plain
+  `exec` none of the standard modules that cost a start-up its milliseconds.
+- docs/architecture.md's module map names every module of broker/ and no other, and
+  every module opens with what it must never do.
 - broker/ uses dependencies through their public API only: no `_private` attribute of a
   third-party module, and no override of a third-party class's `_private` method (their
   bodies change between releases).
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Final
@@ -210,3 +220,137 @@ def test_the_private_api_check_finds_an_override(tmp_path: Path) -> None:
         "sample.py:4: overrides EnvSettingsSource._load_env_vars",
         "sample.py:5: trio._core",
     ]
+
+
+# --- the direction between packages ------------------------------------------------
+
+ENTRY_POINTS: Final = frozenset({"broker.cli", "broker.__main__", "broker.manual"})
+"""What runs the programs: the only top-level modules that may import the daemon or the
+supervisor (lazily, for the subcommand that needs them)."""
+
+
+def package_of(module: str) -> str:
+    """broker.daemon, broker.intercept, or broker (the shared modules)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[1:2] in (["daemon"], ["intercept"]) else "broker"
+
+
+def direction_problems(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imports in sorted(graph.items()):
+        own = package_of(module)
+        for target in sorted(imports):
+            theirs = package_of(target)
+            if theirs in (own, "broker"):
+                if own != "broker" and target in ENTRY_POINTS:
+                    found.append(f"{module} imports the entry point {target}")
+                continue
+            if own == "broker" and module in ENTRY_POINTS:
+                continue
+            found.append(f"{module} ({own}) imports {target} ({theirs})")
+    return found
+
+
+def test_the_packages_keep_their_direction() -> None:
+    assert direction_problems(broker_imports()) == []
+
+
+def test_the_direction_check_finds_a_crossing() -> None:
+    graph = {
+        "broker.daemon.driver": {"broker.intercept.bindings", "broker.names"},
+        "broker.protocol": {"broker.daemon.connection"},
+        "broker.intercept.notes": {"broker.cli"},
+        "broker.cli": {"broker.daemon.start", "broker.intercept.supervisor"},
+    }
+    assert direction_problems(graph) == [
+        "broker.daemon.driver (broker.daemon) imports broker.intercept.bindings (broker.intercept)",
+        "broker.intercept.notes imports the entry point broker.cli",
+        "broker.protocol (broker) imports broker.daemon.connection (broker.daemon)",
+    ]
+
+
+# --- the documented module map, and each module's contract ---------------------------
+
+
+def documented_modules() -> set[str]:
+    """The modules docs/architecture.md's map names, as dotted names."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    found, package = set(), "broker"
+    for row in re.findall(r"^\|\s*(.*?)\s*\|\s*`(\w+)\.py`\s*\|", table, re.M):
+        named = re.match(r"`([\w.]+)`", row[0])
+        if named:
+            package = named.group(1)
+        leaf = row[1]
+        found.add(package if leaf == "__init__" else f"{package}.{leaf}")
+    return found
+
+
+def test_the_module_map_names_every_module_and_no_other() -> None:
+    documented, actual = documented_modules(), set(broker_modules())
+    assert sorted(actual - documented) == [], "modules missing from docs/architecture.md"
+    assert sorted(documented - actual) == [], "docs/architecture.md names modules not there"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "broker").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_module_says_what_it_must_never_do(path: Path) -> None:
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert "Must never" in docstring, f"{path.relative_to(ROOT)}: no 'Must never' in its docstring"
+
+
+# --- the worker path's imports, on real runs -------------------------------------------
+
+NEVER_ON_THE_WORKER_PATH: Final = ("trio", "pydantic", "pydantic_settings", "systemd",
+                                   "broker.daemon", "broker.intercept")  # fmt: skip
+NEVER_ON_A_PLAIN_EXEC: Final = (
+    "argparse", "enum", "typing", "re", "json", "socket", "dataclasses", "collections",
+    "functools", "contextlib",
+)  # fmt: skip
+"""Standard modules that each cost a start-up milliseconds (see broker/names.py), none of
+them loaded by a bare interpreter."""
+
+RUN_AND_SHOW_IMPORTS: Final = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from broker.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+async def imports_of(args: list[str]) -> set[str]:
+    """Every module a real run of `port-broker ARGS` imports (python -X importtime),
+    the interpreter's own start-up left out."""
+    import trio  # noqa: PLC0415 (only these tests run trio here)
+
+    bare = await trio.run_process([sys.executable, "-I", "-X", "importtime", "-c", "pass"],
+                                  capture_stderr=True)  # fmt: skip
+    run = await trio.run_process(
+        [sys.executable, "-I", "-X", "importtime", "-c", RUN_AND_SHOW_IMPORTS, str(ROOT), *args],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()
+
+    def modules(stderr: bytes) -> set[str]:
+        return {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line} - {"package"}  # fmt: skip
+
+    return modules(run.stderr) - modules(bare.stderr)
+
+
+@pytest.mark.parametrize("command", ["exec", "list", "status"])
+async def test_the_worker_path_imports_only_what_it_uses(rundir: Path, command: str) -> None:
+    from tests.harness.inprocess import running_broker  # noqa: PLC0415
+
+    async with running_broker(rundir) as served:
+        args = {"exec": ["exec", "--socket", served.path, "http", "--", "true"],
+                "list": ["list", "--socket", served.path],
+                "status": ["status", "--socket", served.path, "--json"]}[command]  # fmt: skip
+        imported = await imports_of(args)
+    assert "broker.cli" in imported  # the run was seen
+    heavy = sorted(m for m in imported if m.split(".")[0] in NEVER_ON_THE_WORKER_PATH
+                   or m.startswith(NEVER_ON_THE_WORKER_PATH))  # fmt: skip
+    assert heavy == []
+    if command == "exec":
+        assert sorted(imported & set(NEVER_ON_A_PLAIN_EXEC)) == []

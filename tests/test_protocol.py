@@ -18,13 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import CODES, Code, ProtocolError
-from broker.names import FAMILIES, NAME_MAX_LENGTH, NAME_REGEX, TYPES, valid_name
-from broker.protocol import (
-    MAX_NAMES,
-    MAX_REQUEST_BYTES,
+from broker.messages import (
     Acquire,
     Granted,
-    LineBuffer,
     Listing,
     ListSockets,
     Refusal,
@@ -35,6 +31,12 @@ from broker.protocol import (
     SocketInfo,
     Status,
     StatusReport,
+)
+from broker.names import FAMILIES, NAME_MAX_LENGTH, NAME_REGEX, TYPES, valid_name
+from broker.protocol import (
+    MAX_NAMES,
+    MAX_REQUEST_BYTES,
+    LineBuffer,
     encode_reply,
     encode_request,
     parse_reply,

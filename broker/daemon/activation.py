@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from broker.errors import IntakeError
+from broker.messages import SocketInfo
 from broker.names import CONTROL_NAME, DEFAULT_SOCKET, NAME_RULE, valid_name
-from broker.protocol import SocketInfo
 from broker.sockets import Family, SocketType, format_address
 
 BACKLOG: Final = 4096

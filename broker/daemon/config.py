@@ -12,7 +12,9 @@ Example (docs/configuration.md has the whole reference)::
     groups = ["web"]
     units = ["node-app.service", "machine-*.scope"]
 
-Standard library only.
+Must never: validate (broker/daemon/settings.py does, with pydantic, in a child
+interpreter) or import pydantic: the serving broker holds this, and pydantic's 15 MB
+stay out of it.
 """
 
 from __future__ import annotations

@@ -54,12 +54,9 @@ from typing import Any, Final, NamedTuple
 from broker.daemon.identity import Peer
 from broker.daemon.standing import Standing
 from broker.errors import Code, ProtocolError
-from broker.protocol import (
-    MAX_REQUEST_BYTES,
-    SCM_MAX_FD,
+from broker.messages import (
     Acquire,
     Granted,
-    LineBuffer,
     Listing,
     Refusal,
     Reload,
@@ -68,9 +65,8 @@ from broker.protocol import (
     Request,
     Status,
     StatusReport,
-    encode_reply,
-    parse_request,
 )
+from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD, LineBuffer, encode_reply, parse_request
 
 MAX_REQUESTS_PER_CONNECTION: Final = 100
 """Requests one connection may carry; the broker closes it after answering the last.

@@ -17,6 +17,10 @@ replaced whole by one assignment at each reload.
 Ownership: the driver owns each accepted connection and closes it when its task ends,
 on every path. It never owns, accepts on or changes a granted socket: those belong to
 the `Intake`, and the kernel duplicates them into each reply.
+
+Must never: decide what a connection's rules decide (broker/daemon/connection.py), let
+one client's failure stop the others, or change the configuration in force but by
+replacing `standing` whole.
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 Pure: no I/O, no clock, no globals; the server asks, this module answers. Deny by
 default: a socket with no rule, or a rule the peer matches in no way, is refused, and
-root is no exception. Rules are built (names resolved to ids) by `broker.config`.
+root is no exception. Rules are built (names resolved to ids) by
+broker/daemon/settings.py, and travel as data in broker/daemon/config.py.
+
+Must never: grant what no rule names (root included), count a uid or group the kernel
+could not map into the broker's user namespace, or do I/O.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from broker.daemon.admission import Limits
 from broker.daemon.config import Config, unheld_rules
 from broker.daemon.policy import Policy
 from broker.errors import ConfigError
-from broker.protocol import SocketInfo
+from broker.messages import SocketInfo
 from broker.status import Configuration, Refused
 
 Held = tuple[int, SocketInfo]

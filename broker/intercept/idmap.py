@@ -21,6 +21,8 @@ refused at once if it is not ours; a request comes in as it arrives, without a w
 and one not whole within READ_TIMEOUT is dropped. Only the real mapper, run for the
 program itself, holds the loop (a few milliseconds; at most TIMEOUT).
 
+Must never: run a mapper for a process the launcher did not start, or from another
+pid namespace (its PID argument would name another process), or wait on a peer.
 Standard library only: this runs on a worker's start-up path (only with --intercept).
 """
 

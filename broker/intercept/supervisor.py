@@ -12,7 +12,7 @@ holder set (Node asks for 511 where systemd set 4096). Everything else continues
 kernel unchanged (SECCOMP_USER_NOTIF_FLAG_CONTINUE). This serves programs that cannot
 take LISTEN_FDS: statically linked binaries, process managers, code we cannot change.
 
-What this module must never do:
+Must never:
 - inject a socket of another family, type or protocol than the program's own: an AF_INET
   program given a dual-stack AF_INET6 socket misreads every peer address (CPython fails
   to decode them). With no held socket of the program's family for a mapped port, that
