@@ -17,11 +17,7 @@ import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 from matplotlib.axes import Axes  # type: ignore[import-not-found, unused-ignore]
 from matplotlib.ticker import FuncFormatter  # type: ignore[import-not-found, unused-ignore]
 
-from bench.report import (
-    HANDOFF_P99_BUDGET_MS,
-    HANDOFF_RATE_BUDGET,
-    RATIO_BUDGET,
-)
+from bench.budgets import RATIO_BUDGET
 from bench.stats import Spread, thousands
 
 BROKER_COLOUR: Final = "#2a7ab0"
@@ -90,17 +86,23 @@ def _handoff(rate_axes: Axes, latency_axes: Axes, data: dict[str, Any]) -> None:
     levels = sorted({load["clients"] for load in data["loads"]})
     labels = [f"{n} client{'s' if n > 1 else ''}" for n in levels]
 
-    def spread(clients: int, key: str) -> Spread:
-        return Spread.of([ld[key] for ld in data["loads"] if ld["clients"] == clients])
+    def spread(clients: int, key: str, build: str = "current") -> Spread:
+        loads = [ld for ld in data["loads"] if ld.get("build", "current") == build]
+        return Spread.of([ld[key] for ld in loads if ld["clients"] == clients])
 
     rates = [spread(n, "rate") for n in levels]
     _bars(rate_axes, labels, rates, [BROKER_COLOUR] * len(levels))
-    _budget_line(rate_axes, HANDOFF_RATE_BUDGET, "budget (≥)")
+    if any(ld.get("build") == "baseline" for ld in data["loads"]):
+        for index, n in enumerate(levels):  # the baseline's median, across each bar
+            level = spread(n, "rate", "baseline").median
+            label = str(data.get("baseline", "baseline")) if index == 0 else None
+            rate_axes.plot([index - 0.4, index + 0.4], [level, level], color=BUDGET_COLOUR,
+                           linestyle="--", label=label)  # fmt: skip
     for index, rate in enumerate(rates):
         rate_axes.annotate(
             f"{rate.median:,.0f}", (index, rate.high), ha="center", va="bottom", fontsize=8
         )
-    rate_axes.set_ylim(0, max(HANDOFF_RATE_BUDGET, *(r.high for r in rates)) * 1.2)
+    rate_axes.set_ylim(0, max(r.high for r in rates) * 1.3)
     rate_axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     rate_axes.legend(fontsize=8)
     rate_axes.set_title("Hand-off: grants/s (trio clients, one process)", fontsize=10)
@@ -117,7 +119,6 @@ def _handoff(rate_axes: Axes, latency_axes: Axes, data: dict[str, Any]) -> None:
             color=colour, label=key.removesuffix("_ms"),
         )  # fmt: skip
     latency_axes.set_xticks(range(len(levels)), labels, fontsize=8)
-    _budget_line(latency_axes, HANDOFF_P99_BUDGET_MS, "p99 budget (64 clients)")
     _plain_log(latency_axes)
     latency_axes.set_ylabel("ms (log)")
     latency_axes.grid(axis="y", alpha=0.3)

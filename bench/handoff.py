@@ -3,27 +3,34 @@ process, and a cold start by socket activation.
 
 - Load: bench/handoff_client.py (trio, one process, as nobody) runs 1, 64 and 512
   concurrent acquire loops against the main broker, alternating levels round by round,
-  while the broker's VmRSS and CPU time are sampled from /proc.
+  while the broker's VmRSS and CPU time are sampled from /proc; with a baseline
+  (`bench/run --baseline COMMIT`), against that commit's broker too, right after each,
+  so that each pair of runs meets the same machine.
 - exec: `setpriv … port-broker exec http -- true` timed as a whole process, beside a
   `setpriv … true` baseline (setpriv's own cost) and `setpriv … python3 -I -c pass`
   (the interpreter's floor), alternating.
 - Cold start: a fresh `systemd-socket-activate` per run; the time from the first
   client connect (which starts the broker) to the fd in hand.
+- Idle exit: a broker started as systemd starts one (NOTIFY_SOCKET set), with
+  `idle_exit = 1`: the seconds from its last client to its exit, after which an idle
+  broker has no memory at all.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from bench.stage import Stage, cpu_seconds, rss_kib
+from bench.stage import POLICY, Stage, cpu_seconds, rss_kib
 from broker.client import acquire
+from broker.daemon.lifecycle import IDLE_FLOOR
 from tests.harness.processes import NOBODY, START_TIMEOUT, as_user, fd_count, settled_fd_count
-from tests.harness.runtime import SYSTEM_PYTHON
+from tests.harness.runtime import SYSTEM_PYTHON, make_public_dir
 
 CONCURRENCY: Final = (1, 64, 512)
 """Clients acquiring at once: alone, a busy host, and half the broker's default
@@ -31,6 +38,9 @@ max_connections (1024) against its default fd limit (1024)."""
 
 SAMPLE_INTERVAL: Final = 0.02
 """Seconds between /proc samples of the broker: catches the RSS peak of a 1 s load."""
+
+IDLE_EXIT_SLACK: Final = 5.0
+"""Seconds past the idle floor within which a broker idle that long must have exited."""
 
 COLD_PORT: Final = 8090
 """The TCP socket each cold-start broker holds (port 80 stays with the main broker)."""
@@ -44,6 +54,8 @@ class LoadRun:
     """One load client's run, with the broker's figures during it."""
 
     clients: int
+    build: str
+    """"current", or "baseline" (the commit `--baseline` names)."""
     grants: int
     seconds: float
     p50_ms: float
@@ -59,6 +71,11 @@ class LoadRun:
     def rate(self) -> float:
         return self.grants / self.seconds
 
+    @property
+    def cpu_per_grant_us(self) -> float:
+        """The broker's CPU time per grant, in microseconds."""
+        return self.broker_cpu * self.seconds / max(self.grants, 1) * 1e6
+
 
 @dataclass
 class HandoffResults:
@@ -72,21 +89,28 @@ class HandoffResults:
     nofile_limit: str = ""
     exec_ms: dict[str, list[float]] = field(default_factory=dict)
     cold_ms: list[float] = field(default_factory=list)
+    idle_exit_s: float = 0.0
+    """Seconds from the last client to the exit of a broker with idle_exit = 1 (0: it
+    did not exit)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for load, entry in zip(self.loads, data["loads"], strict=True):
             entry["rate"] = load.rate
+            entry["cpu_per_grant_us"] = load.cpu_per_grant_us
         return data
 
 
-def load_once(stage: Stage, clients: int, seconds: float) -> LoadRun:
-    """Run the load client once; sample the broker until it is done.
+def load_once(stage: Stage, clients: int, seconds: float, build: str = "current") -> LoadRun:
+    """Run the load client once against the `build`'s broker; sample the broker until
+    it is done.
 
     Raises:
         RuntimeError: if the client fails.
     """
-    broker = stage.main_broker
+    broker = stage.main_broker if build == "current" else stage.baseline
+    if broker is None:
+        raise RuntimeError("no baseline broker: run with --baseline COMMIT")
     argv = [*as_user(NOBODY), SYSTEM_PYTHON, "-s", str(stage.client)]
     argv += ["--socket", str(broker.control), "--clients", str(clients)]
     argv += ["--seconds", str(seconds)]
@@ -108,6 +132,7 @@ def load_once(stage: Stage, clients: int, seconds: float) -> LoadRun:
     summary = json.loads(out)
     return LoadRun(
         clients=clients,
+        build=build,
         grants=summary["grants"],
         seconds=summary["seconds"],
         p50_ms=summary["p50_ms"],
@@ -158,6 +183,28 @@ def cold_start(stage: Stage, index: int) -> float:
     return elapsed * 1000
 
 
+def idle_exit_seconds(stage: Stage) -> float:
+    """Seconds from its last client to the exit of a broker started as systemd starts
+    one, with `idle_exit = 1` (its floor makes that at least 10 s); 0 if it lives on."""
+    where = make_public_dir(stage.root, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(where / "notify.sock"))
+        (where / "notify.sock").chmod(0o666)  # systemd's is the broker's to write to
+        broker = stage.spawn_broker(
+            "idle", [("http", f"127.0.0.1:{COLD_PORT}")], policy="idle_exit = 1\n" + POLICY,
+            environ={"NOTIFY_SOCKET": str(where / "notify.sock")},
+        )  # fmt: skip
+        try:
+            stage.activate(broker)
+            last = time.monotonic()
+            broker.proc.wait(timeout=IDLE_FLOOR + IDLE_EXIT_SLACK)
+            return time.monotonic() - last
+        except subprocess.TimeoutExpired:
+            return 0.0
+        finally:
+            stage.stop(broker.proc)
+
+
 def nofile_limit(pid: int) -> str:
     """The process's 'Max open files' soft and hard limits, from /proc."""
     with open(f"/proc/{pid}/limits", encoding="ascii") as f:
@@ -182,17 +229,19 @@ def run(
     results = HandoffResults(nofile_limit=nofile_limit(broker.pid))
     results.fds_before = settled_fd_count(broker.pid)
     results.rss_idle_kib = rss_kib(broker.pid)
+    builds = ["current", "baseline"] if stage.baseline is not None else ["current"]
     for index in range(rounds):
         for clients in CONCURRENCY:
-            load = load_once(stage, clients, seconds)
-            results.loads.append(load)
-            progress(
-                f"hand-off round {index + 1}/{rounds}: {clients:3} clients "
-                f"{load.rate:8.0f} grants/s  p50 {load.p50_ms:6.2f} ms  "
-                f"p99 {load.p99_ms:7.2f} ms  broker {load.broker_cpu:4.0%} CPU  "
-                f"{load.peak_rss_kib / 1024:5.1f} MiB"
-                + (f"  errors {load.errors}" if load.errors else "")
-            )
+            for build in builds:
+                load = load_once(stage, clients, seconds, build)
+                results.loads.append(load)
+                progress(
+                    f"hand-off round {index + 1}/{rounds} {build:8}: {clients:3} clients "
+                    f"{load.rate:8.0f} grants/s  p50 {load.p50_ms:6.2f} ms  "
+                    f"p99 {load.p99_ms:7.2f} ms  {load.cpu_per_grant_us:5.0f} µs CPU/grant  "
+                    f"{load.peak_rss_kib / 1024:5.1f} MiB"
+                    + (f"  errors {load.errors}" if load.errors else "")
+                )
     results.exec_ms = time_exec(stage, exec_runs)
     results.fds_after = settled_fd_count(broker.pid)
     results.rss_after_kib = rss_kib(broker.pid)
@@ -205,4 +254,6 @@ def run(
     for index in range(cold_runs):
         results.cold_ms.append(cold_start(stage, index))
     progress(f"cold start: {', '.join(f'{ms:.0f}' for ms in results.cold_ms)} ms")
+    results.idle_exit_s = idle_exit_seconds(stage)
+    progress(f"idle exit: {results.idle_exit_s:.1f} s after the last client (0: none)")
     return results

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
+from bench.budgets import Budget
 from bench.datapath import CONTENDERS, Contender, wrk
 from bench.handoff import load_once
-from bench.report import Budget
 from bench.stage import Stage, cpu_seconds, wait_http
 from tests.harness.processes import NOBODY, as_user, proc_status
 from tests.harness.runtime import SYSTEM_PYTHON

@@ -1,7 +1,6 @@
-"""The budgets (PASS/MISS), the machine, and the Markdown report.
+"""The machine, and the Markdown report of a run with its budgets (bench/budgets.py).
 
-Every budget is checked against the medians of this run (the RSS peak and the refusal
-count against their worst case), and a MISS says by how much.
+Must never: judge a figure (bench/budgets.py does), or show one without its spread.
 """
 
 from __future__ import annotations
@@ -11,235 +10,11 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-from bench.attack import AUDIT_LINES_BUDGET, P99_BUDGET_MS, SUCCESS_BUDGET, WORKER_INTERVAL
+from bench.attack import WORKER_INTERVAL
+from bench.budgets import Budget, mib
 from bench.stats import Spread
-
-# The budgets, as issue 7 set them ("MB" read as MiB, the unit /proc reports in).
-RATIO_BUDGET: Final = 0.98
-EXEC_BUDGET_MS: Final = 50.0
-HANDOFF_P99_BUDGET_MS: Final = 1.0
-HANDOFF_RATE_BUDGET: Final = 10_000.0
-HANDOFF_BUDGET_CLIENTS: Final = 64
-COLD_BUDGET_MS: Final = 500.0
-RSS_IDLE_BUDGET_MIB: Final = 25.0
-RSS_LOAD_BUDGET_MIB: Final = 40.0
-RSS_LOAD_CLIENTS: Final = 512
-
-# Keys of bench.handoff's exec timings.
-EXEC_KEY: Final = "setpriv port-broker exec http -- true"
-SETPRIV_KEY: Final = "setpriv true"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """One budget's verdict.
-
-    Attributes:
-        key: Which measurement it is about (the profiler picks by it).
-        name: What is budgeted.
-        target: The budget, as the issue states it.
-        measured: What this run measured.
-        passed: Whether the budget holds.
-        shortfall: For a MISS, by how much.
-    """
-
-    key: str
-    name: str
-    target: str
-    measured: str
-    passed: bool
-    shortfall: str = ""
-
-    @property
-    def verdict(self) -> str:
-        return "PASS" if self.passed else "MISS"
-
-
-def _mib(kib: float) -> float:
-    return kib / 1024
-
-
-def _datapath_budgets(data: dict[str, Any]) -> list[Budget]:
-    budgets = []
-    for key, label in (("broker", "port-broker exec"), ("intercept", "exec --intercept")):
-        if key not in data["ratios"]:
-            continue
-        ratio = Spread.of(data["ratios"][key])
-        budgets.append(
-            Budget(
-                f"datapath:{key}",
-                f"data path via {label}",
-                f"≥ {RATIO_BUDGET} × direct (median ratio)",
-                f"{ratio.show('{:.3f}')} × direct",
-                ratio.median >= RATIO_BUDGET,
-                f"{(RATIO_BUDGET - ratio.median) * 100:.1f} points under",
-            )
-        )
-    return budgets
-
-
-def _handoff_budgets(data: dict[str, Any]) -> list[Budget]:
-    loads = [load for load in data["loads"] if load["clients"] == HANDOFF_BUDGET_CLIENTS]
-    p99 = Spread.of([load["p99_ms"] for load in loads])
-    rate = Spread.of([load["rate"] for load in loads])
-    exec_ms = Spread.of(data["exec_ms"][EXEC_KEY])
-    setpriv_ms = Spread.of(data["exec_ms"][SETPRIV_KEY])
-    cold = Spread.of(data["cold_ms"])
-    peaks = [load["peak_rss_kib"] for load in data["loads"] if load["clients"] == RSS_LOAD_CLIENTS]
-    peak = _mib(max(peaks, default=0))
-    idle = _mib(data["rss_idle_kib"])
-    growth = data["fds_after"] - data["fds_before"]
-    return [
-        Budget(
-            "exec",
-            "`port-broker exec NAME -- true`",
-            f"≤ {EXEC_BUDGET_MS:.0f} ms wall (median)",
-            f"{exec_ms.show()} ms incl. setpriv ({setpriv_ms.median:.1f} ms alone)",
-            exec_ms.median <= EXEC_BUDGET_MS,
-            f"{exec_ms.median - EXEC_BUDGET_MS:.1f} ms over",
-        ),
-        Budget(
-            "handoff",
-            f"hand-off p99 at {HANDOFF_BUDGET_CLIENTS} clients",
-            f"< {HANDOFF_P99_BUDGET_MS:g} ms",
-            f"{p99.show('{:.2f}')} ms",
-            p99.median < HANDOFF_P99_BUDGET_MS,
-            f"{p99.median / HANDOFF_P99_BUDGET_MS:.1f} × the budget",
-        ),
-        Budget(
-            "handoff",
-            f"grants/s at {HANDOFF_BUDGET_CLIENTS} clients",
-            f"≥ {HANDOFF_RATE_BUDGET:,.0f}",
-            rate.show("{:,.0f}"),
-            rate.median >= HANDOFF_RATE_BUDGET,
-            f"{HANDOFF_RATE_BUDGET - rate.median:,.0f}/s short "
-            f"({rate.median / HANDOFF_RATE_BUDGET:.0%} of it)",
-        ),
-        Budget(
-            "cold",
-            "cold start (activation → first fd)",
-            f"≤ {COLD_BUDGET_MS:.0f} ms (median)",
-            f"{cold.show('{:.0f}')} ms",
-            cold.median <= COLD_BUDGET_MS,
-            f"{cold.median - COLD_BUDGET_MS:.0f} ms over",
-        ),
-        Budget(
-            "rss",
-            "broker RSS idle",
-            f"≤ {RSS_IDLE_BUDGET_MIB:.0f} MiB",
-            f"{idle:.1f} MiB",
-            idle <= RSS_IDLE_BUDGET_MIB,
-            f"{idle - RSS_IDLE_BUDGET_MIB:.1f} MiB over ({idle / RSS_IDLE_BUDGET_MIB:.1f} ×)",
-        ),
-        Budget(
-            "rss",
-            f"broker RSS at {RSS_LOAD_CLIENTS} clients (peak)",
-            f"≤ {RSS_LOAD_BUDGET_MIB:.0f} MiB",
-            f"{peak:.1f} MiB",
-            peak <= RSS_LOAD_BUDGET_MIB,
-            f"{peak - RSS_LOAD_BUDGET_MIB:.1f} MiB over",
-        ),
-        Budget(
-            "fds",
-            "broker fds after the load",
-            "= before (zero growth)",
-            f"{data['fds_before']} before, {data['fds_after']} after",
-            growth == 0,
-            f"{growth:+d} fds",
-        ),
-    ]
-
-
-def _restart_budgets(data: dict[str, Any]) -> list[Budget]:
-    broker = data["runs"]["broker"]
-    direct = data["runs"]["direct"]
-    refused = sum(run["refused"] for run in broker)
-    failed = sum(run["failed"] for run in broker)
-    sent = sum(run["sent"] for run in broker)
-    direct_refused = sum(run["refused"] for run in direct)
-    direct_sent = sum(run["sent"] for run in direct)
-    return [
-        Budget(
-            "restart",
-            "worker restart under load",
-            "0 refused requests",
-            f"{refused} refused, {failed - refused} other failures of {sent:,} "
-            f"(direct bind: {direct_refused:,} refused of {direct_sent:,})",
-            refused == 0,
-            f"{refused} refused",
-        )
-    ]
-
-
-def _attack_budgets(data: dict[str, Any]) -> list[Budget]:
-    budgets = []
-    for outcome in data["scenarios"]:
-        name = outcome["scenario"]
-        if name == "none":
-            continue
-        worker = outcome["worker"]
-        budgets += [
-            Budget(
-                "attack",
-                f"named worker's acquisitions under the {name} attack",
-                f"≥ {SUCCESS_BUDGET:.0%} succeed, p99 ≤ {P99_BUDGET_MS:.0f} ms",
-                f"{outcome['success']:.1%} of {worker['attempts']}, p99 {worker['p99_ms']:.1f} ms",
-                outcome["success"] >= SUCCESS_BUDGET and worker["p99_ms"] <= P99_BUDGET_MS,
-                f"{outcome['success']:.1%} succeeded, p99 {worker['p99_ms']:.1f} ms",
-            ),
-            Budget(
-                "attack",
-                f"audit lines per attacking uid ({name})",
-                f"≤ {AUDIT_LINES_BUDGET} per 10 s",
-                f"{max(outcome['audit_lines_per_10s'].values(), default=0):.0f} at most",
-                max(outcome["audit_lines_per_10s"].values(), default=0) <= AUDIT_LINES_BUDGET,
-                "over",
-            ),
-            Budget(
-                "attack",
-                f"grants logged during the {name} attack",
-                "every one",
-                f"{outcome['grants_logged']} of {worker['granted']}",
-                outcome["grants_logged"] == worker["granted"],
-                f"{worker['granted'] - outcome['grants_logged']} missing",
-            ),
-        ]
-    fuzz = data["fuzz"]
-    growth = (fuzz["fds_after"] or 0) - fuzz["fds_before"]
-    budgets.append(
-        Budget(
-            "attack",
-            f"live fuzz ({fuzz['cases']:,} cases)",
-            "0 crashes, 0 internal errors, 0 fd growth",
-            f"broker {'alive' if fuzz['broker_alive'] else 'DEAD'}, "
-            f"{fuzz['internal_errors']} internal errors, fds {fuzz['fds_before']} → "
-            f"{fuzz['fds_after']}",
-            fuzz["broker_alive"] and fuzz["internal_errors"] == 0 and growth == 0,
-            "see the broker's log",
-        )
-    )
-    return budgets
-
-
-def check_budgets(results: dict[str, Any]) -> list[Budget]:
-    """Every budget the measured sections allow checking."""
-    checks: dict[str, Callable[[dict[str, Any]], list[Budget]]] = {
-        "datapath": _datapath_budgets,
-        "handoff": _handoff_budgets,
-        "restart": _restart_budgets,
-        "attack": _attack_budgets,
-    }
-    return [
-        b
-        for section, check in checks.items()
-        if section in results
-        for b in check(results[section])
-    ]
-
 
 # --- the machine ------------------------------------------------------------------
 
@@ -347,28 +122,33 @@ def _handoff_section(data: dict[str, Any], settings: dict[str, Any]) -> list[str
         "",
     ]
     rows = []
+    builds = sorted({load.get("build", "current") for load in data["loads"]}, reverse=True)
     for clients in sorted({load["clients"] for load in data["loads"]}):
-        loads = [load for load in data["loads"] if load["clients"] == clients]
-        errors = sum(sum(load["errors"].values()) for load in loads)
-        rows.append(
-            [
-                str(clients),
-                Spread.of([load["rate"] for load in loads]).show("{:,.0f}"),
-                Spread.of([load["p50_ms"] for load in loads]).show("{:.2f}"),
-                Spread.of([load["p99_ms"] for load in loads]).show("{:.2f}"),
-                Spread.of([load["broker_cpu"] * 100 for load in loads]).show("{:.0f}"),
-                f"{_mib(max(load['peak_rss_kib'] for load in loads)):.1f}",
-                f"{max(load['fds_peak'] for load in loads)}",
-                str(errors),
-            ]
-        )
-    header = ["clients", "grants/s", "p50 ms", "p99 ms", "broker CPU %", "peak RSS MiB",
-              "peak fds", "errors"]  # fmt: skip
+        for build in builds:
+            loads = [load for load in data["loads"] if load["clients"] == clients]
+            loads = [load for load in loads if load.get("build", "current") == build]
+            errors = sum(sum(load["errors"].values()) for load in loads)
+            shown = data.get("baseline", build) if build == "baseline" else "this tree"
+            rows.append(
+                [
+                    str(clients),
+                    str(shown),
+                    Spread.of([load["rate"] for load in loads]).show("{:,.0f}"),
+                    Spread.of([load["cpu_per_grant_us"] for load in loads]).show("{:.0f}"),
+                    Spread.of([load["p50_ms"] for load in loads]).show("{:.2f}"),
+                    Spread.of([load["p99_ms"] for load in loads]).show("{:.2f}"),
+                    f"{mib(max(load['peak_rss_kib'] for load in loads)):.1f}",
+                    f"{max(load['fds_peak'] for load in loads)}",
+                    str(errors),
+                ]
+            )
+    header = ["clients", "broker", "grants/s", "CPU µs/grant", "p50 ms", "p99 ms",
+              "peak RSS MiB", "peak fds", "errors"]  # fmt: skip
     lines += _table(header, rows)
     lines += [
         "",
-        f"Broker RSS: {_mib(data['rss_idle_kib']):.1f} MiB idle before the load, "
-        f"{_mib(data['rss_after_kib']):.1f} MiB idle after. Broker fds: {data['fds_before']} "
+        f"Broker RSS: {mib(data['rss_idle_kib']):.1f} MiB idle before the load, "
+        f"{mib(data['rss_after_kib']):.1f} MiB idle after. Broker fds: {data['fds_before']} "
         f"before, {data['fds_after']} after. Broker fd limit while serving (soft:hard): "
         f"{data['nofile_limit']} (started at systemd's default soft limit of 1024, the "
         "broker raises it to fit max_connections).",
@@ -385,7 +165,11 @@ def _handoff_section(data: dict[str, Any], settings: dict[str, Any]) -> list[str
         f"### Cold start ({settings['cold_runs']} runs)",
         "",
         f"systemd-socket-activate listening → first client connect starts the broker → fd "
-        f"in the client's hand: **{cold.show('{:.0f}')} ms**.",
+        f"in the client's hand: **{cold.show('{:.0f}')} ms**. That is what the first "
+        "acquisition after an idle exit costs: a broker started as systemd starts one, "
+        "with `idle_exit = 1`, exited "
+        + (f"{data['idle_exit_s']:.1f} s" if data.get("idle_exit_s") else "**never**")
+        + " after its last client (at least 10 s, whatever idle_exit says).",
         "",
     ]
     return lines

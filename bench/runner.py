@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import attack, datapath, handoff, profiling, report, restart
+from bench.budgets import check_budgets
 from bench.stage import BENCH, Stage, open_stage, rss_kib
 from broker.errors import InterceptError
 from broker.intercept.seccomp import check_supported
@@ -73,6 +74,8 @@ class Settings:
     """Data-path contenders; the first is the reference the others are divided by."""
     profile: bool = True
     """Profile what dominates a missed budget (py-spy, RSS by import, -X importtime)."""
+    baseline: str | None = None
+    """A commit whose broker the hand-off load also runs against, run by run."""
 
 
 QUICK: Final = Settings(
@@ -125,6 +128,12 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
     )
     parser.add_argument("--no-profile", action="store_true", help="do not profile missed budgets")
     parser.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also load a broker of COMMIT (git), right after this tree's in every hand-off "
+        "run, and hold grants/s and CPU per grant to it",
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, metavar="DIR", help=f"default {RESULTS}"
     )
     args = parser.parse_args(argv)
@@ -141,6 +150,8 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path]:
             parser.error(f"--contenders: direct first, then any of {', '.join(sorted(known))}")
     if args.no_profile:
         chosen["profile"] = False
+    if args.baseline:
+        chosen["baseline"] = args.baseline
     return dataclasses.replace(base, **chosen), args.results
 
 
@@ -186,6 +197,8 @@ def measure(stage: Stage, settings: Settings) -> dict[str, Any]:
             cold_runs=settings.cold_runs,
             progress=_progress,
         ).to_json()
+        if settings.baseline:
+            results["handoff"]["baseline"] = settings.baseline
     if "restart" in settings.sections:
         print("worker restart under load:", flush=True)
         results["restart"] = restart.run(
@@ -215,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(RUNNER_NOFILE, hard), hard))
     enter_private_network()
     began = time.monotonic()
-    with open_stage() as stage:
+    with open_stage(settings.baseline) as stage:
         results = measure(stage, settings)
-        budgets = report.check_budgets(results)
+        budgets = check_budgets(results)
         if settings.profile:
             results["profiles"] = profiling.profile_misses(stage, budgets, _progress)
     results["meta"] = report.machine() | {

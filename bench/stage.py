@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,6 +42,9 @@ HELLO: Final = ROOT / "docs" / "examples" / "hello.js"
 """The one Node server every contender runs (LISTEN_FDS, else listen(PORT))."""
 CLIENT: Final = BENCH / "handoff_client.py"
 ATTACK_CLIENT: Final = BENCH / "attack_client.py"
+
+BASELINE_PORT: Final = 8081
+"""The TCP port the baseline's broker holds (port 80 is the main broker's)."""
 
 BROKER_NOFILE: Final = 1024
 """The broker's soft fd limit: systemd's default for services (DefaultLimitNOFILE=
@@ -69,11 +72,14 @@ class Stage:
         attack_client: attack_client.py, readable by anyone.
         processes: Every process started and not yet stopped.
         broker: The main broker (holding `http` on [::]:80), once started.
+        baseline_launcher: bin/port-broker of a baseline commit's runtime, if asked for.
+        baseline: Its broker (holding `http` on BASELINE_PORT), once started.
     """
 
-    def __init__(self, root: Path, launcher: Path) -> None:
+    def __init__(self, root: Path, launcher: Path, baseline: Path | None = None) -> None:
         self.root = root
         self.launcher = launcher
+        self.baseline_launcher = baseline
         self.site = launcher.parent.parent / "site"
         self.work = make_public_dir(root, "work")
         self.hello = self._public_copy(HELLO)
@@ -81,6 +87,7 @@ class Stage:
         self.attack_client = self._public_copy(ATTACK_CLIENT)
         self.processes = Processes()
         self.broker: BrokerProcess | None = None
+        self.baseline: BrokerProcess | None = None
         self._serial = 0
 
     def _public_copy(self, source: Path) -> Path:
@@ -145,11 +152,17 @@ class Stage:
     # --- brokers ------------------------------------------------------------------
 
     def spawn_broker(
-        self, name: str, sockets: Sequence[tuple[str, str]], *, policy: str = POLICY
+        self,
+        name: str,
+        sockets: Sequence[tuple[str, str]],
+        *,
+        policy: str = POLICY,
+        launcher: Path | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> BrokerProcess:
         """Start `systemd-socket-activate` holding `sockets` and a control socket, set to
-        start the broker (as an unprivileged uid, under `policy`) on the first
-        connection; return once it listens, before the broker has started."""
+        start the broker (as an unprivileged uid, under `policy`, with `environ` added)
+        on the first connection; return once it listens, before the broker has started."""
         where = make_public_dir(self.root, name)
         config = where / "broker.toml"
         config.write_text(policy)
@@ -160,7 +173,9 @@ class Stage:
         argv = ["prlimit", f"--nofile={BROKER_NOFILE}:{_hard_nofile()}", "--"]
         argv += ["systemd-socket-activate", *[f"-l{address}" for _, address in sockets]]
         argv += [f"-l{control}", f"--fdname={names}"]
-        argv += [*as_user(BROKER_UID), str(self.launcher), "serve", "--config", str(config)]
+        argv += [f"--setenv={key}={value}" for key, value in (environ or {}).items()]
+        argv += [*as_user(BROKER_UID), str(launcher or self.launcher), "serve", "--config",
+                 str(config)]  # fmt: skip
         with log.open("w") as output:
             proc = self.processes.start(argv, log=output)
         # s-s-a logs "Listening on PATH" after listen(): only then may a client connect.
@@ -169,9 +184,15 @@ class Stage:
         return BrokerProcess(proc, control, log)
 
     def start_broker(self) -> BrokerProcess:
-        """Start the main broker, holding `http` on [::]:80, and activate it."""
+        """Start the main broker, holding `http` on [::]:80, and activate it; and the
+        baseline's, if there is one."""
         self.broker = self.spawn_broker("broker", [("http", "80")])
         self.activate(self.broker)
+        if self.baseline_launcher is not None:
+            self.baseline = self.spawn_broker(
+                "baseline", [("http", str(BASELINE_PORT))], launcher=self.baseline_launcher
+            )
+            self.activate(self.baseline)
         return self.broker
 
     @staticmethod
@@ -196,6 +217,22 @@ class Stage:
             raise RuntimeError(f"the broker did not answer:\n{broker.output()}")
 
 
+def _package_of(commit: str, root: Path) -> Path:
+    """The `broker` package as it is at `commit` of this checkout, unpacked under `root`.
+
+    Raises:
+        RuntimeError: git does not know the commit.
+    """
+    where = root / "baseline-source"
+    where.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "broker"],
+                             capture_output=True, check=False)  # fmt: skip
+    if archive.returncode != 0:
+        raise RuntimeError(f"--baseline {commit}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return where / "broker"
+
+
 def _hard_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
@@ -216,16 +253,23 @@ def compile_runtime(site: Path) -> None:
 
 
 @contextlib.contextmanager
-def open_stage() -> Iterator[Stage]:
-    """A stage in a fresh /var/tmp directory; every process stopped and the directory
-    removed afterwards."""
+def open_stage(baseline: str | None = None) -> Iterator[Stage]:
+    """A stage in a fresh /var/tmp directory, with a broker of the `baseline` commit
+    beside this tree's if asked for; every process stopped and the directory removed
+    afterwards."""
     root = Path(tempfile.mkdtemp(prefix="port-broker-bench.", dir="/var/tmp"))
     root.chmod(0o755)  # workers and the broker (other uids) read the runtime below it
     stage: Stage | None = None
     try:
         launcher = build_runtime(make_public_dir(root, "runtime"))
         compile_runtime(launcher.parent.parent / "site")
-        stage = Stage(root, launcher)
+        old = None
+        if baseline is not None:
+            old = build_runtime(
+                make_public_dir(root, "runtime-baseline"), _package_of(baseline, root)
+            )
+            compile_runtime(old.parent.parent / "site")
+        stage = Stage(root, launcher, old)
         yield stage
     finally:
         if stage is not None:

@@ -41,7 +41,10 @@ CLI_TIMEOUT = 60.0
 """Seconds for `port-broker check-config` to run: it takes well under one; a hang should
 fail the test, not stall the run."""
 
-TOP_KEYS = "known keys: sockets, status, max_connections, max_connections_per_user, client_timeout"
+TOP_KEYS = (
+    "known keys: sockets, status, max_connections, max_connections_per_user, client_timeout, "
+    "idle_exit"
+)
 RULE_KEYS = "known keys: users, groups, units"
 
 
@@ -516,8 +519,9 @@ def test_an_unknown_port_broker_variable_is_refused(tmp_path: Path, variable: st
     message = error(write(tmp_path, ""), {variable: "1"})
     assert message == (
         f"environment variable {variable}: unknown setting; known: PORT_BROKER_CLIENT_TIMEOUT, "
-        "PORT_BROKER_CONFIG, PORT_BROKER_MAX_CONNECTIONS, PORT_BROKER_MAX_CONNECTIONS_PER_USER, "
-        "PORT_BROKER_SOCKET, PORT_BROKER_SOCKETS, PORT_BROKER_STATUS"
+        "PORT_BROKER_CONFIG, PORT_BROKER_IDLE_EXIT, PORT_BROKER_MAX_CONNECTIONS, "
+        "PORT_BROKER_MAX_CONNECTIONS_PER_USER, PORT_BROKER_SOCKET, PORT_BROKER_SOCKETS, "
+        "PORT_BROKER_STATUS"
     )
 
 
@@ -770,6 +774,7 @@ def test_every_scalar_setting_is_documented_with_its_default() -> None:
         "max_connections",
         "max_connections_per_user",
         "client_timeout",
+        "idle_exit",
     ]
     for setting in config.SETTINGS:
         assert rows[setting.name].strip() == str(setting.default), setting.name

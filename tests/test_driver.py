@@ -37,9 +37,9 @@ import trio.testing
 from broker import __version__, client, status
 from broker.daemon import connection, loader, users
 from broker.daemon.connection import MAX_REQUESTS_PER_CONNECTION
-from broker.daemon.driver import SHUTDOWN_GRACE
 from broker.daemon.identity import Peer
 from broker.daemon.ledger import REFUSAL_LOG_BURST
+from broker.daemon.lifecycle import IDLE_CHECK, IDLE_FLOOR, SHUTDOWN_GRACE
 from broker.daemon.policy import Decision, Policy, Rule
 from broker.daemon.sdnotify import STATUS_INTERVAL
 from broker.errors import AccessDenied, ConfigError, RequestRefused
@@ -982,6 +982,65 @@ async def test_serve_returns_on_sigterm_after_the_shutdown_grace(
         assert all(s.fileno() >= 0 for socks in served.held.values() for s in socks)
         assert served.broker.intake.control.fileno() >= 0
     assert f"port-broker: info: stopping on {signum.name}" in capsys.readouterr().err
+
+
+# --- idle_exit ----------------------------------------------------------------------
+
+
+async def test_a_broker_systemd_started_stops_when_idle_and_no_sooner_than_the_floor(
+    rundir: Path, capsys: pytest.CaptureFixture[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_broker(rundir, idle_exit=1.0, restartable=True) as served:
+        async with await Wire.open(served.path) as wire:
+            assert (await wire.request(LIST))["ok"] is True
+        last = trio.current_time()
+        with trio.fail_after(IDLE_FLOOR + 2 * IDLE_CHECK):
+            await served.stopped.wait()
+        # idle_exit says a second, but the rate buckets and log windows of that client
+        # must have run out first: a restart would forgive what they counted.
+        assert trio.current_time() - last >= IDLE_FLOOR
+        assert served.returned
+        assert served.broker.intake.control.fileno() >= 0  # systemd's, still open
+    assert "(idle_exit): exiting; systemd starts the broker again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("waiting", ["held TCP connection", "held datagram", "client"])
+async def test_an_idle_broker_stays_while_anything_waits_for_it(
+    rundir: Path, autojump_clock: trio.testing.MockClock, waiting: str
+) -> None:
+    # With a connection waiting on a held socket and no worker to take it, systemd would
+    # start the broker again as soon as it stopped: it must not stop.
+    async with (
+        running_broker(rundir, idle_exit=1.0, restartable=True, client_timeout=60.0) as served,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if waiting == "held TCP connection":
+            (http,) = served.held["http"]
+            peer = stack.enter_context(socket.create_connection(http.getsockname()))
+        elif waiting == "held datagram":
+            (dns,) = served.held["dns"]
+            peer = stack.enter_context(udp_socket("127.0.0.1"))
+            peer.sendto(b"query", dns.getsockname())
+        else:  # connected, saying nothing, within its client_timeout
+            await stack.enter_async_context(await Wire.open(served.path))
+        await trio.sleep(IDLE_FLOOR + 5 * IDLE_CHECK)
+        # Still accepting (a broker that stopped would leave this one queued).
+        with trio.fail_after(1):
+            async with await Wire.open(served.path) as late:
+                assert (await late.request(LIST))["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("idle_exit", "restartable"),
+    [(1.0, False), (0.0, True)],
+    ids=["nothing would start it again", "idle_exit 0"],  # serve --bind; never
+)
+async def test_a_broker_that_may_not_stop_when_idle_does_not(
+    rundir: Path, autojump_clock: trio.testing.MockClock, idle_exit: float, restartable: bool
+) -> None:
+    async with running_broker(rundir, idle_exit=idle_exit, restartable=restartable) as served:
+        await trio.sleep(START_TIMEOUT - 1)
+        assert not served.stopped.is_set()
 
 
 async def test_status_line_for_systemd(rundir: Path) -> None:

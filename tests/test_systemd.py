@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
+from broker.daemon.lifecycle import IDLE_FLOOR
 from tests.harness.box import Box
 from tests.harness.installed import configure, curl, installed_box, show, start_sockets, uid
 from tests.harness.processes import REQUEST_TIMEOUT
@@ -458,6 +460,83 @@ def test_reload_applies_a_new_policy_to_connected_clients_and_refuses_a_broken_o
     assert status["configuration"]["generation"] == 2
     assert "no-such-user" in status["configuration"]["refused"]["reason"]
     assert show(box, "port-broker.service", "MainPID") == broker  # never restarted
+
+
+HOLD_CONNECTION: Final = """\
+# Connects to port 80, says so, and holds the connection without a word until killed.
+import socket, time
+sock = socket.create_connection(("127.0.0.1", 80), timeout=10)
+print("connected", flush=True)
+time.sleep(600)
+"""
+
+AT_THE_EXIT: Final = """\
+# Waits until the broker says it exits for want of clients, then at once has alice
+# acquire http 20 times at once; prints their exit statuses.
+import json, subprocess
+journal = subprocess.Popen(["journalctl", "-f", "-n0", "-o", "cat", "-u", "port-broker"],
+                           stdout=subprocess.PIPE, text=True)
+print("watching", flush=True)
+for line in journal.stdout:
+    if "(idle_exit): exiting" in line:
+        break
+acquire = ["runuser", "-u", "alice", "--", "port-broker", "exec", "http", "--", "true"]
+execs = [subprocess.Popen(acquire) for _ in range(20)]
+print(json.dumps([p.wait() for p in execs]), flush=True)
+journal.kill()
+"""
+
+
+def wait_until_broker(box: Box, state: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    box.run(["sh", "-c", "until [ $(systemctl show -P ActiveState port-broker) = "
+             f"{state} ]; do sleep 0.1; done"], timeout=timeout)  # fmt: skip
+
+
+def test_an_idle_broker_exits_and_the_next_connection_starts_it_losing_nothing(
+    box: Box,
+) -> None:
+    configure(box, 'idle_exit = 1\n[sockets.http]\nusers = ["alice"]\n')
+    start_sockets(box)
+    # A connection waiting on port 80 and no worker: systemd starts the broker for it,
+    # and the broker, which cannot take it, must stay (systemd would start it again at
+    # once, and again after each exit).
+    box.write_file("/srv/hold.py", HOLD_CONNECTION)
+    hold = box.command(["/usr/bin/python3", "/srv/hold.py"])
+    with subprocess.Popen(hold, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "connected\n"
+            wait_until_broker(box, "active")
+            started = show(box, "port-broker.service", "InvocationID")
+            time.sleep(IDLE_FLOOR + 3)
+            assert show(box, "port-broker.service", "InvocationID") == started
+            assert show(box, "port-broker.service", "ActiveState") == "active"
+            worker = start_worker(box)  # takes the waiting connection
+        finally:
+            holder.kill()
+    # Nothing waits now: after idle_exit (and at least IDLE_FLOOR) the broker exits, and
+    # the worker serves on.
+    wait_until_broker(box, "inactive", timeout=IDLE_FLOOR + REQUEST_TIMEOUT)
+    assert show(box, "port-broker.service", "Result") == "success"
+    assert show(box, "port-broker.service", "NRestarts") == "0"
+    said = box.run(["journalctl", "-u", "port-broker.service", "-o", "cat"]).stdout
+    assert said.count("(idle_exit): exiting; systemd starts the broker again") == 1
+    assert f"pid {worker}, uid {uid(box, 'alice')}" in curl(box)
+
+    # Acquisitions that come as the broker stops wait in the control socket's queue, and
+    # the next start serves them: none is refused.
+    box.run(["port-broker", "list"], user="alice")  # started (again), if it was not
+    before = show(box, "port-broker.service", "InvocationID")
+    box.write_file("/srv/at_the_exit.py", AT_THE_EXIT)
+    at_the_exit = box.command(["/usr/bin/python3", "/srv/at_the_exit.py"])
+    with subprocess.Popen(at_the_exit, stdout=subprocess.PIPE, text=True) as burst:
+        try:
+            out, _ = burst.communicate(timeout=IDLE_FLOOR + 2 * REQUEST_TIMEOUT)
+        finally:
+            burst.kill()
+    assert out.splitlines() == ["watching", json.dumps([0] * 20)]
+    assert show(box, "port-broker.service", "InvocationID") != before
+    assert show(box, "port-broker.service", "NRestarts") == "0"
 
 
 def test_restarting_a_worker_under_load_refuses_no_connection(box: Box) -> None:

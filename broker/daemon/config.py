@@ -47,6 +47,8 @@ class Config:
         client_timeout: Seconds a client has to send each request.
         max_connections_per_user: Concurrent control connections of one uid, so that
             one user cannot take every connection slot.
+        idle_exit: Seconds with no client after which a broker started by systemd exits
+            (the next connection starts it again: broker/daemon/driver.py); 0: never.
     """
 
     path: str
@@ -57,6 +59,12 @@ class Config:
         64, "concurrent control connections of one uid", ge=1, le=65536
     )
     client_timeout: float = setting(5.0, "seconds a client has to send each request", gt=0, le=300)
+    idle_exit: float = setting(
+        60.0,
+        "seconds without a client after which a broker systemd started exits (0: never)",
+        ge=0,
+        le=86400,
+    )
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-able form; `from_json` turns it back into an equal Config."""

@@ -33,7 +33,6 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Final
 
 import trio
 
@@ -41,21 +40,18 @@ from broker import __version__, status
 from broker.daemon.accepting import accept_loop
 from broker.daemon.activation import CONTROL_BACKLOG, Intake
 from broker.daemon.admission import Admission
-from broker.daemon.audit import Audit, Level
+from broker.daemon.audit import Audit
 from broker.daemon.config import Config
 from broker.daemon.connection import Connection, refuse_busy
 from broker.daemon.conversation import converse, until_taken
-from broker.daemon.identity import Marks, Peer, peer_credentials, peer_marks, peer_uid
+from broker.daemon.identity import Marks, Peer, Ucred, peer_credentials, peer_marks, peer_ucred
 from broker.daemon.inflight import Delivery, InFlight
 from broker.daemon.ledger import Ledger
+from broker.daemon.lifecycle import stop_on_signals, stop_when_idle
 from broker.daemon.reload import Reloader
 from broker.daemon.sdnotify import keep_watchdog, notify, publish_status
 from broker.daemon.standing import Standing
 from broker.daemon.users import UserDatabase
-
-SHUTDOWN_GRACE: Final = 1.0
-"""Seconds clients in the middle of a request get after SIGTERM: far more than a grant
-takes, and well inside systemd's TimeoutStopSec."""
 
 
 class Broker:
@@ -66,13 +62,18 @@ class Broker:
             the caller keeps ownership (closes them after `serve` returns).
         config: Policy and limits, until a reload replaces them.
         audit: Where grants and denials are recorded.
+        restartable: Whether something starts the broker again on the next connection
+            (systemd did start it, from its sockets): only then does `idle_exit` apply.
 
     Raises:
         ConfigError: `config` has rules for sockets the intake does not hold.
     """
 
-    def __init__(self, intake: Intake, config: Config, audit: Audit) -> None:
+    def __init__(
+        self, intake: Intake, config: Config, audit: Audit, *, restartable: bool = False
+    ) -> None:
         self.intake = intake
+        self.restartable = restartable
         held = {n: tuple((h.sock.fileno(), h.info) for h in hs) for n, hs in intake.held.items()}
         self.standing = Standing.first(config, held, time.time())
         self.audit = audit
@@ -84,29 +85,29 @@ class Broker:
         self.reloader = Reloader(audit, notify, self.status_line)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until SIGTERM or SIGINT, then stop accepting and let clients finish;
-        reload on SIGHUP. Tells systemd READY=1 once accepting, STATUS= as counts
-        change, STOPPING=1 at the end; pings the watchdog if WatchdogSec= is set."""
+        """Serve until SIGTERM or SIGINT (or idle_exit), then stop accepting and let
+        clients finish; reload on SIGHUP. Tells systemd READY=1 once accepting, STATUS=
+        as counts change, STOPPING=1 at the end; pings the watchdog if WatchdogSec= is
+        set."""
         listener = self.intake.control
         listener.setblocking(False)  # ours (and systemd's, which never reads it)
         listener.listen(CONTROL_BACKLOG)  # the backlog only: it stays the same socket
-        stop = (signal.SIGTERM, signal.SIGINT)
-        with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as clients:
                 async with trio.open_nursery() as main:
                     main.start_soon(accept_loop, listener, self._admitter(clients), self.audit)
                     main.start_soon(publish_status, self.status_line, self.ledger.limiter.flush)
                     main.start_soon(keep_watchdog)
+                    on_hup = functools.partial(self.reload, signalled=True)
+                    reload = functools.partial(self.reloader.ask, main, on_hup)
+                    main.start_soon(stop_on_signals, signals, reload, self.audit, main, clients)
+                    if self.restartable:
+                        main.start_soon(stop_when_idle, self.admission,
+                                        lambda: self.standing.config.idle_exit, self.intake,
+                                        self.audit, main)  # fmt: skip
                     notify(f"READY=1\nSTATUS={self.status_line()}")
                     task_status.started()
-                    async for signum in signals:
-                        if signum in stop:
-                            self.audit.log(Level.INFO, f"stopping on {signal.Signals(signum).name}")
-                            break
-                        self.reloader.ask(main, functools.partial(self.reload, signalled=True))
-                    main.cancel_scope.cancel()
                 notify("STOPPING=1")
-                clients.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             self.ledger.limiter.flush(everything=True)  # sum up what was left out
 
     async def reload(self, *, signalled: bool = False) -> tuple[status.Configuration, str | None]:
@@ -120,20 +121,24 @@ class Broker:
     def _admitter(self, clients: trio.Nursery) -> Callable[[socket.socket], bool]:
         def admit(conn: socket.socket) -> bool:
             """Start serving a new connection, or refuse it (full, or too fast)."""
-            refusal = self.admission.admit(peer_uid(conn), functools.partial(peer_marks, conn))
+            ucred = peer_ucred(conn)
+            uid = None if ucred is None else ucred[1]
+            refusal = self.admission.admit(uid, functools.partial(peer_marks, conn))
             if refusal is not None:
                 _refuse_busy(conn, refusal, self.ledger)
                 return False
-            clients.start_soon(self._handle, conn)
+            clients.start_soon(self._handle, conn, ucred)
             return True
 
         return admit
 
-    async def _handle(self, conn: socket.socket) -> None:
+    async def _handle(self, conn: socket.socket, ucred: Ucred | None) -> None:
         try:
             with conn:
                 try:
-                    peer = peer_credentials(conn, groups=self.standing.policy.names_groups)
+                    peer = peer_credentials(
+                        conn, groups=self.standing.policy.names_groups, ucred=ucred
+                    )
                 except OSError:
                     return  # gone before we could ask the kernel who it was
                 uid, naming = peer.uid, self._naming(peer)

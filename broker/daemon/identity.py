@@ -227,16 +227,21 @@ def _unit_and_cgroup(sock: SupportsGetsockopt, pid: int) -> tuple[str | None, st
         os.close(pidfd)
 
 
-def peer_uid(sock: SupportsGetsockopt) -> int | None:
-    """The uid the kernel recorded for the peer of `sock` (one getsockopt), or None if
-    it has none: what the accept loop may know of a connection before it costs more."""
+Ucred = tuple[int, int, int]
+"""What SO_PEERCRED says: pid, uid, gid."""
+
+
+def peer_ucred(sock: SupportsGetsockopt) -> Ucred | None:
+    """The pid, uid and gid the kernel recorded for the peer of `sock` (one getsockopt),
+    or None if it has none: what the accept loop may know of a connection before it
+    costs more (`peer_credentials` takes it on from there)."""
     try:
-        uid: int = _UCRED.unpack(
+        pid, uid, gid = _UCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        )[1]
+        )
     except OSError:
         return None
-    return None if uid == _NO_ID else uid
+    return None if uid == _NO_ID else (pid, uid, gid)
 
 
 def peer_marks(sock: SupportsGetsockopt) -> Marks:
@@ -250,7 +255,9 @@ def peer_marks(sock: SupportsGetsockopt) -> Marks:
     return Marks(peer.groups if peer.mapped else frozenset(), peer.unit)
 
 
-def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> Peer:
+def peer_credentials(
+    sock: int | SupportsGetsockopt, *, groups: bool = True, ucred: Ucred | None = None
+) -> Peer:
     """Return what the kernel says of the process connected to the Unix socket `sock`:
     everything but the user-database name and groups (see `Peer.with_user`).
 
@@ -259,6 +266,7 @@ def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> 
             ownership; it is neither closed nor changed.
         groups: Ask for the supplementary groups (not needed where no rule names a
             group: one system call less per client).
+        ucred: What `peer_ucred` read of it already (one system call less).
 
     Raises:
         OSError: if `sock` has no peer credentials (not a connected Unix socket).
@@ -266,10 +274,10 @@ def peer_credentials(sock: int | SupportsGetsockopt, *, groups: bool = True) -> 
     if isinstance(sock, int):
         borrowed = socket.socket(fileno=sock)  # a view; detached below, never closed
         try:
-            return peer_credentials(borrowed, groups=groups)
+            return peer_credentials(borrowed, groups=groups, ucred=ucred)
         finally:
             borrowed.detach()
-    pid, uid, gid = _UCRED.unpack(
+    pid, uid, gid = ucred or _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     if uid == _NO_ID:  # unconnected, or not a Unix socket: no credentials to read

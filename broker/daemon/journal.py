@@ -43,6 +43,10 @@ Summary = Callable[[int, float], Mapping[str, object]]
 def native(fields: Mapping[str, object]) -> bytes:
     """`fields` in the journal's native format: KEY=VALUE lines, or, for a value holding
     a newline, KEY, its length as a little-endian 64-bit number, and the value."""
+    values = [str(value) for value in fields.values()]
+    if not any("\n" in value for value in values):  # every record but a traceback
+        text = "".join(f"{key}={value}\n" for key, value in zip(fields, values, strict=True))
+        return text.encode("utf-8", "backslashreplace")
     parts = []
     for key, value in fields.items():
         data = str(value).encode("utf-8", "backslashreplace")

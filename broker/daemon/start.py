@@ -89,7 +89,9 @@ def serve(
             f"{s.info.name} {s.info.address}" for group in intake.held.values() for s in group
         )
         audit.log(Level.INFO, f"serving {summary or 'no sockets'} under {loaded.path}")
-        trio.run(driver.Broker(intake, loaded, audit).serve)
+        # Only a broker systemd started from its sockets is started again by them.
+        restartable = not (binds or control) and bool(os.environ.get("NOTIFY_SOCKET"))
+        trio.run(driver.Broker(intake, loaded, audit, restartable=restartable).serve)
     except BaseException:
         if control:  # bound here as root: a refused start leaves no socket file behind
             with contextlib.suppress(OSError):

@@ -286,8 +286,12 @@ async def running_broker(
     max_connections_per_user: int = 64,
     client_timeout: float = CLIENT_TIMEOUT,
     config_path: str = CONFIG_PATH,
+    idle_exit: float = 60.0,
+    restartable: bool = False,
 ) -> AsyncIterator[Served]:
     """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
+
+    `restartable`: serve as a broker systemd started does, which stops when idle.
 
     The body must finish within START_TIMEOUT seconds (virtual ones on a MockClock).
 
@@ -310,8 +314,10 @@ async def running_broker(
             max_connections=max_connections,
             max_connections_per_user=max_connections_per_user,
             client_timeout=client_timeout,
+            idle_exit=idle_exit,
         )
-        served = Served(Broker(intake, config, Audit(journal=False)), str(path), sockets)
+        broker = Broker(intake, config, Audit(journal=False), restartable=restartable)
+        served = Served(broker, str(path), sockets)
         # This process's uid is looked up now: otherwise the broker asks in a thread,
         # and wait_all_tasks_blocked() would count a handler waiting on it as settled.
         served.broker.users.store(UID, users.query(UID))

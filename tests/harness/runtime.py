@@ -40,11 +40,12 @@ RUNTIME_DEPENDENCIES: Final = ROOT / ".venv" / "runtime"
 (.ci/requirements/runtime.txt) by .ci/setup with `pip install --target`."""
 
 
-def build_runtime(dest: Path) -> Path:
+def build_runtime(dest: Path, broker: Path = ROOT / "broker") -> Path:
     """Lay out a runnable, world-readable port-broker in `dest`; return bin/port-broker.
 
     The dependencies are copied whole from RUNTIME_DEPENDENCIES, whatever their metadata
-    says; `broker` comes from the working tree.
+    says; `broker` comes from the working tree (or another copy of the package: bench/
+    sets a baseline commit's beside it).
 
     Raises:
         RuntimeError: if .ci/setup has not installed RUNTIME_DEPENDENCIES.
@@ -56,7 +57,7 @@ def build_runtime(dest: Path) -> Path:
         )
     site = dest / "site"
     shutil.copytree(RUNTIME_DEPENDENCIES, site, symlinks=True)  # byte-compiled by pip
-    shutil.copytree(ROOT / "broker", site / "broker", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(broker, site / "broker", ignore=shutil.ignore_patterns("__pycache__"))
     launcher = dest / "bin" / "port-broker"
     launcher.parent.mkdir(parents=True)
     launcher.write_text(_LAUNCHER)
