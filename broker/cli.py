@@ -34,7 +34,14 @@ from broker.errors import (
 )
 from broker.exchange import DEFAULT_TIMEOUT, ask, granted
 from broker.messages import Acquire
-from broker.names import Exit, grantable_name_problem, socket_path, transport, valid_name
+from broker.names import (
+    Exit,
+    grantable_name_problem,
+    positive_seconds,
+    socket_path,
+    transport,
+    valid_name,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -65,6 +72,14 @@ def _split_names(values: Sequence[str]) -> list[str]:
     return [name for value in values for name in value.split(",") if name]
 
 
+def _grantable(values: Sequence[str]) -> tuple[list[str], str | None]:
+    """The socket names in `values` (comma-separated; each once, in order) and what is
+    wrong with the first that no broker could grant, if one is."""
+    names = list(dict.fromkeys(_split_names(values)))
+    problems = (grantable_name_problem(name) for name in names)
+    return names, next((problem for problem in problems if problem is not None), None)
+
+
 # --- exec -------------------------------------------------------------------------
 
 EXEC_USAGE: Final = (
@@ -83,7 +98,7 @@ def plain_exec(words: Sequence[str]) -> tuple[list[str], str | None, float, list
     ours, command = list(words[1:split]), list(words[split + 1 :])
     path: str | None = None
     timeout = DEFAULT_TIMEOUT
-    names: list[str] | None = None
+    given: str | None = None
     while ours:
         word = ours.pop(0)
         option, equals, value = word.partition("=")
@@ -95,26 +110,18 @@ def plain_exec(words: Sequence[str]) -> tuple[list[str], str | None, float, list
             if option == "--socket":
                 path = value
             else:
-                seconds = _seconds(value)
+                seconds = positive_seconds(value)
                 if seconds is None:
                     return None
                 timeout = seconds
-        elif word.startswith("-") or names is not None:
+        elif word.startswith("-") or given is not None:
             return None
         else:
-            names = _split_names([word])
-    if not command or not names or any(grantable_name_problem(name) for name in names):
+            given = word
+    names, problem = _grantable([given or ""])
+    if not command or not names or problem:
         return None
-    return list(dict.fromkeys(names)), path, timeout, command
-
-
-def _seconds(text: str) -> float | None:
-    """`text` as usage.positive_seconds takes it, or None."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if 0 < value < float("inf") else None
+    return names, path, timeout, command
 
 
 def exec_plain(names: list[str], path: str | None, timeout: float, command: list[str]) -> int:
@@ -151,13 +158,11 @@ def _exec_arguments(args: argparse.Namespace) -> tuple[list[str], dict[int, str]
     mapping = _port_map(args.map)
     if mapping and not args.intercept:
         raise ValueError("--map only applies with --intercept")
-    names = list(dict.fromkeys(_split_names([args.names or ""]) + list(mapping.values())))
+    names, problem = _grantable([args.names or "", *mapping.values()])
     if not command or not names:
         raise ValueError(EXEC_USAGE)
-    for name in names:
-        problem = grantable_name_problem(name)
-        if problem is not None:
-            raise ValueError(f"{problem}; `port-broker list` shows the ones you may acquire")
+    if problem is not None:
+        raise ValueError(f"{problem}; `port-broker list` shows the ones you may acquire")
     return names, mapping, command
 
 

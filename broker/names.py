@@ -1,6 +1,6 @@
 """Names the whole project shares, each written once: how the protocol spells socket
 families and types, the socket-name rule, exit statuses, environment variables and
-default paths, and how text from outside is made printable.
+default paths, and how text from outside is made printable or read as seconds.
 
 Must never: import anything of the broker's own, or any module a bare interpreter has not
 already loaded (enum, re, socket, typing…: each costs a worker's start-up milliseconds,
@@ -137,6 +137,7 @@ ENV_PREFIX: Final = "PORT_BROKER_"
 PORT_BROKER_CONFIG excepted: they say where things are, not how to serve)."""
 LOCATION_ENV: Final = frozenset({SOCKET_ENV, CONFIG_ENV})
 
+
 LOAD_TIMEOUT: Final = 30.0
 """Seconds loading the configuration may take, at start and on a reload (the loader
 imports pydantic, ~0.2 s, and asks the user database for every user and group named):
@@ -183,3 +184,12 @@ def printable(text: str) -> str:
     if pattern.search(text) is None:  # the common case: nothing to escape
         return text
     return pattern.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def positive_seconds(text: str) -> float | None:
+    """`text` as a number of seconds above 0 and finite (a client's --timeout), or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from broker import __version__
+from broker import __version__, names
 from broker.exchange import DEFAULT_TIMEOUT, RELOAD_WAIT
 from broker.names import (
     CONFIG_ENV,
@@ -26,12 +26,10 @@ from broker.names import (
 
 
 def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
+    """argparse type: a number of seconds above 0 (`names.positive_seconds`, which a
+    plain `exec` reads with)."""
+    value = names.positive_seconds(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
     return value
 

@@ -36,10 +36,11 @@ import trio.testing
 
 from broker import __version__, client, status
 from broker.daemon import connection, loader, users
+from broker.daemon.admission import Admission, Limits
 from broker.daemon.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.daemon.identity import Peer
 from broker.daemon.ledger import REFUSAL_LOG_BURST
-from broker.daemon.lifecycle import IDLE_CHECK, IDLE_FLOOR, SHUTDOWN_GRACE
+from broker.daemon.lifecycle import IDLE_CHECK, IDLE_FLOOR, SHUTDOWN_GRACE, until_idle
 from broker.daemon.policy import Decision, Policy, Rule
 from broker.daemon.sdnotify import STATUS_INTERVAL
 from broker.errors import AccessDenied, ConfigError, RequestRefused
@@ -1028,6 +1029,59 @@ async def test_an_idle_broker_stays_while_anything_waits_for_it(
         with trio.fail_after(1):
             async with await Wire.open(served.path) as late:
                 assert (await late.request(LIST))["ok"] is True
+
+
+async def test_an_idle_broker_stays_while_a_reload_runs_and_a_stop_kills_its_loader(
+    rundir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A loader child that never answers (it waits on a FIFO nobody opens).
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    script = f"open({str(fifo)!r}).read()"
+    monkeypatch.setattr(loader, "command", lambda path: [SYSTEM_PYTHON, "-c", script])
+
+    def loaders() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if script.encode() in f.read():
+                    found.append(int(pid))
+        return found
+
+    try:
+        async with running_broker(rundir, idle_exit=1.0, restartable=True) as served:
+            send_signal_to_self(signal.SIGHUP)
+            await trio.sleep(IDLE_FLOOR + 5 * IDLE_CHECK)
+            assert served.broker.reloader.busy
+            assert not served.stopped.is_set()
+            assert len(loaders()) == 1
+        # The reload was cancelled with the broker: its child is killed, not left behind.
+        deadline = time.monotonic() + LONG_TIMEOUT
+        while loaders() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loaders() == []
+    finally:  # whatever failed, no child stays blocked on the FIFO
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_until_idle_waits_while_the_broker_is_busy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = Admission(
+        lambda: Limits(max_connections=4, max_per_user=4, source=CONFIG_PATH), trio.current_time
+    )
+    busy = True
+    with trio.move_on_after(IDLE_FLOOR * 3) as waited:
+        await until_idle(slots, lambda: 1.0, lambda: busy, [])
+    assert waited.cancelled_caught
+    busy = False
+    start = trio.current_time()
+    assert await until_idle(slots, lambda: 1.0, lambda: busy, []) >= IDLE_FLOOR
+    assert trio.current_time() - start <= IDLE_FLOOR + IDLE_CHECK
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,11 @@ class Audit:
         """Records the journal (or stderr) did not take."""
         return self._stderr_lost + (self._journal.lost if self._journal else 0)
 
+    @property
+    def unsent(self) -> int:
+        """Records waiting for journald to take them."""
+        return self._journal.waiting if self._journal else 0
+
     def close(self) -> None:
         """At exit: give records waiting for journald a moment to go."""
         if self._journal is not None:

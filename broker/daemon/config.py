@@ -60,7 +60,7 @@ class Config:
     )
     client_timeout: float = setting(5.0, "seconds a client has to send each request", gt=0, le=300)
     idle_exit: float = setting(
-        60.0,
+        0.0,
         "seconds without a client after which a broker systemd started exits (0: never)",
         ge=0,
         le=86400,

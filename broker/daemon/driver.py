@@ -102,9 +102,11 @@ class Broker:
                     reload = functools.partial(self.reloader.ask, main, on_hup)
                     main.start_soon(stop_on_signals, signals, reload, self.audit, main, clients)
                     if self.restartable:
-                        main.start_soon(stop_when_idle, self.admission,
-                                        lambda: self.standing.config.idle_exit, self.intake,
-                                        self.audit, main)  # fmt: skip
+                        main.start_soon(functools.partial(
+                            stop_when_idle, self.admission, self.intake, self.audit, main,
+                            idle_exit=lambda: self.standing.config.idle_exit,
+                            reloading=lambda: self.reloader.busy,
+                        ))  # fmt: skip
                     notify(f"READY=1\nSTATUS={self.status_line()}")
                     task_status.started()
                 notify("STOPPING=1")

@@ -1,7 +1,8 @@
 """When the broker stops serving: on SIGTERM or SIGINT, giving the clients in the
-middle of a request SHUTDOWN_GRACE; and, if systemd started it, once idle (`idle_exit`),
-so that an idle broker costs no memory: systemd keeps every socket and starts the broker
-again on the next connection to any of them (docs/configuration.md).
+middle of a request SHUTDOWN_GRACE; and, if systemd started it and `idle_exit` is set
+(it is not by default), once idle, so that an idle broker costs no memory: systemd keeps
+every socket and starts the broker again on the next connection to any of them
+(docs/configuration.md says when that pays and what it costs).
 
 An exit must lose nothing and loop nowhere. A connection that arrives while the broker
 stops waits in the control socket's queue, and the next start accepts it; no exit
@@ -17,8 +18,9 @@ again, as after a boot (broker/daemon/admission.py).
 
 Must never: cut short a client that came while the broker stopped for idleness (it is
 served whole), or give one more than SHUTDOWN_GRACE after a signal; stop for idleness
-while a client is connected or anything waits on a socket the broker holds or on its
-control socket, or sooner than IDLE_FLOOR after the last connection.
+while a client is connected, a reload runs, records wait for the journal or anything
+waits on a socket the broker holds or on its control socket, or sooner than IDLE_FLOOR
+after the last connection.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ then every log window has ended and every rate bucket is full (10 s)."""
 async def until_idle(
     slots: admission.Admission,
     idle_exit: Callable[[], float],
+    busy: Callable[[], bool],
     sockets: Iterable[socket.socket],
     *,
     floor: float = IDLE_FLOOR,
 ) -> float:
     """Return once no connection has come for `idle_exit()` seconds (the value in force
-    at each look; 0: never) and at least `floor`, none is served, and nothing waits on
-    `sockets`: how long that was."""
+    at each look; 0: never) and at least `floor`, none is served, the broker is not
+    `busy()` (a reload, records for the journal) and nothing waits on `sockets`: how long
+    that was."""
     poller = select.poll()
     for sock in sockets:
         poller.register(sock, select.POLLIN)
@@ -70,7 +74,7 @@ async def until_idle(
     while True:
         await trio.sleep(IDLE_CHECK)
         now, wanted = trio.current_time(), idle_exit()
-        if slots.connections != seen or slots.active or poller.poll(0):
+        if slots.connections != seen or slots.active or busy() or poller.poll(0):
             seen, since = slots.connections, now
         elif wanted and now - since >= max(wanted, floor):
             return now - since
@@ -97,15 +101,20 @@ async def stop_on_signals(
 
 async def stop_when_idle(
     slots: admission.Admission,
-    idle_exit: Callable[[], float],
     intake: Intake,
     audit: Audit,
     main: trio.Nursery,
+    *,
+    idle_exit: Callable[[], float],
+    reloading: Callable[[], bool],
 ) -> None:
     """Stop accepting (cancel `main`) once `until_idle` returns, looking at every socket
-    of `intake`; a client that came meanwhile is served to its end."""
+    of `intake`, and with no record left for the journal; a client that came meanwhile
+    is served to its end."""
     held = [h.sock for group in intake.held.values() for h in group]
-    idle = await until_idle(slots, idle_exit, [*held, intake.control])
+    idle = await until_idle(
+        slots, idle_exit, lambda: reloading() or audit.unsent > 0, [*held, intake.control]
+    )
     audit.log(
         Level.INFO,
         f"no client for {idle:.0f} s (idle_exit): exiting; systemd starts the broker again "

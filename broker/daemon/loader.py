@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from broker.daemon.config import Config, resolve_path
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.names import LOAD_TIMEOUT
 
 MAX_RESULT_BYTES: Final = 16 << 20
@@ -52,7 +52,8 @@ class Load:
         environ: The child's environment (default: ours, with its overrides).
 
     Raises:
-        ConfigError: the child cannot be started.
+        BrokerError: the child cannot be started (a resource limit, most likely:
+            something to retry, not to fix in the file).
     """
 
     def __init__(self, path: str | None = None, environ: Mapping[str, str] | None = None) -> None:
@@ -66,9 +67,14 @@ class Load:
                 env=None if environ is None else dict(environ),
             )
         except OSError as e:
-            raise ConfigError(
+            raise BrokerError(
                 f"{self.path}: cannot start the configuration loader ({argv[0]}): {e.strerror or e}"
             ) from None
+
+    def kill(self) -> None:
+        """Stop the child now (the reload it served was cancelled); `result`, if it is
+        waiting, returns at once with the failure."""
+        self._child.kill()  # a no-op once it has been waited for
 
     @property
     def pid(self) -> int:

@@ -24,7 +24,7 @@ import trio
 
 from broker.daemon import loader
 from broker.daemon.audit import Level
-from broker.errors import ConfigError
+from broker.errors import BrokerError
 
 if TYPE_CHECKING:
     from broker.daemon.audit import Audit
@@ -80,8 +80,8 @@ class Reloader:
             config = await self._load(path if standing.config.exists else None)
             standing = standing.replaced(config, time.time())
         except Exception as e:  # the configuration in force stays, whatever failed
-            reason = e.message if isinstance(e, ConfigError) else f"{path}: {e!r}"
-            if not isinstance(e, ConfigError):
+            reason = e.message if isinstance(e, BrokerError) else f"{path}: {e!r}"
+            if not isinstance(e, BrokerError):
                 self._audit.log(Level.ERROR, f"reloading {path} failed: {e!r}",
                                 EXCEPTION=traceback.format_exc(limit=20))  # fmt: skip
             standing = standing.refusing(reason, time.time())
@@ -94,7 +94,18 @@ class Reloader:
         self._notify(f"READY=1\nSTATUS={self._status_line()}")
         return standing, reason
 
+    @property
+    def busy(self) -> bool:
+        """Whether a reload runs or waits for its turn."""
+        return self._turn.locked() or self._signalled
+
     @staticmethod
     async def _load(path: str | None) -> Config:
-        """`loader.Load(path)`, waited for in a thread (it is bounded by LOAD_TIMEOUT)."""
-        return await trio.to_thread.run_sync(loader.Load(path).result, abandon_on_cancel=True)
+        """`loader.Load(path)`, waited for in a thread (it is bounded by LOAD_TIMEOUT);
+        cancelled (the broker stops), the child is killed, not left behind."""
+        load = loader.Load(path)
+        try:
+            return await trio.to_thread.run_sync(load.result, abandon_on_cancel=True)
+        except trio.Cancelled:
+            load.kill()
+            raise

@@ -286,7 +286,7 @@ async def running_broker(
     max_connections_per_user: int = 64,
     client_timeout: float = CLIENT_TIMEOUT,
     config_path: str = CONFIG_PATH,
-    idle_exit: float = 60.0,
+    idle_exit: float = 0.0,
     restartable: bool = False,
 ) -> AsyncIterator[Served]:
     """Serve `held` (default: `default_held()`, taking ownership) in this trio run.
