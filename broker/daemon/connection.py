@@ -366,7 +366,11 @@ class Connection:
                 "ask for fewer names at a time"
             )
             return self._deny(Code.TOO_LARGE, ",".join(request.names), message)
-        return Send(encode_reply(Granted(tuple(infos))), tuple(fds), grants=tuple(grants))
+        if len(request.names) == 1:  # the common case: its reply is encoded already
+            data = standing.granted[request.names[0]]
+        else:
+            data = encode_reply(Granted(tuple(infos)))
+        return Send(data, tuple(fds), grants=tuple(grants))
 
     def _deny(self, code: str, name: str, reason: str) -> Send:
         return self._reply(Refusal(code, reason), Outcome(Kind.DENIAL, reason, name, code))

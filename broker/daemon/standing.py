@@ -20,7 +20,8 @@ from broker.daemon.admission import Limits
 from broker.daemon.config import Config, unheld_rules
 from broker.daemon.policy import Policy
 from broker.errors import ConfigError
-from broker.messages import SocketInfo
+from broker.messages import Granted, SocketInfo
+from broker.protocol import encode_reply
 from broker.status import Configuration, Refused
 
 Held = tuple[int, SocketInfo]
@@ -62,6 +63,15 @@ class Standing:
     @cached_property
     def policy(self) -> Policy:
         return self.config.policy
+
+    @cached_property
+    def granted(self) -> Mapping[str, bytes]:
+        """Socket name → the wire form of the reply granting it alone: the same bytes
+        for every peer, encoded once per configuration rather than at every grant."""
+        return {
+            name: encode_reply(Granted(tuple(info for _, info in sockets)))
+            for name, sockets in self.held.items()
+        }
 
     @cached_property
     def limits(self) -> Limits:
