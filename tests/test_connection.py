@@ -447,6 +447,7 @@ def test_any_input_gives_replies_then_at_most_one_refusal_then_close(
             assert isinstance(reply, Granted)
             names = [g.socket for g in send.grants]
             assert send.fds == fds_of(held, [n for n in names if n])
+            assert reply.sockets == tuple(info for n in names if n for _, info in held[n])
             assert set(names) <= {"http", "https"}
         else:
             assert send.grants == ()
