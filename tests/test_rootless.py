@@ -245,7 +245,7 @@ class Sandbox:
                 )
                 for ids in ("uid_map", "gid_map"):
                     status[ids] = " ".join(Path(f"/proc/{pid}/{ids}").read_text().split())
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # it exited as we looked
                 continue
             assert status["Uid"].split() == [str(NOBODY)] * 4, status
             if status["Userns"] == "host":
