@@ -22,7 +22,7 @@ import time
 
 from broker.errors import BrokerUnavailable, ClientError, Code, ProtocolError, refusal
 from broker.messages import Granted, Refusal, Reply, Request
-from broker.names import LOAD_TIMEOUT, SOCKET_ENV, socket_path
+from broker.names import LOAD_TIMEOUT, MOST_SECONDS, SOCKET_ENV, socket_path, timeout_ok
 from broker.protocol import MAX_REPLY_BYTES, SCM_MAX_FD, LineBuffer, encode_request, parse_reply
 
 TYPE_CHECKING = False
@@ -309,8 +309,11 @@ def delays(first: float, most: float) -> Iterator[float]:
 
 
 def check_timeout(timeout: float) -> None:
-    if not timeout > 0:
-        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    if not timeout_ok(timeout):
+        raise ValueError(
+            f"timeout must be a number of seconds above 0 and at most {MOST_SECONDS:g}, "
+            f"not {timeout!r}"
+        )
 
 
 def connected(sock: _socket.socket, path: str) -> bool:

@@ -186,10 +186,20 @@ def printable(text: str) -> str:
     return pattern.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
+MOST_SECONDS: Final = 1e9
+"""The longest timeout a client takes (31 years: longer than any wait means, and within
+what every clock and timeval it reaches holds)."""
+
+
+def timeout_ok(seconds: float) -> bool:
+    """Whether `seconds` is a timeout a client takes: above 0, at most MOST_SECONDS."""
+    return 0 < seconds <= MOST_SECONDS  # NaN is neither
+
+
 def positive_seconds(text: str) -> float | None:
-    """`text` as a number of seconds above 0 and finite (a client's --timeout), or None."""
+    """`text` as a timeout a client takes (`timeout_ok`), or None."""
     try:
         value = float(text)
     except ValueError:
         return None
-    return value if 0 < value < float("inf") else None
+    return value if timeout_ok(value) else None

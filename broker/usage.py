@@ -30,7 +30,9 @@ def positive_seconds(text: str) -> float:
     plain `exec` reads with)."""
     value = names.positive_seconds(text)
     if value is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of seconds above 0 and at most {names.MOST_SECONDS:g}"
+        )
     return value
 
 

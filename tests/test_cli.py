@@ -709,11 +709,14 @@ def test_serve_fits_the_open_file_limit_to_max_connections(
     assert done.stderr == (warning if warned else "")
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e19", "soon"])
+@pytest.mark.parametrize("command", [["list"], ["exec", "http", "--", "true"]])
 def test_timeout_must_be_a_positive_number_of_seconds(
-    value: str, capsys: pytest.CaptureFixture[str]
+    value: str, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["list", "--timeout", value])
+        main([command[0], "--timeout", value, *command[1:]])
     assert exited.value.code == 2
-    assert "--timeout" in capsys.readouterr().err
+    assert f"--timeout: '{value}': give a number of seconds above 0 and at most 1e+09" in (
+        capsys.readouterr().err
+    )

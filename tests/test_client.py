@@ -879,7 +879,16 @@ def test_the_client_imports_only_the_standard_library() -> None:
     assert done.stdout == "[]\n"
 
 
-@pytest.mark.parametrize("timeout", [0.0, -1.0])
-def test_a_timeout_must_be_above_zero(timeout: float) -> None:
-    with pytest.raises(ValueError, match="timeout must be more than 0 seconds"):
+@pytest.mark.parametrize("timeout", [0.0, -1.0, 1.1e9, 1e19, float("inf"), float("nan")])
+def test_a_timeout_must_be_above_zero_and_at_most_a_billion_seconds(timeout: float) -> None:
+    with pytest.raises(
+        ValueError, match="timeout must be a number of seconds above 0 and at most 1e"
+    ):
         client.acquire("http", path="/nonexistent", timeout=timeout)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_the_longest_timeout_is_taken(rundir: Path, variant: Variant) -> None:
+    async with running_broker(rundir) as served:
+        with await acquire(variant, "http", served.path, timeout=names.MOST_SECONDS) as sock:
+            assert ino(sock) == ino(served.held["http"][0])
