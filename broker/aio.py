@@ -34,7 +34,6 @@ from broker.exchange import (
     ClosedOnFailure,
     ReplyReader,
     as_names,
-    close_all,
     connected,
     delays,
     granted,
@@ -85,7 +84,6 @@ async def _ask(request: Request, path: str | None, timeout: float) -> Outcome:
         delay = attempts.again(outcome, loop.time())
         if delay is None:
             return outcome
-        close_all(outcome[1])
         await asyncio.sleep(delay)
 
 

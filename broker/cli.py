@@ -131,10 +131,17 @@ def exec_plain(names: list[str], path: str | None, timeout: float, command: list
         grants = granted(ask(Acquire(tuple(names)), path, timeout), socket_path(path))
     except ClientError as e:
         return _client_failure("exec", e)
-    from broker.launcher import exec_with  # (once the sockets are there)
+    from broker.launcher import CannotPlace, exec_with  # (once the sockets are there)
 
     try:
         exec_with(grants, command)
+    except CannotPlace as e:
+        return _fail(
+            "exec",
+            f"cannot move the {len(grants)} granted socket(s) to fd 3..{2 + len(grants)}: "
+            f"{e.strerror}; {command[0]} was not run (see the open-file limit, ulimit -n)",
+            Exit.FAILURE,
+        )
     except OSError as e:
         return _cannot_run(command, e)
 

@@ -220,7 +220,6 @@ async def _ask_trio(request: Request, path: str | None, timeout: float) -> Outco
         delay = attempts.again(outcome, trio.current_time())
         if delay is None:
             return outcome
-        close_all(outcome[1])
         await trio.sleep(delay)
 
 
@@ -230,7 +229,7 @@ async def _ask_trio_once(request: Request, path: str, timeout: float, deadline: 
     reader = ReplyReader(path)
     with ClosedOnFailure(reader, timeout, trio.TooSlowError), trio.fail_at(deadline):
         plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        with trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking from here
+        with plain, trio.socket.from_stdlib_socket(plain) as sock:  # non-blocking now
             for delay in delays(CONNECT_RETRY_FIRST, CONNECT_RETRY_MAX):
                 if connected(plain, path):
                     break

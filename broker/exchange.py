@@ -206,7 +206,8 @@ class Attempts:
         self._busy: Outcome | None = None
 
     def again(self, outcome: Outcome, now: float) -> float | None:
-        """Seconds to wait before asking again, or None: `outcome` is the answer."""
+        """Seconds to wait before asking again, or None: `outcome` is the answer. (A
+        `busy` carries no fds: `ReplyReader.result` holds replies to that.)"""
         delay = next(self._waits)
         if not is_busy(outcome[0]) or self.deadline - now <= delay:
             return None
@@ -243,7 +244,6 @@ def ask(request: Request, path: str | None, timeout: float) -> Outcome:
         delay = attempts.again(outcome, time.monotonic())
         if delay is None:
             return outcome
-        close_all(outcome[1])
         time.sleep(delay)
 
 

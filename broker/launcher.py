@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 LISTEN_FDS_START: Final = 3  # SD_LISTEN_FDS_START
 
 
+class CannotPlace(OSError):
+    """The granted sockets could not be moved to fd 3.. (out of fds, most likely): the
+    command was not run."""
+
+
 def place_fds(fds: Sequence[int]) -> None:
     """Move `fds` to 3, 4, … (in order), inheritable; the originals are closed.
 
@@ -88,10 +93,14 @@ def exec_with(
     `argv`; the fds given are closed (each is at its new number).
 
     Raises:
+        CannotPlace: the sockets could not be moved (this process's open-file limit).
         OSError: if `argv[0]` cannot be executed (FileNotFoundError, PermissionError…);
             the sockets are closed by then only when this process exits.
     """
     names = [name for name, _ in grants]
-    place_fds([fd for _, fd in grants])
+    try:
+        place_fds([fd for _, fd in grants])
+    except OSError as e:
+        raise CannotPlace(e.errno, e.strerror) from None
     env = listen_environment(names, os.environ if environ is None else environ)
     os.execvpe(argv[0], list(argv), env)

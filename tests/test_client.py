@@ -693,12 +693,16 @@ async def test_busy_then_no_answer_by_the_deadline_is_the_busy_refusal(
         listener.listen(8)
         listener.settimeout(PEER_TIMEOUT)
 
+        asked = 0
+
         def broker() -> None:
+            nonlocal asked
             for answer in (replies(BUSY), never_answers):
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(PEER_TIMEOUT)
                     read_request(conn)
+                    asked += 1
                     answer(conn)
 
         thread = threading.Thread(target=broker, daemon=True)
@@ -708,6 +712,8 @@ async def test_busy_then_no_answer_by_the_deadline_is_the_busy_refusal(
                 await acquire(variant, "http", str(path), timeout=SHORT_TIMEOUT)
             thread.join(PEER_TIMEOUT)
     assert raised.value.code == "busy"
+    assert asked == 2  # it did ask again
+    assert not thread.is_alive()
 
 
 def test_a_signal_while_waiting_for_room_does_not_end_the_wait(rundir: Path) -> None:

@@ -220,6 +220,21 @@ def test_unknown_socket_names_what_the_user_may_acquire(
     assert done.stderr == "port-broker exec: no socket named 'https' (you may acquire: http)\n"
 
 
+def test_exec_out_of_fds_for_the_sockets_says_so_and_runs_nothing(
+    launcher: Path, broker: BrokerProcess, workdir: Path
+) -> None:
+    # fds 0-4: the granted socket comes at 4, and moving it to 3 needs one more.
+    marker = workdir / "ran"
+    done = run_as(NOBODY, ["prlimit", "--nofile=5", str(launcher), "exec", "--socket",
+                           str(broker.control), "http", "--", "touch", str(marker)])  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        "port-broker exec: cannot move the 1 granted socket(s) to fd 3..3: Too many open "
+        "files; touch was not run (see the open-file limit, ulimit -n)\n"
+    )
+    assert not marker.exists()
+
+
 def test_exec_without_a_broker_says_where_it_looked(launcher: Path, workdir: Path) -> None:
     missing = workdir / "no-broker.sock"
     done = run_as(
