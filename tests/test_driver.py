@@ -43,7 +43,7 @@ from broker.daemon.ledger import REFUSAL_LOG_BURST
 from broker.daemon.lifecycle import IDLE_CHECK, IDLE_FLOOR, SHUTDOWN_GRACE, until_idle
 from broker.daemon.policy import Decision, Policy, Rule
 from broker.daemon.sdnotify import STATUS_INTERVAL
-from broker.errors import AccessDenied, ConfigError, RequestRefused
+from broker.errors import AccessDenied, RequestRefused
 from broker.protocol import MAX_REQUEST_BYTES, SCM_MAX_FD
 from tests.harness.inprocess import (
     ANCILLARY,
@@ -191,9 +191,7 @@ async def test_all_or_none_a_refused_name_means_no_fd_at_all(
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
         before = await settled_fds()
         await wire.send(acquire_line(*names))
-        reply, fds = await wire.reply()
-        with owned(fds):
-            assert fds == []
+        reply = await wire.plain_reply()
         assert (reply["ok"], reply["code"]) == (False, code)
         assert await settled_fds() == before
         assert served.broker.ledger.grants.total() == 0
@@ -221,14 +219,9 @@ async def test_a_protocol_error_is_refused_with_its_code_then_the_connection_clo
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
         # A valid request queued behind the bad one is never answered.
         await wire.send(payload + LIST)
-        reply, fds = await wire.reply()
-        with owned(fds):
-            assert fds == []
-        assert reply["v"] == 1
-        assert reply["ok"] is False
-        assert reply["code"] == code
+        reply = await wire.last_reply()
+        assert (reply["v"], reply["ok"], reply["code"]) == (1, False, code)
         assert words in reply["message"]
-        assert await wire.rest() == b""
         assert served.broker.ledger.refusals == {code: 1}
         (line,) = audit_lines(capsys.readouterr().err, f"refused {me()}")
         fields = audit_fields(line)
@@ -255,16 +248,12 @@ async def test_busy_when_max_connections_clients_are_connected(rundir: Path) -> 
                 # request may find the connection closed already.
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     await third.send(LIST)
-                reply, fds = await third.reply()
-                with owned(fds):
-                    assert fds == []
-                assert reply == {
+                assert await third.last_reply() == {
                     "v": 1,
                     "ok": False,
                     "code": "busy",
                     "message": "the broker is serving its limit of 2 connections; retry shortly",
                 }
-                assert await third.rest() == b""
             # The two connected clients are served as usual meanwhile.
             assert (await first.request(LIST))["ok"] is True
         await trio.testing.wait_all_tasks_blocked()
@@ -281,9 +270,7 @@ async def test_a_silent_client_is_refused_with_timeout_after_client_timeout(
 ) -> None:
     async with running_broker(rundir) as served, await Wire.open(served.path) as wire:
         start = trio.current_time()
-        reply, fds = await wire.reply()
-        with owned(fds):
-            assert fds == []
+        reply = await wire.last_reply()
         assert trio.current_time() - start == pytest.approx(CLIENT_TIMEOUT)
         assert reply == {
             "v": 1,
@@ -291,7 +278,6 @@ async def test_a_silent_client_is_refused_with_timeout_after_client_timeout(
             "code": "timeout",
             "message": "no complete request within 5 seconds",
         }
-        assert await wire.rest() == b""
         assert served.broker.ledger.refusals == {"timeout": 1}
 
 
@@ -833,13 +819,16 @@ async def test_a_new_configuration_applies_to_the_next_request_of_a_connected_cl
 async def test_a_configuration_with_rules_for_sockets_not_held_is_refused(
     rundir: Path,
 ) -> None:
-    async with running_broker(rundir) as served:
-        rules = {"http": Rule(uids=frozenset({UID})), "ftp": Rule(uids=frozenset({UID}))}
-        new = dataclasses.replace(served.broker.standing.config, policy=Policy(sockets=rules))
-        with pytest.raises(ConfigError, match="rules for ftp but the broker holds no such socket"):
-            served.broker.standing.replaced(new, time.time())
-        assert served.broker.report()["configuration"]["generation"] == 1
-        assert served.broker.standing.policy.sockets == DEFAULT_RULES
+    path = rundir / "broker.toml"
+    path.write_text(f"[sockets.http]\nusers = [{UID}]\n")
+    async with running_broker(rundir, config_path=str(path)) as served:
+        before = served.broker.standing
+        path.write_text(f"[sockets.http]\nusers = [{UID}]\n[sockets.ftp]\nusers = [{UID}]\n")
+        configuration, refused = await served.broker.reload()
+        assert refused is not None
+        assert "rules for ftp but the broker holds no such socket" in refused
+        assert configuration["generation"] == 1
+        assert served.broker.standing.policy == before.policy
 
 
 async def test_sighup_reloads_the_file_and_keeps_the_old_policy_when_the_new_one_is_bad(
@@ -1059,7 +1048,7 @@ async def test_an_idle_broker_stays_while_a_reload_runs_and_a_stop_kills_its_loa
             assert not served.stopped.is_set()
             assert len(loaders()) == 1
         # The reload was cancelled with the broker: its child is killed, not left behind.
-        deadline = time.monotonic() + LONG_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT
         while loaders() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert loaders() == []

@@ -212,13 +212,23 @@ class Wire:
         line, _, self.pending = self.pending.partition(b"\n")
         return json.loads(line), [socket.socket(fileno=fd) for fd in fds]
 
-    async def request(self, data: bytes) -> dict[str, Any]:
-        """Send `data`, return the reply; it must carry no fds."""
-        await self.send(data)
+    async def plain_reply(self) -> dict[str, Any]:
+        """Read one reply; it must carry no fds."""
         reply, fds = await self.reply()
         with owned(fds):
             assert fds == [], reply
         return reply
+
+    async def last_reply(self) -> dict[str, Any]:
+        """Read one reply with no fds, after which the broker closes, sending nothing more."""
+        reply = await self.plain_reply()
+        assert await self.rest() == b"", reply
+        return reply
+
+    async def request(self, data: bytes) -> dict[str, Any]:
+        """Send `data`, return the reply; it must carry no fds."""
+        await self.send(data)
+        return await self.plain_reply()
 
     async def rest(self) -> bytes:
         """Everything else the broker sends until it closes; it must carry no fds."""
