@@ -221,6 +221,16 @@ def test_a_refusal_by_the_total_rate_spends_no_token_of_the_uid() -> None:
     assert admitted_in_a_row(slots, 61000) == UNNAMED_BURST
 
 
+def test_a_refusal_because_the_broker_is_full_spends_no_token() -> None:
+    clock = Clock()
+    slots = admission(1, 1000, clock)
+    assert slots.admit(NAMED) is None  # the one slot, taken
+    for _ in range(50):  # refused for the slots, again and again, at one instant
+        assert "serving its limit of 1 connections" in (slots.admit(61000) or "")
+    slots.leave()
+    assert admitted_in_a_row(slots, 61000) == UNNAMED_BURST  # its whole burst still
+
+
 def test_an_unmapped_peer_named_by_its_unit_is_not_remembered() -> None:
     clock = Clock()
     slots = admission(100_000, 1000, clock)
@@ -236,6 +246,6 @@ def test_a_connection_the_kernel_gives_no_uid_is_held_to_the_connection_rate() -
     assert admitted_in_a_row(slots, None) == UNNAMED_BURST
     refusal = slots.admit(None)
     assert refusal is not None
-    assert "opens connections faster than" in refusal
+    assert refusal.startswith("a peer with no credentials opens connections faster than")
     assert slots.active == 0
     assert slots.admit(NAMED) is None  # the named are not held back by it

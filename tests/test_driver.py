@@ -40,7 +40,13 @@ from broker.daemon.admission import Admission, Limits
 from broker.daemon.connection import MAX_REQUESTS_PER_CONNECTION
 from broker.daemon.identity import Peer
 from broker.daemon.ledger import REFUSAL_LOG_BURST
-from broker.daemon.lifecycle import IDLE_CHECK, IDLE_FLOOR, SHUTDOWN_GRACE, until_idle
+from broker.daemon.lifecycle import (
+    IDLE_CHECK,
+    IDLE_FLOOR,
+    IDLE_OFF_CHECK,
+    SHUTDOWN_GRACE,
+    until_idle,
+)
 from broker.daemon.policy import Decision, Policy, Rule
 from broker.daemon.sdnotify import STATUS_INTERVAL
 from broker.errors import AccessDenied, RequestRefused
@@ -1071,6 +1077,33 @@ async def test_until_idle_waits_while_the_broker_is_busy(
     start = trio.current_time()
     assert await until_idle(slots, lambda: 1.0, lambda: busy, []) >= IDLE_FLOOR
     assert trio.current_time() - start <= IDLE_FLOOR + IDLE_CHECK
+
+
+async def test_until_idle_takes_an_idle_exit_a_reload_sets_counting_from_then(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = Admission(
+        lambda: Limits(max_connections=4, max_per_user=4, source=CONFIG_PATH), trio.current_time
+    )
+    idle_exit = 0.0
+    with trio.move_on_after(IDLE_FLOOR * 10) as waited:  # off: never
+        await until_idle(slots, lambda: idle_exit, lambda: False, [])
+    assert waited.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        returned = trio.Event()
+
+        async def watch() -> None:
+            await until_idle(slots, lambda: idle_exit, lambda: False, [])
+            returned.set()
+
+        nursery.start_soon(watch)
+        await trio.sleep(IDLE_FLOOR * 10 + IDLE_OFF_CHECK / 2)  # between two looks
+        set_at, idle_exit = trio.current_time(), 1.0  # a reload sets it
+        await returned.wait()
+        # Idle long before, yet counted from the reload: at least the floor, at most an
+        # off look, the floor and a check.
+        took = trio.current_time() - set_at
+        assert IDLE_FLOOR <= took <= IDLE_OFF_CHECK + IDLE_FLOOR + IDLE_CHECK
 
 
 @pytest.mark.parametrize(

@@ -149,15 +149,15 @@ class Admission:
         asked only when the uid is past its rate and has a mark the policy named."""
         self.connections += 1
         limits = self._limits()
-        if uid is None or uid not in limits.named_uids:
-            why = self._rate(uid, limits.source)
-            if why is not None and not self._marked(uid, marks):
-                return why
-        if self.active >= limits.max_connections:
+        if self.active >= limits.max_connections:  # before the rate: it spends a token
             return (
                 f"the broker is serving its limit of {limits.max_connections} connections; "
                 "retry shortly"
             )
+        if uid is None or uid not in limits.named_uids:
+            why = self._rate(uid, limits.source)
+            if why is not None and not self._marked(uid, marks):
+                return why
         self.active += 1
         return None
 
@@ -185,8 +185,9 @@ class Admission:
         else:
             self._buckets.move_to_end(key)
         if not bucket.fill(now, UNNAMED_RATE, UNNAMED_BURST):
+            who = "a peer with no credentials" if uid is None else f"uid {uid}"
             return (
-                f"uid {uid} opens connections faster than {UNNAMED_RATE:g} a second, the "
+                f"{who} opens connections faster than {UNNAMED_RATE:g} a second, the "
                 f"most for a uid no rule in {source} names; retry shortly"
             )
         if not self._total.fill(now, UNNAMED_TOTAL_RATE, UNNAMED_TOTAL_BURST):

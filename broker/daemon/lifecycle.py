@@ -43,8 +43,8 @@ SHUTDOWN_GRACE: Final = 1.0
 takes, and well inside systemd's TimeoutStopSec."""
 
 IDLE_CHECK: Final = 1.0
-"""Seconds between looks: a second late is nothing against idle_exit's minute, and
-costs one wake-up a second."""
+"""Seconds between looks while `idle_exit` is set: a second late is nothing against
+the least idle_exit (IDLE_FLOOR)."""
 
 IDLE_FLOOR: Final = max(
     REFUSAL_LOG_WINDOW,
@@ -53,6 +53,10 @@ IDLE_FLOOR: Final = max(
 )
 """The least time without a connection before an exit, whatever idle_exit says: by
 then every log window has ended and every rate bucket is full (10 s)."""
+
+IDLE_OFF_CHECK: Final = IDLE_FLOOR
+"""Seconds between looks at whether a reload set `idle_exit` while it is 0 (the
+default): an idle broker that never exits wakes up this seldom for it."""
 
 
 async def until_idle(
@@ -72,6 +76,10 @@ async def until_idle(
         poller.register(sock, select.POLLIN)
     seen, since = slots.connections, trio.current_time()
     while True:
+        if not idle_exit():  # off: idleness counts from when a reload sets it
+            await trio.sleep(IDLE_OFF_CHECK)
+            seen, since = slots.connections, trio.current_time()
+            continue
         await trio.sleep(IDLE_CHECK)
         now, wanted = trio.current_time(), idle_exit()
         if slots.connections != seen or slots.active or busy() or poller.poll(0):
