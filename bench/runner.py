@@ -44,7 +44,7 @@ own production limit (bench.stage.BROKER_NOFILE)."""
 
 @dataclass(frozen=True)
 class Settings:
-    """How much to measure. The defaults take about 7 minutes on 2 cores."""
+    """How much to measure. The defaults take about 10 minutes on 2 cores."""
 
     rounds: int = 10
     """Data-path rounds: each runs every contender once. Single rounds scatter by ±5 % on a

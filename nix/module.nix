@@ -241,7 +241,8 @@ in
       description = ''
         The rest of the broker's policy, `/etc/port-broker/broker.toml`: `status`
         (`users`, `groups`, `units` allowed to run `port-broker status`; default root),
-        `max_connections`, `client_timeout`, `idle_exit`. See docs/configuration.md for every key.
+        `max_connections`, `max_connections_per_user`, `client_timeout`, `idle_exit`.
+        See docs/configuration.md for every key.
         `sockets` is generated from {option}`services.port-broker.sockets`; entries
         added here for a declared socket are appended to its rule.
       '';

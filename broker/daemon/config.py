@@ -1,8 +1,8 @@
 """The broker's configuration as the server uses it, and where it comes from.
 
 `Config` is plain data: the resolved `Policy` plus the limits, with its JSON form. It is
-made from a TOML file and `PORT_BROKER_*` environment overrides by `broker.settings`
-(validation, pydantic-settings), which `broker.loader` runs (in a child process for the
+made from a TOML file and `PORT_BROKER_*` environment overrides by `settings`
+(validation, pydantic-settings), which `loader` runs (in a child process for the
 serving broker). The layers go one way: data ← validation ← loader.
 
 Example (docs/configuration.md has the whole reference)::
@@ -30,7 +30,7 @@ from broker.daemon.policy import Policy, Rule
 
 def setting(default: float, description: str, **bounds: float) -> Any:
     """Declare a scalar setting of `Config`, once: its default, what it means, and its
-    bounds (pydantic's ge/gt/le), which `broker.settings` validates the file against."""
+    bounds (pydantic's ge/gt/le), which `settings` validates the file against."""
     metadata = {"kind": type(default), "description": description, "bounds": bounds}
     return field(default=default, metadata=metadata)
 

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
         default_factory=lambda: RuleSettings(users=[0]),
         description="who may read `port-broker status` (default: root only)",
     )
-    # The scalar settings (max_connections, ...) come from broker.config.SETTINGS: see
+    # The scalar settings (max_connections, ...) come from config.SETTINGS: see
     # `_with_scalars` below.
 
     @field_validator(*(f.name for f in config.SETTINGS), mode="before", check_fields=False)
@@ -200,7 +200,7 @@ class Settings(BaseSettings):
 
 
 def _with_scalars(base: type[Settings]) -> type[Settings]:
-    """`base` plus a field per scalar setting, as `broker.config` declares them."""
+    """`base` plus a field per scalar setting, as `config` declares them."""
     scalars: dict[str, Any] = {
         f.name: (
             f.metadata["kind"],

@@ -4,7 +4,7 @@ Numbers, structure layouts and wrappers: seccomp(2) with a user-notification lis
 the BPF filter, and the notification ioctls (seccomp_unotify(2)): receive, respond,
 check an id, add an fd. The other system calls Python lacks are in `broker.syscalls`.
 `check_supported` refuses any platform these numbers were not written for, rather than
-guess; `broker.intercept` builds on it.
+guess; `tracee` and `supervisor` build on it.
 
 Must never: guess a constant for another architecture or structure layout, or hide an
 errno (every failure is the OSError the kernel reported).
