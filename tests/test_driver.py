@@ -37,7 +37,9 @@ import trio.testing
 from broker import __version__, client, status
 from broker.daemon import connection, loader, users
 from broker.daemon.admission import Admission, Limits
+from broker.daemon.audit import Audit
 from broker.daemon.connection import MAX_REQUESTS_PER_CONNECTION
+from broker.daemon.driver import Broker
 from broker.daemon.identity import Peer
 from broker.daemon.ledger import REFUSAL_LOG_BURST
 from broker.daemon.lifecycle import (
@@ -998,6 +1000,25 @@ async def test_a_broker_systemd_started_stops_when_idle_and_no_sooner_than_the_f
         assert served.returned
         assert served.broker.intake.control.fileno() >= 0  # systemd's, still open
     assert "(idle_exit): exiting; systemd starts the broker again" in capsys.readouterr().err
+
+
+async def test_a_connection_that_comes_once_an_idle_broker_stopped_is_served_by_the_next(
+    rundir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The control socket is systemd's and stays open across the exit: a client that
+    # connects then waits in its queue, and the next start (here, on the same sockets,
+    # as systemd passes them again) answers it.
+    async with running_broker(rundir, idle_exit=1.0, restartable=True) as served:
+        with trio.fail_after(IDLE_FLOOR + 2 * IDLE_CHECK):
+            await served.stopped.wait()
+        async with await Wire.open(served.path) as late, trio.open_nursery() as nursery:
+            await late.send(LIST)
+            after = Broker(served.broker.intake, served.broker.standing.config,
+                           Audit(journal=False), restartable=True)  # fmt: skip
+            after.users.store(UID, users.query(UID))
+            await nursery.start(after.serve)
+            assert (await late.plain_reply())["ok"] is True
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("waiting", ["held TCP connection", "held datagram", "client"])
