@@ -304,7 +304,11 @@ def test_a_stopped_journald_stops_no_grant_and_what_is_lost_is_counted(box: Box)
     assert result["failed"] == 0, result["failures"]
     took = sorted(result["took"])
     assert len(took) > 1000
-    assert took[-1] <= 0.1, took[-5:]  # no stall of the broker's loop past 100 ms
+    # No stall of the broker's loop: a write blocked on journald would hold every grant
+    # until journald reads again (10 s here). The p99 is the project's budget; the
+    # slowest of 2,000 on a shared machine gets room for a scheduling hiccup.
+    assert took[len(took) * 99 // 100] <= 0.1, took[-5:]
+    assert took[-1] <= 0.5, took[-5:]
     report = json.loads(box.run(["port-broker", "status", "--json"]).stdout)
     lost = report["log"]["lost"]
     assert lost > 0  # counted, and said once journald reads again:

@@ -163,7 +163,8 @@ Action = Send | _Signal
 @lru_cache(maxsize=256)
 def refuse_busy(message: str) -> Send:
     """Rule 10: what a connection the broker cannot take is told, before anything is
-    read (the same few messages again and again under a flood: made once each)."""
+    read (a flood repeats a few messages, at most one per flooding uid: each is made
+    once while it recurs)."""
     return Send(encode_reply(Refusal(Code.BUSY, message)), final=True)
 
 
