@@ -30,7 +30,7 @@ the broker's daemon or supervisor: a worker imports this to serve.
 Raises (all subclasses of `broker.errors.ClientError`): `BrokerUnavailable` (cannot
 connect, timed out, nonsense reply), `AccessDenied`, `UnknownSocket`, or
 `RequestRefused` for other refusals, each carrying the broker's message; and
-`ValueError` for a timeout that is not above 0.
+`ValueError` for a timeout not above 0 and at most 1e9 seconds (`names.timeout_ok`).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def ask(request: Request, path: str | None, timeout: float) -> Outcome:
 
     Raises:
         BrokerUnavailable: the broker cannot be reached or did not answer in time.
-        ValueError: `timeout` is not above 0.
+        ValueError: `timeout` is not above 0 and at most MOST_SECONDS.
     """
     where = socket_path(path)
     attempts = Attempts(time.monotonic(), timeout)

@@ -26,7 +26,7 @@ from broker.names import (
 
 
 def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0 (`names.positive_seconds`, which a
+    """argparse type: a timeout a client takes (`names.positive_seconds`, which a
     plain `exec` reads with)."""
     value = names.positive_seconds(text)
     if value is None:
